@@ -1,0 +1,457 @@
+"""Export a trained model to the llama2.c-family .bin formats or to Hugging Face, and read .bin files back.
+
+    python export.py out/model.bin --checkpoint=out/ckpt.pt                   # version 3, fp32 (default)
+    python export.py out/model_q8.bin --version=3 --dtype=int8 --checkpoint=out/ckpt.pt
+    python export.py out/legacy.bin --version 0 --checkpoint out/ckpt.pt      # what old llama2.c runs read
+    python export.py ./hf_export/my_model --version -1 --dtype fp16 --checkpoint ./out/ckpt.pt
+    python export.py out/copy.bin --version=3 --checkpoint=stories15M.bin     # convert a published .bin
+
+Versions (byte layouts in README.md, "Binary formats"):
+  0   legacy llama2.c: 28-byte header of 7 int32, fp32 weights grouped by kind, RoPE tables.
+  1   256-byte header with magic, fp32 weights.
+  2   256-byte header, int8 "Q8_0" weights (symmetric, one fp32 scale per group_size values).
+  3   ours: version 1/2 bodies behind a header that also records norm_eps, rope_theta, the weight
+      type (fp32 or int8) and the tokenizer's hash.
+  -1  Hugging Face LlamaForCausalLM directory: config.json, model.safetensors, tokenizer files.
+
+Options take `--key=value` or `--key value`; run `python export.py --help` for the list.
+
+From Python:
+
+    from export import write_model_bin, load_model_bin, export_hf
+    write_model_bin(model, "out/model.bin", version=3, dtype="int8", tokenizer_hash=tok.hash())
+    model = load_model_bin("stories15M.bin")    # any version 0..3; int8 weights are dequantized
+
+Exporters never modify the model they are given, and every output is written to a temporary file
+(or directory) that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from model import ModelArgs, Transformer
+
+MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
+HEADER_SIZE = 256  # versions 1, 2 and 3
+LEGACY_HEADER_SIZE = 28  # version 0: 7 int32
+WEIGHT_FP32, WEIGHT_INT8 = 0, 1  # version 3 weight_type byte
+DEFAULT_GROUP_SIZE = 64
+BIN_VERSIONS = (0, 1, 2, 3)
+
+
+class ExportError(Exception):
+    """A user-facing problem (bad file, bad option): the CLI prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# weights in file order
+
+def _shared_classifier(model: Transformer) -> bool:
+    # Identity, not equality: an untied model whose two matrices happen to be equal still has two.
+    return model.output.weight is model.tok_embeddings.weight
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    """A read-only fp32 numpy view (or copy) of a parameter; the model's tensor is never written."""
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def _norms(model: Transformer) -> list[np.ndarray]:
+    """All attention norms, all FFN norms, the final norm (the order of versions 1, 2 and 3)."""
+    layers = model.layers
+    return ([_f32(l.attention_norm.weight) for l in layers] + [_f32(l.ffn_norm.weight) for l in layers]
+            + [_f32(model.norm.weight)])
+
+
+def _matrices(model: Transformer) -> list[np.ndarray]:
+    """Token embedding, then per kind all layers' wq, wk, wv, wo, w1, w2, w3, then the classifier if
+    it is not shared: the matrix order of versions 1, 2 and 3. Each layer's matrix is its own entry."""
+    layers = model.layers
+    out = [_f32(model.tok_embeddings.weight)]
+    for name in ("wq", "wk", "wv", "wo"):
+        out += [_f32(getattr(l.attention, name).weight) for l in layers]
+    for name in ("w1", "w2", "w3"):
+        out += [_f32(getattr(l.feed_forward, name).weight) for l in layers]
+    if not _shared_classifier(model):
+        out.append(_f32(model.output.weight))
+    return out
+
+
+def _legacy_tensors(model: Transformer) -> list[np.ndarray]:
+    """Version 0's order: embedding, norms and matrices grouped by kind, final norm, RoPE tables, classifier."""
+    p = model.params
+    layers = model.layers
+    out = [_f32(model.tok_embeddings.weight)]
+    out += [_f32(l.attention_norm.weight) for l in layers]
+    for name in ("wq", "wk", "wv", "wo"):
+        out += [_f32(getattr(l.attention, name).weight) for l in layers]
+    out += [_f32(l.ffn_norm.weight) for l in layers]
+    for name in ("w1", "w2", "w3"):
+        out += [_f32(getattr(l.feed_forward, name).weight) for l in layers]
+    out.append(_f32(model.norm.weight))
+    # Readers skip these two tables (max_seq_len x head_size/2 each, cos then sin); write the real
+    # values so that old readers which do use them still work.
+    hs = p.dim // p.n_heads
+    inv_freq = 1.0 / (p.rope_theta ** (np.arange(0, hs, 2, dtype=np.float64) / hs))
+    angles = np.outer(np.arange(p.max_seq_len, dtype=np.float64), inv_freq)
+    out += [np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)]
+    if not _shared_classifier(model):
+        out.append(_f32(model.output.weight))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 quantization (Q8_0)
+
+def pick_group_size(dim: int, hidden_dim: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Halve group_size until it divides both dim and hidden_dim (so every row splits into whole groups)."""
+    if group_size < 1:
+        raise ExportError(f"group_size={group_size} must be >= 1")
+    while dim % group_size or hidden_dim % group_size:
+        group_size //= 2
+    return group_size
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per group of group_size consecutive values (row-major order).
+
+    Returns (q int8 with w's number of values, scales fp32 of length size/group_size) with
+    w ~= q * scale, q in [-127, 127], scale = max|w| / 127 of the group (0 for an all-zero group).
+    """
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    if flat.size % group_size:
+        raise ExportError(f"tensor of {flat.size} values does not split into groups of {group_size}")
+    groups = torch.from_numpy(flat.copy()).view(-1, group_size)  # (n_groups, group_size)
+    wmax = groups.abs().amax(dim=1)  # (n_groups,)
+    scale = wmax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group quantizes to 0
+    q = torch.round(groups / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(-1).numpy(), scale.to(torch.float32).numpy()
+
+
+def dequantize_q80(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """Inverse of quantize_q80: flat fp32 values q * scale."""
+    return (q.astype(np.float32).reshape(-1, group_size) * scales.astype(np.float32)[:, None]).reshape(-1)
+
+
+def quantize_roundtrip(model: Transformer, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
+    """A copy of model whose matrices went through quantize_q80 and back: what an int8 .bin holds.
+
+    Norms stay fp32, as in the files. group_size is adjusted with pick_group_size.
+    """
+    p = model.params
+    gs = pick_group_size(p.dim, p.hidden_dim, group_size)
+    out = Transformer(p)
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, param in out.named_parameters():  # a tied matrix is listed (and rounded) once
+            if param.dim() == 2:
+                q, s = quantize_q80(_f32(param), gs)
+                param.copy_(torch.from_numpy(dequantize_q80(q, s, gs)).view_as(param))
+    return out.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing .bin
+
+def _config_ints(p: ModelArgs, *, negative_vocab: bool = False) -> tuple:
+    vocab = -p.vocab_size if negative_vocab else p.vocab_size
+    return (p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, vocab, p.max_seq_len)
+
+
+def _header(model: Transformer, *, version: int, weight_type: int, group_size: int,
+            tokenizer_hash: int) -> bytes:
+    p = model.params
+    shared = _shared_classifier(model)
+    if version == 0:
+        # The legacy format's only flag: a negative vocab_size means "classifier stored at the end".
+        return struct.pack("<7i", *_config_ints(p, negative_vocab=not shared))
+    head = struct.pack("<Ii7i", MAGIC, version, *_config_ints(p)) + struct.pack("<B", int(shared))
+    if version == 2:
+        head += struct.pack("<i", group_size)  # at offset 37, unaligned, as the reference writes it
+    elif version == 3:
+        head += struct.pack("<BHiffI", weight_type, 0, group_size, p.norm_eps, p.rope_theta,
+                            tokenizer_hash)
+    assert len(head) <= HEADER_SIZE, f"header of {len(head)} bytes"
+    return head + b"\0" * (HEADER_SIZE - len(head))
+
+
+def _atomic_write(path: str, write_body) -> None:
+    """Run write_body(f) on a temporary file next to path, then rename it onto path.
+
+    On any failure the temporary file is removed and path is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot write here ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_body(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise ExportError(f"{path}: write failed ({e.strerror or e})") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optional[str] = None,
+                    group_size: int = DEFAULT_GROUP_SIZE, tokenizer_hash: int = 0) -> dict:
+    """Write model as a llama2.c-family .bin file.
+
+    version: 0, 1, 2 or 3. dtype: the weight storage, "fp32" or "int8"; None picks the version's
+    only one (0 and 1: fp32, 2: int8) and fp32 for version 3; version 3 takes either.
+    group_size: int8 group size, halved until it divides dim and hidden_dim (versions 2 and 3-int8).
+    tokenizer_hash: uint32 recorded in version 3 headers (0 = unknown), see tokenizer.Tokenizer.hash().
+    Returns a small summary dict (version, dtype, group_size, bytes).
+    """
+    if version not in BIN_VERSIONS:
+        raise ExportError(f"unknown version {version}; choose from 0, 1, 2, 3 (or -1 for Hugging Face)")
+    natural = "int8" if version == 2 else "fp32"
+    dtype = natural if dtype is None else dtype
+    allowed = ("fp32", "int8") if version == 3 else (natural,)
+    if dtype not in allowed:
+        raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not dtype={dtype!r}")
+    if not 0 <= int(tokenizer_hash) < 2**32:
+        raise ExportError(f"tokenizer_hash={tokenizer_hash} is not a uint32")
+    p = model.params
+    quantized = dtype == "int8"
+    gs = pick_group_size(p.dim, p.hidden_dim, group_size) if quantized else 0
+    header = _header(model, version=version, weight_type=WEIGHT_INT8 if quantized else WEIGHT_FP32,
+                     group_size=gs, tokenizer_hash=int(tokenizer_hash))
+
+    def body(f):
+        f.write(header)
+        if version == 0:
+            for t in _legacy_tensors(model):
+                f.write(t.tobytes())
+            return
+        if not quantized:
+            for t in _norms(model) + _matrices(model):
+                f.write(t.tobytes())
+            return
+        for t in _norms(model):
+            f.write(t.tobytes())
+        for t in _matrices(model):
+            q, s = quantize_q80(t, gs)
+            f.write(q.tobytes())
+            f.write(s.tobytes())
+
+    _atomic_write(path, body)
+    return {"version": version, "dtype": dtype, "group_size": gs, "bytes": os.path.getsize(path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# reading .bin
+
+@dataclass
+class BinHeader:
+    """What a .bin file's header says. Fields a version does not record hold the llama2.c defaults."""
+    version: int
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    max_seq_len: int
+    shared_classifier: bool
+    dtype: str  # "fp32" or "int8"
+    group_size: int  # 0 for fp32
+    norm_eps: float = 1e-5  # versions 0-2 do not record it; llama2.c uses 1e-5
+    rope_theta: float = 10000.0
+    tokenizer_hash: int = 0  # 0 = not recorded
+    header_size: int = HEADER_SIZE
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.n_kv_heads, vocab_size=self.vocab_size,
+                         hidden_dim=self.hidden_dim, norm_eps=self.norm_eps,
+                         max_seq_len=self.max_seq_len, rope_theta=self.rope_theta,
+                         tie_embeddings=self.shared_classifier)
+
+    def expected_size(self) -> int:
+        """The exact file size these fields imply, in bytes."""
+        d, h, L, V = self.dim, self.hidden_dim, self.n_layers, self.vocab_size
+        kv = self.n_kv_heads * (d // self.n_heads)
+        n_norms = 2 * L * d + d
+        mats = [V * d] + [d * d] * L + [kv * d] * L * 2 + [d * d] * L + [h * d] * L * 3
+        if not self.shared_classifier:
+            mats.append(V * d)
+        n_mat = sum(mats)
+        if self.version == 0:
+            rope = 2 * self.max_seq_len * (d // self.n_heads) // 2
+            return self.header_size + 4 * (n_norms + n_mat + rope)
+        if self.dtype == "fp32":
+            return self.header_size + 4 * (n_norms + n_mat)
+        return self.header_size + 4 * n_norms + n_mat + 4 * (n_mat // self.group_size)
+
+
+def read_bin_header(path: str) -> BinHeader:
+    """Parse and sanity-check a .bin header (any version); raises ExportError naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) < LEGACY_HEADER_SIZE:
+        raise ExportError(f"{path}: only {len(raw)} bytes, too short for a model header")
+    (magic,) = struct.unpack_from("<I", raw, 0)
+    if magic != MAGIC:
+        # No magic: the legacy version 0 layout, 7 int32 and a negative vocab_size for an unshared classifier.
+        cfg = struct.unpack_from("<7i", raw, 0)
+        vocab = cfg[5]
+        hdr = BinHeader(0, cfg[0], cfg[1], cfg[2], cfg[3], cfg[4], abs(vocab), cfg[6],
+                        shared_classifier=vocab > 0, dtype="fp32", group_size=0,
+                        header_size=LEGACY_HEADER_SIZE)
+    else:
+        if len(raw) < HEADER_SIZE:
+            raise ExportError(f"{path}: header truncated ({len(raw)} of {HEADER_SIZE} bytes)")
+        (version,) = struct.unpack_from("<i", raw, 4)
+        cfg = struct.unpack_from("<7i", raw, 8)
+        shared = raw[36]
+        if version == 1:
+            hdr = BinHeader(1, *cfg, shared_classifier=bool(shared), dtype="fp32", group_size=0)
+        elif version == 2:
+            (gs,) = struct.unpack_from("<i", raw, 37)
+            hdr = BinHeader(2, *cfg, shared_classifier=bool(shared), dtype="int8", group_size=gs)
+        elif version == 3:
+            wtype, _reserved, gs, eps, theta, tok_hash = struct.unpack_from("<BHiffI", raw, 37)
+            if wtype not in (WEIGHT_FP32, WEIGHT_INT8):
+                raise ExportError(f"{path}: unknown weight_type {wtype} in version 3 header")
+            hdr = BinHeader(3, *cfg, shared_classifier=bool(shared),
+                            dtype="int8" if wtype == WEIGHT_INT8 else "fp32",
+                            group_size=gs if wtype == WEIGHT_INT8 else 0,
+                            norm_eps=eps, rope_theta=theta, tokenizer_hash=tok_hash)
+        else:
+            raise ExportError(f"{path}: unsupported model version {version} (this reads 0, 1, 2, 3)")
+        if shared not in (0, 1):
+            raise ExportError(f"{path}: shared_classifier byte is {shared}, expected 0 or 1")
+    _check_header(path, hdr)
+    want = hdr.expected_size()
+    if size != want:
+        raise ExportError(f"{path}: file is {size} bytes but its header implies {want} "
+                          f"({'truncated' if size < want else 'trailing data'}); re-run export.py")
+    return hdr
+
+
+def _check_header(path: str, h: BinHeader) -> None:
+    problems = []
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        v = getattr(h, name)
+        if not 1 <= v <= 1 << 20:
+            problems.append(f"{name}={v}")
+    if not problems:
+        if h.dim % h.n_heads or (h.dim // h.n_heads) % 2:
+            problems.append(f"dim={h.dim} does not split into n_heads={h.n_heads} even-sized heads")
+        if h.n_heads % h.n_kv_heads:
+            problems.append(f"n_heads={h.n_heads} is not a multiple of n_kv_heads={h.n_kv_heads}")
+        if h.dtype == "int8" and (h.group_size < 1 or h.dim % h.group_size or h.hidden_dim % h.group_size):
+            problems.append(f"group_size={h.group_size} does not divide dim={h.dim} and hidden_dim={h.hidden_dim}")
+    if h.version == 3 and not (h.norm_eps > 0 and h.rope_theta > 0):
+        problems.append(f"norm_eps={h.norm_eps}, rope_theta={h.rope_theta} must be positive")
+    if problems:
+        what = "legacy (version 0) header" if h.version == 0 else f"version {h.version} header"
+        raise ExportError(f"{path}: bad {what}: {', '.join(problems)}")
+
+
+def load_model_bin(path: str) -> Transformer:
+    """Read a .bin file of version 0, 1, 2 or 3 into a new Transformer (int8 weights dequantized to fp32).
+
+    Version 0-2 files do not record norm_eps and rope_theta: llama2.c's 1e-5 and 10000 are used.
+    The tokenizer hash, if any, is in read_bin_header(path).tokenizer_hash.
+    """
+    path = os.fspath(path)
+    h = read_bin_header(path)
+    with open(path, "rb") as f:
+        f.seek(h.header_size)
+        data = f.read()
+    args = h.model_args()
+    d = h.dim
+    model = Transformer(args)  # random init, overwritten below; keeps the tie and the RoPE buffers
+    p = model.params
+    kv = p.n_kv_heads * p.head_size
+    pos = 0
+
+    def take_f32(n: int) -> np.ndarray:
+        nonlocal pos
+        a = np.frombuffer(data, dtype="<f4", count=n, offset=pos)
+        pos += 4 * n
+        return a
+
+    def take_q80(n: int) -> np.ndarray:
+        nonlocal pos
+        q = np.frombuffer(data, dtype=np.int8, count=n, offset=pos)
+        pos += n
+        s = np.frombuffer(data, dtype="<f4", count=n // h.group_size, offset=pos)
+        pos += 4 * (n // h.group_size)
+        return dequantize_q80(q, s, h.group_size)
+
+    layers = model.layers
+    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+              "w1": (p.hidden_dim, d), "w2": (d, p.hidden_dim), "w3": (p.hidden_dim, d)}
+
+    def mod(layer, name):
+        return getattr(layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward, name)
+
+    def put(param: torch.Tensor, values: np.ndarray) -> None:
+        param.data.copy_(torch.from_numpy(values.copy()).view(param.shape))
+
+    with torch.no_grad():
+        if h.version == 0:
+            put(model.tok_embeddings.weight, take_f32(h.vocab_size * d))
+            for l in layers:
+                put(l.attention_norm.weight, take_f32(d))
+            for name in ("wq", "wk", "wv", "wo"):
+                for l in layers:
+                    put(mod(l, name).weight, take_f32(int(np.prod(shapes[name]))))
+            for l in layers:
+                put(l.ffn_norm.weight, take_f32(d))
+            for name in ("w1", "w2", "w3"):
+                for l in layers:
+                    put(mod(l, name).weight, take_f32(int(np.prod(shapes[name]))))
+            put(model.norm.weight, take_f32(d))
+            take_f32(h.max_seq_len * p.head_size)  # the two legacy RoPE tables, recomputed by the model
+        else:
+            take = take_q80 if h.dtype == "int8" else take_f32
+            for l in layers:
+                put(l.attention_norm.weight, take_f32(d))
+            for l in layers:
+                put(l.ffn_norm.weight, take_f32(d))
+            put(model.norm.weight, take_f32(d))
+            put(model.tok_embeddings.weight, take(h.vocab_size * d))
+            for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                for l in layers:
+                    put(mod(l, name).weight, take(int(np.prod(shapes[name]))))
+        if not h.shared_classifier:
+            take = take_q80 if h.dtype == "int8" else take_f32
+            put(model.output.weight, take(h.vocab_size * d))
+    assert pos == len(data), f"read {pos} of {len(data)} body bytes"
+    return model.eval()
