@@ -196,6 +196,7 @@ def _atomic_write(path: str, write_body) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
+        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as e:
         raise ExportError(f"{path}: cannot write here ({e.strerror})") from None
@@ -378,8 +379,10 @@ def _check_header(path: str, h: BinHeader) -> None:
     if h.version == 3 and not (h.norm_eps > 0 and h.rope_theta > 0):
         problems.append(f"norm_eps={h.norm_eps}, rope_theta={h.rope_theta} must be positive")
     if problems:
-        what = "legacy (version 0) header" if h.version == 0 else f"version {h.version} header"
-        raise ExportError(f"{path}: bad {what}: {', '.join(problems)}")
+        if h.version == 0:
+            raise ExportError(f"{path}: not a model file (no version 1-3 magic, and as a legacy "
+                              f"version 0 header it has {', '.join(problems)})")
+        raise ExportError(f"{path}: bad version {h.version} header: {', '.join(problems)}")
 
 
 def load_model_bin(path: str) -> Transformer:
@@ -455,3 +458,434 @@ def load_model_bin(path: str) -> Transformer:
             put(model.output.weight, take(h.vocab_size * d))
     assert pos == len(data), f"read {pos} of {len(data)} body bytes"
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face export
+
+HF_DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"),
+             "bf16": (torch.bfloat16, "bfloat16")}
+
+
+def _hf_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of wq or wk (n_heads * head_size, dim) for Hugging Face's rotary convention.
+
+    Ours rotates consecutive pairs (2i, 2i+1) of each head; Hugging Face's Llama rotates (i, i + hs/2)
+    ("rotate_half"), both with frequency i. So within each head, new row i takes old row 2i and new
+    row hs/2 + i takes old row 2i + 1: the same attention scores, with q and k permuted alike.
+    """
+    rows, cols = w.shape
+    hs = rows // n_heads
+    return w.view(n_heads, hs // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our weights under LlamaForCausalLM's names (new contiguous tensors; the model is untouched).
+
+    A shared classifier is left out (config.json says tie_word_embeddings=true instead).
+    """
+    p = model.params
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+
+    sd = {"model.embed_tokens.weight": t(model.tok_embeddings.weight)}
+    for i, l in enumerate(model.layers):
+        pre = f"model.layers.{i}."
+        a, f = l.attention, l.feed_forward
+        sd[pre + "self_attn.q_proj.weight"] = t(_hf_rotary_rows(a.wq.weight, p.n_heads))
+        sd[pre + "self_attn.k_proj.weight"] = t(_hf_rotary_rows(a.wk.weight, p.n_kv_heads))
+        sd[pre + "self_attn.v_proj.weight"] = t(a.wv.weight)
+        sd[pre + "self_attn.o_proj.weight"] = t(a.wo.weight)
+        sd[pre + "mlp.gate_proj.weight"] = t(f.w1.weight)
+        sd[pre + "mlp.down_proj.weight"] = t(f.w2.weight)
+        sd[pre + "mlp.up_proj.weight"] = t(f.w3.weight)
+        sd[pre + "input_layernorm.weight"] = t(l.attention_norm.weight)
+        sd[pre + "post_attention_layernorm.weight"] = t(l.ffn_norm.weight)
+    sd["model.norm.weight"] = t(model.norm.weight)
+    if not _shared_classifier(model):
+        sd["lm_head.weight"] = t(model.output.weight)
+    return sd
+
+
+def hf_config(model: Transformer, *, dtype: str = "fp32", bos_id: int = 1, eos_id: int = 2) -> dict:
+    """config.json contents for LlamaForCausalLM. Both the transformers 4 spellings (rope_theta,
+    torch_dtype) and the transformers 5 ones (rope_parameters, dtype) are written."""
+    p = model.params
+    name = HF_DTYPES[dtype][1]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": p.dim,
+        "intermediate_size": p.hidden_dim,
+        "num_attention_heads": p.n_heads,
+        "num_key_value_heads": p.n_kv_heads,
+        "num_hidden_layers": p.n_layers,
+        "head_dim": p.dim // p.n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": p.norm_eps,
+        "rope_theta": p.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": p.rope_theta},
+        "max_position_embeddings": p.max_seq_len,
+        "vocab_size": p.vocab_size,
+        "tie_word_embeddings": _shared_classifier(model),
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": name,
+        "dtype": name,
+        "use_cache": True,
+    }
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes) -> dict[int, list]:
+    """Top-level fields of a protobuf message: {field number: [varint int or bytes, ...]}."""
+    fields: dict[int, list] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, pos = _read_varint(buf, pos)
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos)
+            val, pos = buf[pos:pos + n], pos + n
+        elif wire == 5:
+            val, pos = buf[pos:pos + 4], pos + 4
+        elif wire == 1:
+            val, pos = buf[pos:pos + 8], pos + 8
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        fields.setdefault(num, []).append(val)
+    return fields
+
+
+def sentencepiece_flags(sp) -> dict:
+    """The few sentencepiece ModelProto settings the HF conversion needs, read from the serialized
+    proto by hand (so the protobuf package is not required): model_type, add_dummy_prefix,
+    remove_extra_whitespaces, normalizer name."""
+    proto = _proto_fields(sp.serialized_model_proto())
+    trainer = _proto_fields(proto.get(2, [b""])[0])  # ModelProto.trainer_spec
+    norm = _proto_fields(proto.get(3, [b""])[0])  # ModelProto.normalizer_spec
+    model_types = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+    return {
+        "model_type": model_types.get(trainer.get(3, [1])[0], "unknown"),  # TrainerSpec.model_type
+        "normalizer": norm.get(1, [b"nmt_nfkc"])[0].decode("utf-8", "replace"),
+        "add_dummy_prefix": bool(norm.get(3, [1])[0]),
+        "remove_extra_whitespaces": bool(norm.get(4, [1])[0]),
+    }
+
+
+def _bpe_merges(sp) -> list[tuple[str, str]]:
+    """BPE merges for Hugging Face's tokenizers, from a sentencepiece BPE vocab.
+
+    sentencepiece BPE merges the adjacent pair whose joined piece scores highest; a ranked merge
+    list gets the same effect by listing, for each piece from the best score down, every split of
+    it into two pieces that are both in the vocab.
+    """
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    normal = [i for i in range(n)
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
+    merges = []
+    for i in sorted(normal, key=lambda i: (-sp.get_score(i), i)):
+        piece = sp.id_to_piece(i)
+        splits = [(vocab[piece[:k]], vocab[piece[k:]]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(sp.id_to_piece(a), sp.id_to_piece(b)) for a, b in sorted(splits)]
+    return merges
+
+
+def _write_hf_tokenizer(tokenizer_model: str, folder: str, *, max_seq_len: int) -> list[str]:
+    """Copy tokenizer.model and write tokenizer.json + tokenizer_config.json for LlamaTokenizer.
+
+    Returns notes for the user (what the Hugging Face tokenizer cannot reproduce).
+    """
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    except (OSError, RuntimeError) as e:
+        raise ExportError(f"{tokenizer_model}: not a sentencepiece model ({e})") from None
+    shutil.copyfile(tokenizer_model, os.path.join(folder, "tokenizer.model"))
+    flags = sentencepiece_flags(sp)
+    notes = []
+    special = {"unk_token": sp.id_to_piece(sp.unk_id()),
+               "bos_token": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
+               "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None}
+    if flags["model_type"] != "bpe":
+        # LlamaTokenizer is a BPE tokenizer; a unigram vocab cannot be expressed as merges.
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                  "model_max_length": max_seq_len, **special}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        notes.append(f"{tokenizer_model} is a {flags['model_type']} model: only tokenizer.model is "
+                     f"exported (transformers needs the protobuf package to convert it)")
+        return notes
+    from transformers import LlamaTokenizer
+    n = sp.get_piece_size()
+    tok = LlamaTokenizer(vocab={sp.id_to_piece(i): i for i in range(n)}, merges=_bpe_merges(sp),
+                         add_prefix_space=flags["add_dummy_prefix"], legacy=False,
+                         add_bos_token=True, add_eos_token=False, model_max_length=max_seq_len,
+                         **{k: v for k, v in special.items() if v is not None})
+    tok.save_pretrained(folder)
+    if flags["remove_extra_whitespaces"] or "nfkc" in flags["normalizer"]:
+        notes.append("LlamaTokenizer has no normalizer: runs of spaces"
+                     + (" and NFKC-normalized characters" if "nfkc" in flags["normalizer"] else "")
+                     + " tokenize differently from sentencepiece (tokenizer.model is included)")
+    return notes
+
+
+def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
+              tokenizer_model: Optional[str] = None) -> list[str]:
+    """Write a Hugging Face LlamaForCausalLM folder: config.json, model.safetensors, and with a
+    tokenizer, tokenizer.model + tokenizer.json + tokenizer_config.json (LlamaTokenizer).
+
+    Built in a temporary folder beside out_dir, then moved into place (files in an existing
+    out_dir are replaced one by one). Returns notes for the user.
+    """
+    from safetensors.torch import save_file
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"dtype={dtype!r} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir}: exists and is not a folder")
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ExportError(f"{out_dir}: cannot write here ({e.strerror})") from None
+    notes = []
+    try:
+        bos_id, eos_id = 1, 2
+        if tokenizer_model:
+            import sentencepiece as spm
+            try:
+                sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+            except (OSError, RuntimeError) as e:
+                raise ExportError(f"{tokenizer_model}: not a sentencepiece model ({e})") from None
+            if sp.get_piece_size() != model.params.vocab_size:
+                raise ExportError(f"{tokenizer_model}: {sp.get_piece_size()} pieces but the model's "
+                                  f"vocab_size is {model.params.vocab_size}")
+            bos_id, eos_id = sp.bos_id(), sp.eos_id()
+            notes += _write_hf_tokenizer(tokenizer_model, tmp, max_seq_len=model.params.max_seq_len)
+        else:
+            notes.append("no tokenizer given: exported the model only (pass --tokenizer=data/tokN.model)")
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config(model, dtype=dtype, bos_id=bos_id, eos_id=eos_id), f, indent=2)
+            f.write("\n")
+        save_file(hf_state_dict(model, HF_DTYPES[dtype][0]), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        if not os.path.exists(out_dir):
+            os.replace(tmp, out_dir)
+        else:
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            os.rmdir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"{out_dir}: write failed ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and the command line
+
+def load_checkpoint(path: str) -> tuple[Transformer, dict]:
+    """A model from train.py's checkpoint (.pt) or from any .bin; returns (model in eval mode, info).
+
+    info holds 'config' (the training config dict, {} for a .bin) and 'tokenizer_hash' (from a
+    version 3 .bin header, else 0).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror})") from None
+    if head[:2] != b"PK":  # torch.save writes a zip archive; anything else must be a model .bin
+        h = read_bin_header(path)
+        return load_model_bin(path), {"config": {}, "tokenizer_hash": h.tokenizer_hash}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged archive
+        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ExportError(f"{path}: not a train.py checkpoint (expected 'model' and 'model_args' entries)")
+    try:
+        known = {f.name for f in dataclasses.fields(ModelArgs)}
+        args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+        model = Transformer(args)
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
+    return model.eval(), {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": 0}
+
+
+def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
+    """The tokenizer a checkpoint was trained with: a .model path recorded in its config, else
+    data/tok<vocab_size>.model if that exists, else None."""
+    for key in ("tokenizer", "tokenizer_model", "tokenizer_path"):
+        value = config.get(key)
+        if isinstance(value, str) and value.endswith(".model") and os.path.isfile(value):
+            return value
+    guess = os.path.join("data", f"tok{vocab_size}.model")
+    return guess if os.path.isfile(guess) else None
+
+
+def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) -> int:
+    """tokenizer.Tokenizer(path).hash(): what a version 3 header records (tokenizer.py is imported
+    lazily). With vocab_size, a tokenizer of another size is an error."""
+    try:
+        import tokenizer as tokenizer_mod
+    except ImportError as e:
+        raise ExportError(f"cannot hash {tokenizer_model}: tokenizer.py is not importable ({e})") from None
+    try:
+        tok = tokenizer_mod.Tokenizer(tokenizer_model)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ExportError(f"{tokenizer_model}: cannot load tokenizer ({e})") from None
+    if vocab_size is not None and tok.vocab_size != vocab_size:
+        raise ExportError(f"{tokenizer_model}: {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    return int(tok.hash())
+
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_config(cfg, argv: list[str], *, positional: Optional[str] = None):
+    """Apply `--key=value` / `--key value` overrides (and at most one positional, stored in the
+    field named by positional) to the dataclass cfg, converting by the field's type.
+
+    Raises ExportError for an unknown key (listing the valid ones), a bad value or a missing value.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    values = {}
+    i = 0
+    seen_positional = False
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise ExportError(f"unknown option --{key}; valid: {', '.join('--' + k for k in fields if k != positional)}")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ExportError(f"--{key} needs a value")
+                i += 1
+                value = argv[i]
+            values[key] = value
+        elif positional and not seen_positional:
+            values[positional] = arg
+            seen_positional = True
+        else:
+            raise ExportError(f"unexpected argument {arg!r} (options are --key=value)")
+        i += 1
+    for key, raw in values.items():
+        kind = fields[key].type
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        try:
+            if "bool" in kind:
+                if raw.lower() not in _BOOL_WORDS:
+                    raise ValueError("use true/false, 1/0 or yes/no")
+                value = _BOOL_WORDS[raw.lower()]
+            elif "int" in kind:
+                value = int(raw)
+            elif "float" in kind:
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError as e:
+            raise ExportError(f"--{key}={raw}: not a valid {kind} ({e})") from None
+        setattr(cfg, key, value)
+    return cfg
+
+
+@dataclass
+class ExportConfig:
+    out: str = ""  # output .bin file, or folder for --version=-1 (the positional argument)
+    checkpoint: str = "out/ckpt.pt"  # train.py checkpoint (.pt) or any model .bin
+    version: int = 3  # 0, 1, 2, 3, or -1 for Hugging Face
+    # Weight storage: "" picks the version's own (0/1: fp32, 2: int8, 3: fp32, -1: fp32);
+    # version 3 also takes int8, Hugging Face fp16 and bf16.
+    dtype: str = ""
+    group_size: int = DEFAULT_GROUP_SIZE  # int8 group size, halved until it divides dim and hidden_dim
+    # sentencepiece .model: hashed into version 3 headers, exported for Hugging Face.
+    # "" = the one the checkpoint's config names, else data/tok<vocab_size>.model if it exists.
+    tokenizer: str = ""
+
+
+USAGE = """usage: python export.py OUT [--version=N] [--dtype=D] [--checkpoint=PATH] [--tokenizer=PATH] [--group_size=N]
+  --version     3 (default, ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder)
+  --dtype       3: fp32 | int8;  -1: fp32 | fp16 | bf16;  0/1: fp32;  2: int8
+  --checkpoint  train.py checkpoint or model .bin (default out/ckpt.pt)
+  --tokenizer   sentencepiece .model (default: the checkpoint's, else data/tok<vocab>.model)
+  --group_size  int8 group size (default 64; halved until it divides dim and hidden_dim)"""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0 if argv else 1
+    try:
+        cfg = parse_config(ExportConfig(), argv, positional="out")
+        if not cfg.out:
+            raise ExportError("no output path given (python export.py OUT ...)")
+        if cfg.version not in BIN_VERSIONS + (-1,):
+            raise ExportError(f"unknown version {cfg.version}; choose from 0, 1, 2, 3, or -1 for Hugging Face")
+        # Check the dtype before the (possibly slow) checkpoint load.
+        dtype = cfg.dtype or None
+        if cfg.version == -1 and (dtype or "fp32") not in HF_DTYPES:
+            raise ExportError(f"--dtype={cfg.dtype} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
+        if cfg.version in BIN_VERSIONS and dtype is not None:
+            allowed = ("fp32", "int8") if cfg.version == 3 else (("int8",) if cfg.version == 2 else ("fp32",))
+            if dtype not in allowed:
+                raise ExportError(f"version {cfg.version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
+        if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+            raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+        model, info = load_checkpoint(cfg.checkpoint)
+        tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
+        if cfg.version == -1:
+            notes = export_hf(model, cfg.out, dtype=dtype or "fp32", tokenizer_model=tok)
+            for note in notes:
+                print(f"export.py: note: {note}", file=sys.stderr)
+            print(f"wrote {cfg.out} (Hugging Face LlamaForCausalLM, {dtype or 'fp32'}"
+                  f"{', tokenizer ' + tok if tok else ''})")
+            return 0
+        tok_hash = info["tokenizer_hash"]
+        if cfg.version == 3 and tok:
+            tok_hash = tokenizer_hash(tok, vocab_size=model.params.vocab_size)
+        summary = write_model_bin(model, cfg.out, version=cfg.version, dtype=dtype,
+                                  group_size=cfg.group_size, tokenizer_hash=tok_hash)
+        extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""
+        extra += f", tokenizer hash {tok_hash:#010x}" if cfg.version == 3 and tok_hash else ""
+        print(f"wrote {cfg.out} (version {cfg.version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
+        return 0
+    except ExportError as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
