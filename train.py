@@ -1,0 +1,880 @@
+"""Train a small Llama on pretokenized stories, on one CPU/GPU or many GPUs (DDP), and resume exactly.
+
+    python train.py --preset=tiny --max_seconds=300                  # the demo: 2 CPU cores, ~5 minutes
+    python train.py --preset=micro --data_dir=data/tok512 --max_iters=200
+    python train.py --init_from=resume --out_dir=out                 # continue out/ckpt.pt exactly
+    python train.py --init_from=resume --max_iters=4000              # ... and train for longer
+    python train.py plot out                                         # out/log.jsonl -> out/loss.png
+    torchrun --standalone --nproc_per_node=4 train.py --vocab_source=custom --vocab_size=5000 \\
+        --batch_size=128 --n_layers=6 --n_heads=6 --n_kv_heads=6 --max_seq_len=256 \\
+        --gradient_accumulation_steps=4 --max_iters=100000
+
+Options are `--key=value`, parsed by the type of the field in TrainConfig (`python train.py --help`
+lists them). `--preset=NAME` first applies a model shape from model.PRESETS and this file's training
+defaults for it; explicit options override the preset. llama2.c's option names keep their meaning;
+`gradient_accumulation_steps` is the total over all processes, as in llama2.c, so the tokens per
+optimizer step are batch_size * max_seq_len * gradient_accumulation_steps whatever the world size.
+
+Data: `--vocab_source=custom --vocab_size=N` reads data/tokN/ (what `tinystories.py pretokenize
+--vocab_size=N` writes); `--data_dir=DIR` reads any folder of shards.
+
+Outputs in out_dir: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl (one JSON object per
+log line: {"type": "train", "iter", "tokens", "loss", "lr", "ms", "tok_per_s", "mfu"} and
+{"type": "eval", "iter", "tokens", "train_loss", "val_loss", "lr"}).
+
+Exact resume: the data order is a pure function of (seed, step, micro-batch, rank), and a
+checkpoint holds the weights, optimizer, grad scaler, every rank's RNG states and the step, so a
+run killed at any moment (even with SIGKILL, even during a save) and resumed from its ckpt.pt ends
+with the same weights as one that was never interrupted (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import tinystories
+from model import PRESETS, ModelArgs, Transformer
+
+CKPT_FORMAT = "tinystories-zh-train-checkpoint"
+CKPT_VERSION = 1
+
+
+class TrainError(Exception):
+    """A user-facing problem (bad option, bad data, bad checkpoint): printed as one line, exit 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000  # steps between evaluations (and checkpoints)
+    log_interval: int = 1  # steps between log lines
+    eval_iters: int = 100  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once (e.g. a resumed checkpoint) and exit
+    always_save_checkpoint: bool = True  # False: at eval intervals write ckpt.pt only if val loss improved
+    init_from: str = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+    max_seconds: float = 0.0  # stop after this many seconds of this process, saving a checkpoint; 0: no limit
+    preset: str = ""  # a model.PRESETS name; applied before the other options
+    # wandb (imported only when wandb_log is true)
+    wandb_log: bool = False
+    wandb_project: str = "tinystories-zh"
+    wandb_run_name: str = "run"
+    # data
+    batch_size: int = 128  # sequences per micro-batch per process
+    vocab_source: str = "custom"  # custom: our own sentencepiece vocab, shards in data/tok<vocab_size>/
+    data_dir: str = ""  # folder of pretokenized shards; overrides vocab_source
+    tokenizer: str = ""  # .model to check the shards against; default: <data_dir>.model if it exists
+    seed: int = 1337  # model init, data order and dropout all follow from it
+    # model (the fields of model.ModelArgs; 0 means "derive it" where noted)
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 6  # 0: same as n_heads
+    vocab_size: int = 5000
+    hidden_dim: int = 0  # 0: Llama's rule from dim and multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    # optimizer: AdamW, weight decay on matrices only
+    gradient_accumulation_steps: int = 4  # total over all processes (divided by the world size)
+    learning_rate: float = 5e-4  # peak
+    max_iters: int = 100000  # optimizer steps
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    # learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+    decay_lr: bool = True  # False: constant learning_rate, no warmup
+    warmup_iters: int = 1000
+    lr_decay_iters: int = 0  # 0: max_iters
+    min_lr: float = 0.0
+    # system
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bfloat16 if the GPU has it, else float16; float32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model (pays off on GPUs for long runs)
+
+
+# Fields that define the network's shape: fixed by the checkpoint on resume.
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+               "norm_eps", "max_seq_len", "rope_theta", "tie_embeddings")
+# Every ModelArgs field is a TrainConfig field of the same name (dropout is one, but not ARCH).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelArgs))
+
+# Training defaults that go with each model preset. The big ones follow the published
+# tinyllamas runs (4 GPUs); "tiny" and "micro" fit a 2-core CPU (the demo and the tests).
+TRAIN_PRESETS: dict[str, dict] = {
+    "stories260K": dict(batch_size=128, gradient_accumulation_steps=1, learning_rate=5e-4,
+                        max_iters=100000, warmup_iters=1000, eval_interval=2000, dropout=0.05),
+    "stories15M": dict(batch_size=128, gradient_accumulation_steps=4, learning_rate=5e-4,
+                       max_iters=100000, warmup_iters=1000, eval_interval=2000),
+    "stories42M": dict(batch_size=128, gradient_accumulation_steps=4, learning_rate=5e-4,
+                       max_iters=20000, warmup_iters=1000, eval_interval=2000),
+    "stories110M": dict(batch_size=128, gradient_accumulation_steps=4, learning_rate=5e-4,
+                        max_iters=20000, warmup_iters=1000, eval_interval=2000),
+    "gqa": dict(batch_size=64, gradient_accumulation_steps=4, learning_rate=5e-4,
+                max_iters=20000, warmup_iters=1000, eval_interval=2000),
+    # ~1M parameters; on 2 CPU cores a step of 16 x 256 tokens takes a fraction of a second.
+    "tiny": dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=2e-3, max_iters=2000,
+                 warmup_iters=100, lr_decay_iters=2000, min_lr=2e-4, eval_interval=250, eval_iters=20,
+                 weight_decay=0.1, device="cpu"),
+    "micro": dict(batch_size=8, gradient_accumulation_steps=1, learning_rate=3e-3, max_iters=300,
+                  warmup_iters=20, min_lr=3e-4, eval_interval=100, eval_iters=5, device="cpu"),
+}
+
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def config_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def parse_value(key: str, text: str, kind: type):
+    """Convert one option's text by its field type; TrainError naming the option if it does not fit."""
+    if kind is bool:
+        word = text.strip().lower()
+        if word not in BOOL_WORDS:
+            raise TrainError(f"--{key}={text}: not a boolean (use true/false, 1/0, yes/no)")
+        return BOOL_WORDS[word]
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise TrainError(f"--{key}={text}: not a{'n' if kind is int else ''} {kind.__name__}") from None
+    return text
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--key=value` arguments -> {key: typed value}, in order; unknown keys list the valid ones."""
+    types = config_types()
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise TrainError(f"bad argument {arg!r}: options are --key=value (see python train.py --help)")
+        key, text = arg[2:].split("=", 1)
+        if key not in types:
+            raise TrainError(f"unknown option --{key}; valid options: {', '.join(types)}")
+        out[key] = parse_value(key, text, types[key])
+    return out
+
+
+def preset_overrides(name: str) -> dict:
+    """The model shape and training defaults a preset stands for, as config field values."""
+    if name not in PRESETS:
+        raise TrainError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    out = {}
+    for key, value in PRESETS[name].items():
+        if key in ("n_kv_heads", "hidden_dim") and value is None:
+            value = 0
+        out[key] = value
+    if "n_kv_heads" not in out:
+        out["n_kv_heads"] = 0  # a preset without it means plain multi-head attention
+    out.update(TRAIN_PRESETS.get(name, {}))
+    return out
+
+
+def build_config(overrides: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """base (default: TrainConfig()) <- preset (if named) <- explicit overrides."""
+    cfg = base if base is not None else TrainConfig()
+    values = {}
+    if overrides.get("preset"):
+        values.update(preset_overrides(overrides["preset"]))
+    values.update(overrides)
+    return dataclasses.replace(cfg, **values)
+
+
+def model_args_of(cfg: TrainConfig) -> ModelArgs:
+    values = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    for name in ("n_kv_heads", "hidden_dim"):
+        if values[name] == 0:
+            values[name] = None
+    return ModelArgs(**values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    problems = []
+    for name in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval",
+                 "log_interval", "eval_iters"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0:
+        problems.append("learning_rate must be > 0 and min_lr >= 0")
+    if cfg.init_from not in ("scratch", "resume"):
+        problems.append(f"init_from={cfg.init_from!r} must be scratch or resume")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype={cfg.dtype!r} must be auto, float32, bfloat16 or float16")
+    if problems:
+        raise TrainError("bad config: " + "; ".join(problems))
+    try:
+        model_args_of(cfg).resolved()
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def resolve_data_dir(cfg: TrainConfig) -> Path:
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    if cfg.vocab_source == "llama2":
+        raise TrainError("--vocab_source=llama2 is not supported: this project trains its own vocab "
+                         "(python tinystories.py train_vocab), use --vocab_source=custom")
+    if cfg.vocab_source != "custom":
+        raise TrainError(f"--vocab_source={cfg.vocab_source}: must be custom (or give --data_dir)")
+    return tinystories.DEFAULT_DATA_ROOT / f"tok{cfg.vocab_size}"
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `it` (0-based): linear warmup, cosine decay, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it >= decay_iters:
+        return cfg.min_lr
+    frac = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain values (loadable with weights_only=True)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename over path, fsync the folder.
+
+    A crash (even SIGKILL) at any point leaves either the old file or the new one, never a mix.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not let a folder be opened; the rename is still atomic
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by this file; TrainError naming the file if missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: checkpoint not found (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged zip/pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"{path}: corrupt or unreadable checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise TrainError(f"{path}: not a train.py checkpoint")
+    if ckpt.get("version") != CKPT_VERSION:
+        raise TrainError(f"{path}: checkpoint version {ckpt.get('version')} not supported "
+                         f"(expected {CKPT_VERSION})")
+    for key in ("model", "model_args", "config", "iter_num", "optimizer"):
+        if key not in ckpt:
+            raise TrainError(f"{path}: checkpoint has no {key!r} entry")
+    return ckpt
+
+
+def model_from_checkpoint(path) -> tuple[Transformer, dict]:
+    """The trained model (eval mode, CPU, fp32) and the checkpoint dict, e.g. for export/sampling."""
+    ckpt = load_checkpoint(path)
+    model = Transformer(ModelArgs(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.eval()
+    return model, ckpt
+
+
+def clean_stale_temps(out_dir: Path) -> None:
+    """Remove temp files a killed save left behind (the real checkpoints are untouched)."""
+    for name in ("ckpt.pt", "best.pt"):
+        for p in out_dir.glob(f".{name}.*.tmp"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------
+# logging and plots
+
+class RunLog:
+    """Console lines and out_dir/log.jsonl records (rank 0 only; other ranks get enabled=False)."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, wandb_run=None):
+        self.enabled = enabled
+        self.path = out_dir / "log.jsonl"
+        self.wandb_run = wandb_run
+
+    def record(self, rec: dict, line: str) -> None:
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in rec.items() if k != "type"}, step=rec["iter"])
+
+    def note(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.jsonl records; for an iteration logged twice (a killed run, then its resume) the later wins."""
+    by_key = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed mid-write can leave one torn last line; anything else is damage.
+                continue
+            if isinstance(rec, dict) and "iter" in rec and "type" in rec:
+                by_key[(rec["type"], rec["iter"])] = rec
+    return sorted(by_key.values(), key=lambda r: (r["iter"], r["type"]))
+
+
+def plot(out_dir: Path) -> Path:
+    """Draw out_dir/log.jsonl (losses against tokens seen, lr on a second axis) to out_dir/loss.png."""
+    out_dir = Path(out_dir)
+    log_path = out_dir / "log.jsonl"
+    if not log_path.is_file():
+        raise TrainError(f"{log_path}: no training log (train with --out_dir={out_dir} first)")
+    recs = read_log(log_path)
+    train = [r for r in recs if r["type"] == "train"]
+    evals = [r for r in recs if r["type"] == "eval"]
+    if not train and not evals:
+        raise TrainError(f"{log_path}: no train or eval records to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7,
+                label="train loss (step)")
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", ms=3,
+                label="train loss (eval)")
+        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "s-", ms=3,
+                label="val loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    lr_recs = train or evals
+    ax2.plot([r["tokens"] for r in lr_recs], [r["lr"] for r in lr_recs], color="gray", ls="--", lw=0.8,
+             label="learning rate")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")
+    ax.set_title(f"{out_dir}")
+    fig.tight_layout()
+    png = out_dir / "loss.png"
+    tmp = out_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group if launched by torchrun (RANK in the environment)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    d = Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+             world_size=int(os.environ["WORLD_SIZE"]))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group(backend=backend)
+    return d
+
+
+def pick_device(cfg: TrainConfig, d: Dist) -> str:
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device={cfg.device}: no CUDA GPU is available (use --device=cpu)")
+        if d.enabled:
+            device = f"cuda:{d.local_rank}"
+    elif device not in ("cpu", "mps"):
+        raise TrainError(f"--device={cfg.device}: must be auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(cfg: TrainConfig, device_type: str) -> str:
+    if device_type == "cuda":
+        if cfg.dtype == "auto":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return cfg.dtype
+    if cfg.dtype in ("auto", "float32"):
+        return "float32"
+    if cfg.dtype == "bfloat16" and device_type == "cpu":
+        return "bfloat16"
+    raise TrainError(f"--dtype={cfg.dtype} is not supported on {device_type} (use float32)")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainError(f"out_dir {out_dir} is not writable ({e.strerror or e})") from None
+
+
+def open_data(cfg: TrainConfig, d: Dist, grad_accum: int):
+    """Train/val loaders (and the eval ones) after checking vocab sizes and data length."""
+    data_dir = resolve_data_dir(cfg)
+    if not data_dir.is_dir():
+        raise TrainError(f"{data_dir}: data folder not found; run `python tinystories.py pretokenize "
+                         f"--vocab_size={cfg.vocab_size}` or give --data_dir")
+    try:
+        train = tinystories.TokenBatches(data_dir, "train", cfg.batch_size, cfg.max_seq_len, seed=cfg.seed,
+                                         rank=d.rank, world_size=d.world_size, grad_accum=grad_accum)
+        # Evaluation batches come from their own seeds, the same in every evaluation and for any
+        # world size (ranks split batches 0..eval_iters-1 between them).
+        eval_train = tinystories.TokenBatches(data_dir, "train", cfg.batch_size, cfg.max_seq_len,
+                                              seed=cfg.seed + 1)
+        eval_val = tinystories.TokenBatches(data_dir, "val", cfg.batch_size, cfg.max_seq_len,
+                                            seed=cfg.seed + 2)
+    except tinystories.DataError as e:
+        raise TrainError(str(e)) from None
+    if train.vocab_size != cfg.vocab_size:
+        raise TrainError(f"{data_dir}: shards have vocab_size {train.vocab_size} but the model has "
+                         f"vocab_size {cfg.vocab_size}; pass --vocab_size={train.vocab_size} or "
+                         "pretokenize with the matching tokenizer")
+    if eval_val.vocab_size != train.vocab_size or eval_val.tokenizer_hash != train.tokenizer_hash:
+        raise TrainError(f"{data_dir}: val.bin was made with a different tokenizer than the train shards "
+                         f"(vocab {eval_val.vocab_size} vs {train.vocab_size}); re-run pretokenize")
+    # (val may be shorter: an evaluation batch may then hold a window twice, which only costs time.)
+    if train.n_windows < cfg.batch_size:
+        raise TrainError(f"{data_dir}: train data has {train.n_tokens} tokens, {train.n_windows} windows of "
+                         f"max_seq_len + 1 = {cfg.max_seq_len + 1}, fewer than one batch of "
+                         f"batch_size={cfg.batch_size}; use more data or a smaller batch_size/max_seq_len")
+    check_tokenizer(cfg, data_dir, train)
+    return data_dir, train, eval_train, eval_val
+
+
+def check_tokenizer(cfg: TrainConfig, data_dir: Path, train) -> None:
+    """The tokenizer (if we can find it) must be the one the shards were made with."""
+    path = Path(cfg.tokenizer) if cfg.tokenizer else Path(str(data_dir).rstrip("/\\") + ".model")
+    if not path.is_file():
+        if cfg.tokenizer:
+            raise TrainError(f"{path}: tokenizer not found")
+        return
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception:
+        raise TrainError(f"{path}: not a sentencepiece model") from None
+    if sp.vocab_size() != train.vocab_size:
+        raise TrainError(f"{path}: tokenizer has vocab_size {sp.vocab_size()} but the shards in {data_dir} "
+                         f"have {train.vocab_size}; re-run pretokenize with this tokenizer")
+    if train.tokenizer_hash:
+        try:
+            from tokenizer import Tokenizer  # our own wrapper; the hash is defined there
+        except ImportError:
+            return
+        h = Tokenizer(str(path)).hash()
+        if h != train.tokenizer_hash:
+            raise TrainError(f"{path}: tokenizer hash {h:#010x} differs from the shards' "
+                             f"{train.tokenizer_hash:#010x} ({data_dir}); re-run pretokenize")
+
+
+def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The checkpoint's config with the command line's non-architecture overrides applied."""
+    out_dir = Path(cfg_cli.out_dir)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    types = config_types()
+    saved = {k: v for k, v in ckpt["config"].items() if k in types}
+    base = TrainConfig(**saved)
+    given = dict(overrides)
+    if given.get("preset"):
+        given = {**preset_overrides(given["preset"]), **given}
+    for key in ARCH_FIELDS:
+        if key in given and given[key] != getattr(base, key):
+            raise TrainError(f"--{key}={given[key]}: cannot change the architecture on resume "
+                             f"(checkpoint {out_dir / 'ckpt.pt'} has {key}={getattr(base, key)})")
+    given.pop("preset", None)
+    cfg = dataclasses.replace(base, **given)
+    cfg = dataclasses.replace(cfg, init_from="resume", out_dir=str(out_dir))
+    if dataclasses.asdict(ModelArgs(**ckpt["model_args"]).resolved()) != \
+            dataclasses.asdict(model_args_of(cfg).resolved()):
+        raise TrainError(f"{out_dir / 'ckpt.pt'}: model_args and config disagree; checkpoint is damaged")
+    return cfg, ckpt
+
+
+def train(cfg: TrainConfig, overrides: dict) -> int:
+    d = Dist()
+    try:
+        device = pick_device(cfg, Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+        d = setup_distributed(device)
+        return _train(cfg, overrides, d)
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
+    out_dir = Path(cfg.out_dir)
+    ckpt = None
+    if cfg.init_from == "resume":
+        cfg, ckpt = resume_config(cfg, overrides)
+    check_config(cfg)
+    if cfg.gradient_accumulation_steps % d.world_size:
+        raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
+                         f"by the world size {d.world_size} (it is the total over all processes)")
+    grad_accum = cfg.gradient_accumulation_steps // d.world_size
+    device = pick_device(cfg, d)
+    device_type = "cuda" if device.startswith("cuda") else device
+    dtype = pick_dtype(cfg, device_type)
+    check_out_dir(out_dir)  # on every rank: an error on rank 0 alone would leave the others waiting
+    if d.master:
+        clean_stale_temps(out_dir)
+    data_dir, train_batches, eval_train, eval_val = open_data(cfg, d, grad_accum)
+
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
+    args = model_args_of(cfg).resolved()
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # Same seed on every rank for the initial weights (DDP would broadcast rank 0's anyway).
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args)
+    model.to(device)
+    optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.learning_rate,
+                                           betas=(cfg.beta1, cfg.beta2), device_type=device_type)
+    scaler = torch.amp.GradScaler(device_type if device_type == "cuda" else "cpu",
+                                  enabled=(dtype == "float16"))
+    iter_num, best_val = 0, math.inf
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainError(f"{out_dir / 'ckpt.pt'}: does not fit the model "
+                             f"({str(e).splitlines()[0][:200]})") from None
+        iter_num = int(ckpt["iter_num"])
+        best_val = float(ckpt.get("best_val_loss", math.inf))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == d.world_size:
+            set_rng_state(rngs[d.rank])
+        else:
+            # Another world size: the data order is still exact, dropout masks cannot be.
+            torch.manual_seed(cfg.seed + 1000 * iter_num + d.rank)
+        ckpt = None  # free the memory
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
+    start_iter = iter_num
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+    amp = nullcontext() if dtype == "float32" else torch.autocast(
+        device_type=device_type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+
+    wandb_run = None
+    if cfg.wandb_log and d.master:
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--wandb_log=true but wandb is not installed (pip install wandb)") from None
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+    log = RunLog(out_dir, enabled=d.master, wandb_run=wandb_run)
+    n_params = raw_model.num_params()
+    log.note(f"{'resuming at iter ' + str(iter_num) if start_iter else 'training from scratch'}: "
+             f"{n_params / 1e6:.2f}M params, data {data_dir} ({train_batches.n_tokens} train tokens), "
+             f"{tokens_per_iter} tokens/iter, device {device}, dtype {dtype}, world size {d.world_size}, "
+             f"grad accum {grad_accum}/process")
+
+    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def reduce_mean(values: list[float]) -> list[float]:
+        t = reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
+        return (t / d.world_size).tolist()
+
+    @torch.no_grad()
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        for i, loader in enumerate((eval_train, eval_val)):
+            for k in range(d.rank, cfg.eval_iters, d.world_size):
+                x, y = loader.get(k)
+                x, y = x.to(device), y.to(device)
+                with amp:
+                    _, loss = raw_model(x, y)  # a forward pass needs no DDP sync
+                totals[i] += loss.double()
+        model.train()
+        train_loss, val_loss = (reduce_sum(totals) / cfg.eval_iters).tolist()
+        return train_loss, val_loss
+
+    def checkpoint(which: list[str]) -> None:
+        # Every rank's RNG state, so a resumed DDP run draws the same dropout masks everywhere.
+        states = [rng_state()]
+        if d.enabled:
+            import torch.distributed as dist
+
+            states = [None] * d.world_size
+            dist.all_gather_object(states, rng_state())
+        if not d.master:
+            return
+        obj = {
+            "format": CKPT_FORMAT, "version": CKPT_VERSION,
+            "model": raw_model.state_dict(),
+            "model_args": dataclasses.asdict(args),
+            "config": dataclasses.asdict(cfg),
+            "iter_num": iter_num, "best_val_loss": best_val,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": states,
+            # The loader is a pure function of these, so this is the whole data position.
+            "data": {"data_dir": str(data_dir), "seed": cfg.seed, "step": iter_num,
+                     "tokens_seen": iter_num * tokens_per_iter, "world_size": d.world_size,
+                     "vocab_size": train_batches.vocab_size, "tokenizer_hash": train_batches.tokenizer_hash},
+        }
+        for name in which:
+            save_atomic(obj, out_dir / name)
+        log.note(f"saved {', '.join(str(out_dir / n) for n in which)} at iter {iter_num}")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    t_start = time.time()
+    try:
+        while True:
+            stopping = iter_num >= cfg.max_iters or cfg.eval_only
+            if not stopping and iter_num > start_iter:
+                timed_out = cfg.max_seconds > 0 and time.time() - t_start >= cfg.max_seconds
+                flag = reduce_mean([1.0 if (timed_out or stop["signal"]) else 0.0])[0]
+                stopping = flag > 0
+            lr = lr_at(iter_num, cfg)
+            due = iter_num % cfg.eval_interval == 0 and (iter_num > start_iter or start_iter == 0)
+            if stopping or due or cfg.eval_only:
+                train_loss, val_loss = evaluate()
+                log.record({"type": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
+                            "train_loss": train_loss, "val_loss": val_loss, "lr": lr},
+                           f"eval {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                if cfg.eval_only:
+                    break
+                improved = val_loss < best_val
+                best_val = min(best_val, val_loss)
+                if iter_num > start_iter:
+                    which = ["ckpt.pt"] if (cfg.always_save_checkpoint or improved or stopping) else []
+                    which += ["best.pt"] if improved else []
+                    if which:
+                        checkpoint(which)
+            if stopping:
+                if stop["signal"]:
+                    log.note(f"stopped by signal {stop['signal']} at iter {iter_num}")
+                elif iter_num < cfg.max_iters:
+                    log.note(f"stopped after max_seconds={cfg.max_seconds} at iter {iter_num}")
+                break
+
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            for micro in range(grad_accum):
+                x, y = train_batches.get(iter_num, micro)
+                if device_type == "cuda":
+                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+                else:
+                    x, y = x.to(device), y.to(device)
+                # Only the last micro-batch all-reduces gradients across ranks.
+                sync = model.no_sync() if d.enabled and micro < grad_accum - 1 else nullcontext()
+                with sync:
+                    with amp:
+                        _, loss = model(x, y)
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step = iter_num
+            iter_num += 1
+            if step % cfg.log_interval == 0:
+                # The mean over all micro-batches of all ranks: the loss of this step's whole batch.
+                loss_val = reduce_mean([loss_sum.item() / grad_accum])[0]
+                dt = time.time() - t0
+                tok_s = tokens_per_iter / dt if dt > 0 else 0.0
+                rec = {"type": "train", "iter": step, "tokens": iter_num * tokens_per_iter, "loss": loss_val,
+                       "lr": lr, "ms": dt * 1000, "tok_per_s": tok_s}
+                line = f"iter {step} | loss {loss_val:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | {tok_s:.0f} tok/s"
+                if device_type == "cuda":
+                    mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps, dt)
+                    rec["mfu"] = mfu
+                    line += f" | mfu {mfu * 100:.1f}%"
+                if not math.isfinite(loss_val):
+                    raise TrainError(f"loss is {loss_val} at iter {step}; lower --learning_rate "
+                                     "or check the data")
+                log.record(rec, line)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if wandb_run is not None:
+            wandb_run.finish()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def usage() -> str:
+    types = config_types()
+    defaults = dataclasses.asdict(TrainConfig())
+    lines = [__doc__.strip(), "", "options (default):"]
+    for key, kind in types.items():
+        lines.append(f"  --{key}=<{kind.__name__}>  ({defaults[key]!r})")
+    lines.append("")
+    lines.append(f"presets: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    try:
+        if argv and argv[0] == "plot":
+            if len(argv) != 2:
+                raise TrainError("usage: python train.py plot OUT_DIR")
+            png = plot(Path(argv[1]))
+            print(f"wrote {png}")
+            return 0
+        overrides = parse_overrides(argv)
+        cfg = build_config(overrides)
+        if cfg.init_from != "resume":
+            check_config(cfg)
+        return train(cfg, overrides)
+    except TrainError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
