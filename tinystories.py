@@ -40,6 +40,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -240,3 +241,919 @@ class TokenBatches:
         rows = np.stack([self.window(g * B + b) for b in range(B)])  # (B, T + 1)
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# reading stories: .jsonl, .json arrays, .txt separated by blank lines
+
+TEXT_KEYS = ("story_zh", "text_zh", "story", "text", "content")  # auto-detect order
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+MAX_SHOWN_PROBLEMS = 20  # malformed lines printed one by one; the rest only counted
+
+
+def list_text_files(folder: Path) -> list[Path]:
+    """Every .jsonl/.json/.txt file under folder (recursively, sorted), hidden ones left out."""
+    folder = Path(folder)
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # our own markers (.complete) and editor droppings
+        if p.suffix.lower() in TEXT_SUFFIXES and p.is_file():
+            out.append(p)
+    return out
+
+
+def _story_from_obj(obj, text_key: str) -> tuple[str | None, str]:
+    """(text, problem): text is None when obj holds no usable story, and problem says why."""
+    if isinstance(obj, str):
+        return obj, ""
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    keys = (text_key,) if text_key else TEXT_KEYS
+    for k in keys:
+        if k in obj:
+            v = obj[k]
+            if isinstance(v, str):
+                return v, ""
+            return None, f"key {k!r} holds {type(v).__name__}, not text"
+    return None, f"no text key (looked for {', '.join(keys)})"
+
+
+class ProblemLog:
+    """Collects 'file:line: problem' reports for malformed input; --strict makes the first fatal."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.items: list[str] = []
+        self.count = 0
+
+    def add(self, where: str, problem: str) -> None:
+        msg = f"{where}: {problem}"
+        if self.strict:
+            raise DataError(f"{msg} (--strict)")
+        self.count += 1
+        if len(self.items) < MAX_SHOWN_PROBLEMS:
+            self.items.append(msg)
+
+    def merge(self, items: list[str], count: int) -> None:
+        self.count += count
+        self.items.extend(items[:MAX_SHOWN_PROBLEMS - len(self.items)])
+
+    def report(self) -> None:
+        for m in self.items:
+            print(f"warning: {m}", file=sys.stderr)
+        if self.count:
+            more = f" ({self.count - len(self.items)} not shown)" if self.count > len(self.items) else ""
+            print(f"warning: skipped {self.count} malformed line(s){more}; --strict=true makes "
+                  "this an error", file=sys.stderr)
+
+
+def iter_file_stories(path: Path, *, text_key: str = "", problems: ProblemLog) -> Iterator[str]:
+    """Stories in one file, stripped of surrounding whitespace; empty ones are dropped."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            yield from _iter_txt(path)
+            return
+        with open(path, encoding="utf-8") as f:
+            if suffix == ".json":
+                # A .json file holds one array of stories; some data sets name jsonl files .json,
+                # so anything not starting with '[' is read as one object per line.
+                head = f.read(4096).lstrip("\ufeff \t\r\n")[:1]
+                f.seek(0)
+                if head == "[":
+                    yield from _iter_json_array(path, f, text_key, problems)
+                    return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.add(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
+                    continue
+                text, why = _story_from_obj(obj, text_key)
+                if text is None:
+                    problems.add(f"{path}:{lineno}", why)
+                    continue
+                text = text.strip()
+                if text:
+                    yield text
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iterator[str]:
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+        problems.add(f"{path}:{e.lineno}", f"not valid JSON ({e.msg}); whole file skipped")
+        return
+    if not isinstance(data, list):
+        problems.add(f"{path}:1", "expected a JSON array of stories; whole file skipped")
+        return
+    for i, obj in enumerate(data):
+        text, why = _story_from_obj(obj, text_key)
+        if text is None:
+            problems.add(f"{path}: item {i}", why)
+            continue
+        text = text.strip()
+        if text:
+            yield text
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    """Stories separated by one or more blank (whitespace-only) lines."""
+    buf: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield "".join(buf).strip()
+                buf = []
+    if buf:
+        yield "".join(buf).strip()
+
+
+def is_val_story(text: str, val_fraction: float) -> bool:
+    """Held-out split decided by a hash of the story text: stable across runs, shard layouts and
+    machines, and a story that appears twice lands on the same side, so val never leaks into
+    train (llama2.c holds out its first shard instead, which a one-file custom corpus lacks)."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h % 1_000_000 < round(val_fraction * 1_000_000)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and command line
+
+def opt(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DownloadConfig:
+    dataset: str = opt("zh", "zh (TinyStoriesChinese, adam89) or en (roneneldan/TinyStories)")
+    data_root: str = opt("", "folder for all data; '' means data/ beside tinystories.py")
+    max_retries: int = opt(8, "transient failures retried this many times, resuming each time")
+    backoff: float = opt(2.0, "seconds before the first retry; doubles each retry, capped at 60")
+    timeout: float = opt(60.0, "seconds without data before the connection counts as failed")
+    keep_archive: bool = opt(True, "keep the .tar.gz after extracting it")
+
+
+@dataclass
+class SynthConfig:
+    data_root: str = opt("", "folder for all data; '' means data/ beside tinystories.py")
+    n_stories: int = opt(100_000, "number of stories to generate")
+    seed: int = opt(1337, "generator seed; story i depends only on (seed, i)")
+    shard_size: int = opt(20_000, "stories per jsonl shard")
+
+
+@dataclass
+class SourceConfig:
+    data_root: str = opt("", "folder for all data; '' means data/ beside tinystories.py")
+    dataset: str = opt("zh", "which data_root/<dataset> folder to read: zh, en, synth")
+    data_dir: str = opt("", "read your own stories from this folder instead of the dataset")
+    text_key: str = opt("", "JSON key holding the story; '' tries " + ", ".join(TEXT_KEYS))
+    strict: bool = opt(False, "a malformed line is fatal instead of skipped")
+    val_fraction: float = opt(0.01, "share of stories held out for validation (by text hash)")
+    vocab_size: int = opt(5000, "tokenizer size; output files are named tok<vocab_size>")
+    force: bool = opt(False, "redo the stage even if its outputs are up to date")
+
+
+@dataclass
+class TrainVocabConfig(SourceConfig):
+    max_stories: int = opt(300_000, "train stories written for sentencepiece (bounds time)")
+    input_sentence_size: int = opt(1_000_000, "lines sentencepiece samples from them (shuffled)")
+    character_coverage: float = opt(0.0, "sentencepiece character_coverage; 0 = chosen from "
+                                         "the data and vocab_size (see train_vocab)")
+
+
+@dataclass
+class PretokenizeConfig(SourceConfig):
+    workers: int = opt(0, "processes encoding shards in parallel; 0 = one per core")
+
+
+STAGES = {}  # name -> (config class, function, one-line description); filled below
+
+
+class UsageError(Exception):
+    pass
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_value(type_name: str, raw: str, key: str):
+    try:
+        if type_name == "bool":
+            if raw.lower() not in _BOOLS:
+                raise ValueError
+            return _BOOLS[raw.lower()]
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError:
+        raise UsageError(f"--{key}={raw}: not a valid {type_name}"
+                         + (" (use true/false/1/0/yes/no)" if type_name == "bool" else "")) from None
+    return raw
+
+
+def parse_config(cls, args: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for a in args:
+        if not a.startswith("--") or "=" not in a:
+            raise UsageError(f"expected --key=value, got {a!r}")
+        key, raw = a[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise UsageError(f"unknown option --{key}; valid: "
+                             + ", ".join(f"--{k}" for k in fields))
+        kw[key] = _parse_value(fields[key].type, raw, key)
+    return cls(**kw)
+
+
+def usage() -> str:
+    lines = ["usage: python tinystories.py <stage> [--key=value ...]", "", "stages:"]
+    for name, (_, _, desc) in STAGES.items():
+        lines.append(f"  {name:<12} {desc}")
+    lines.append("")
+    lines.append("`python tinystories.py <stage> --help` lists a stage's options.")
+    return "\n".join(lines)
+
+
+def stage_help(name: str) -> str:
+    cls, _, desc = STAGES[name]
+    lines = [f"usage: python tinystories.py {name} [--key=value ...]", f"{desc}", "", "options:"]
+    for f in dataclasses.fields(cls):
+        default = str(f.default).lower() if f.type == "bool" else f.default
+        lines.append(f"  {f'--{f.name}={default}':<30} ({f.type}) {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def data_root(cfg) -> Path:
+    return Path(cfg.data_root) if cfg.data_root else DEFAULT_DATA_ROOT
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder into place; the old one is removed only after the swap."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# download
+
+HF_DATASETS = {  # dataset -> (Hugging Face dataset repo, archive file in it)
+    "zh": ("adam89/TinyStoriesChinese", "TinyStories_all_data_zh.tar.gz"),
+    "en": ("roneneldan/TinyStories", "TinyStories_all_data.tar.gz"),
+}
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def hf_url(repo: str, filename: str) -> str:
+    """The file's URL; HF_ENDPOINT replaces https://huggingface.co, as huggingface_hub does."""
+    base = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return f"{base.rstrip('/')}/datasets/{repo}/resolve/main/{filename}"
+
+
+class _Transient(Exception):
+    """A failure worth retrying (server 5xx/429, dropped connection)."""
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000)."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[6:].partition("/")
+    start = None if span.strip() == "*" else int(span.split("-")[0])
+    return start, (int(total) if total.strip().isdigit() else None)
+
+
+def _linked(resp, name: str) -> str | None:
+    """A header of the Hugging Face response, which may sit on a redirect before the CDN's."""
+    for r in [*resp.history, resp]:
+        if name in r.headers:
+            return r.headers[name]
+    return None
+
+
+def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float = 2.0,
+                  timeout: float = 60.0, chunk_bytes: int = 1 << 20) -> None:
+    """Stream url to dest: resume dest.part with an HTTP Range request, retry transient failures
+    with exponential backoff, check the size (and sha256 when the hub announces it), and rename
+    to dest only when complete."""
+    import requests
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    expected = sha256 = None
+    failures = 0
+    with requests.Session() as session:
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                    linked_size = _linked(r, "X-Linked-Size")
+                    etag = (_linked(r, "X-Linked-Etag") or "").strip('"').lower()
+                    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+                        sha256 = etag  # LFS files: the hub's etag is the file's sha256
+                    if r.status_code == 416:
+                        _, total = _content_range(r.headers.get("Content-Range"))
+                        if total is not None and total == have:
+                            expected = int(linked_size) if linked_size else total
+                            break  # the .part already holds the whole file
+                        part.unlink()  # .part is longer than the file: it cannot be resumed
+                        raise _Transient(f"server refused to resume at byte {have}; starting over")
+                    if r.status_code in _RETRY_STATUS:
+                        raise _Transient(f"HTTP {r.status_code} {r.reason}")
+                    if r.status_code not in (200, 206):
+                        raise DataError(f"{url}: HTTP {r.status_code} {r.reason}")
+                    if r.status_code == 206:
+                        start, total = _content_range(r.headers.get("Content-Range"))
+                        if start != have:
+                            part.unlink()
+                            raise _Transient(f"server resumed at byte {start}, not {have}")
+                        mode = "ab"
+                    else:  # 200: the whole file (the server ignored or was not sent a Range)
+                        cl = r.headers.get("Content-Length")
+                        total = int(cl) if cl and cl.isdigit() else None
+                        mode, have = "wb", 0
+                    expected = int(linked_size) if linked_size else total
+                    with open(part, mode) as f, tqdm(total=expected, initial=have, unit="B",
+                                                     unit_scale=True, unit_divisor=1024,
+                                                     desc=dest.name, leave=False) as bar:
+                        for chunk in r.iter_content(chunk_bytes):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                break
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError, _Transient) as e:
+                failures += 1
+                got = part.stat().st_size if part.exists() else 0
+                if failures > max_retries:
+                    raise DataError(f"{url}: download failed after {max_retries} retries "
+                                    f"({type(e).__name__}); {got} bytes kept in {part}, run the "
+                                    "same command again to resume") from None
+                wait = min(backoff * 2 ** (failures - 1), 60.0)
+                print(f"download: {type(e).__name__}: {str(e)[:120]}; have {got} bytes, "
+                      f"retry {failures}/{max_retries} in {wait:.1f}s", file=sys.stderr)
+                time.sleep(wait)
+    size = part.stat().st_size
+    if expected is not None and size != expected:
+        if size > expected:
+            part.unlink()  # longer than the real file: nothing in it can be trusted
+        raise DataError(f"{dest}: got {size} bytes but the server announced {expected}; "
+                        "run the same command again to resume")
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise DataError(f"{dest}: sha256 {h.hexdigest()} does not match the announced "
+                            f"{sha256}; the damaged download was removed, run again")
+    os.replace(part, dest)
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def check_member(m: tarfile.TarInfo, root: Path, archive: Path) -> None:
+    """Refuse a member that would write outside root: absolute or ../ paths, links pointing out,
+    device files. root must be resolved."""
+    def refuse(why: str):
+        raise DataError(f"{archive}: refusing member {m.name!r}: {why}; nothing was extracted")
+
+    if os.path.isabs(m.name) or m.name.startswith(("/", "\\")):
+        refuse("absolute path")
+    target = (root / m.name).resolve()
+    if not _within(target, root):
+        refuse(f"it would land outside {root}")
+    if m.issym():
+        if os.path.isabs(m.linkname):
+            refuse(f"symlink to absolute path {m.linkname!r}")
+        if not _within((target.parent / m.linkname).resolve(), root):
+            refuse(f"symlink to {m.linkname!r} points outside {root}")
+    elif m.islnk():
+        if os.path.isabs(m.linkname) or not _within((root / m.linkname).resolve(), root):
+            refuse(f"hard link to {m.linkname!r} points outside {root}")
+    elif not (m.isfile() or m.isdir()):
+        refuse("not a regular file, folder or link")
+
+
+def extract_archive(archive: Path, target: Path) -> int:
+    """Extract into a temp folder beside target, then swap it in; returns the member count."""
+    archive, target = Path(archive), Path(target)
+    tmp = target.with_name(f"{target.name}.extract{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    root = tmp.resolve()
+    n = 0
+    # Python's own 'data' filter (3.11.4+) as a second line of defence behind check_member.
+    kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for m in tar:
+                check_member(m, root, archive)
+                tar.extract(m, root, **kw)
+                n += 1
+        _replace_dir(tmp, target)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive}: damaged archive ({e}); delete it and download again") from None
+    except OSError as e:
+        raise DataError(f"{e.filename or target}: cannot extract {archive.name} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+def cmd_download(cfg: DownloadConfig) -> None:
+    if cfg.dataset not in HF_DATASETS:
+        raise DataError(f"--dataset={cfg.dataset}: choose one of {', '.join(HF_DATASETS)}")
+    repo, filename = HF_DATASETS[cfg.dataset]
+    root = data_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / filename
+    target = root / cfg.dataset
+    marker = target / ".complete"
+    done = _read_json(marker)
+    if done and done.get("archive") == filename and list_text_files(target):
+        print(f"{target}: already downloaded and extracted ({done.get('files')} files from "
+              f"{filename}); nothing to do")
+        return
+    if archive.exists():
+        print(f"{archive}: already downloaded")
+    else:
+        url = hf_url(repo, filename)
+        print(f"downloading {url} -> {archive}")
+        download_file(url, archive, max_retries=cfg.max_retries, backoff=cfg.backoff,
+                      timeout=cfg.timeout)
+    n = extract_archive(archive, target)
+    files = list_text_files(target)
+    if not files:
+        raise DataError(f"{archive}: holds no .jsonl, .json or .txt files")
+    _write_json(marker, {"archive": filename, "bytes": archive.stat().st_size, "files": len(files)})
+    if not cfg.keep_archive:
+        archive.unlink()
+    print(f"{target}: extracted {n} members, {len(files)} data files")
+
+
+# ----------------------------------------------------------------------------------------------
+# synth: the built-in corpus (storygen.py) as jsonl shards
+
+def write_jsonl_shards(stories: Iterable[str], out_dir: Path, *, shard_size: int,
+                       key: str = "story_zh") -> tuple[int, int]:
+    """data00.jsonl, data01.jsonl, ... with one {key: story} object per line, as the downloaded
+    zh data is laid out. Returns (stories, shards)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = shards = 0
+    f = None
+    try:
+        for story in stories:
+            if n % shard_size == 0:
+                if f:
+                    f.close()
+                f = open(out_dir / f"data{shards:02d}.jsonl", "w", encoding="utf-8")
+                shards += 1
+            f.write(json.dumps({key: story}, ensure_ascii=False) + "\n")
+            n += 1
+    finally:
+        if f:
+            f.close()
+    return n, shards
+
+
+def cmd_synth(cfg: SynthConfig) -> None:
+    if cfg.n_stories < 1 or cfg.shard_size < 1:
+        raise DataError(f"--n_stories={cfg.n_stories} and --shard_size={cfg.shard_size} must be >= 1")
+    root = data_root(cfg)
+    out = root / "synth"
+    want = {"generator": "storygen", "n_stories": cfg.n_stories, "seed": cfg.seed,
+            "shard_size": cfg.shard_size}
+    if _read_json(out / ".complete") == want and list_text_files(out):
+        print(f"{out}: already holds {cfg.n_stories} stories (seed {cfg.seed}); nothing to do")
+        return
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import storygen  # lazy: only this stage needs it
+
+    t0 = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"synth.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        n, shards = write_jsonl_shards(storygen.generate_stories(cfg.n_stories, cfg.seed), tmp,
+                                       shard_size=cfg.shard_size)
+        _write_json(tmp / ".complete", want)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{out}: wrote {n} stories in {shards} shards in {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# train_vocab / pretokenize shared helpers
+
+MIN_VOCAB = 260  # 3 special pieces (unk, bos, eos) + 256 byte-fallback pieces + at least 1 more
+
+
+def check_vocab_size(n: int) -> None:
+    if n > MAX_VOCAB:
+        raise DataError(f"--vocab_size={n} is too large: at most {MAX_VOCAB}, because "
+                        "pretokenized shards store token ids as uint16")
+    if n < MIN_VOCAB:
+        raise DataError(f"--vocab_size={n} is too small: at least {MIN_VOCAB} (3 special pieces "
+                        "+ 256 byte-fallback pieces + 1)")
+
+
+def source_files(cfg: SourceConfig) -> tuple[Path, list[Path]]:
+    """The folder the stories come from and its data files; DataError with a hint if none."""
+    if cfg.data_dir:
+        folder, hint = Path(cfg.data_dir), "give --data_dir a folder of .jsonl, .json or .txt files"
+    else:
+        folder = data_root(cfg) / cfg.dataset
+        if cfg.dataset in HF_DATASETS:
+            hint = "run `python tinystories.py download" + \
+                   ("" if cfg.dataset == "zh" else f" --dataset={cfg.dataset}") + "` first"
+        elif cfg.dataset == "synth":
+            hint = "run `python tinystories.py synth` first"
+        else:
+            hint = "--dataset is zh, en or synth; use --data_dir for your own stories"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; {hint}")
+    files = list_text_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no .jsonl, .json or .txt files; {hint}")
+    return folder, files
+
+
+def _files_signature(folder: Path, files: list[Path]) -> list:
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def tokenizer_hash(model_path: Path) -> int:
+    """Tokenizer.hash() of tokenizer.py (the value model and shard headers record)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import tokenizer
+        return int(tokenizer.Tokenizer(str(model_path)).hash())
+    except ImportError:  # tokenizer.py absent: the same FNV-1a over the raw pieces, in id order
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        h = 0x811C9DC5
+        for i in range(sp.get_piece_size()):
+            for b in sp.id_to_piece(i).encode("utf-8") + b"\0":
+                h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+        return h or 1
+
+
+def _load_sp(model_path: Path, vocab_size: int):
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{model_path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+    if sp.get_piece_size() != vocab_size:
+        raise DataError(f"{model_path}: has {sp.get_piece_size()} pieces, not {vocab_size}; "
+                        f"re-run train_vocab --vocab_size={vocab_size} --force=true")
+    return sp
+
+
+# ----------------------------------------------------------------------------------------------
+# train_vocab
+
+def choose_character_coverage(char_counts: np.ndarray, vocab_size: int) -> float:
+    """sentencepiece's character_coverage for this data and vocab.
+
+    Every character kept as a base piece costs a vocab slot for good. English has ~100
+    characters, so all are kept (1.0). Chinese has thousands, most seen a handful of times:
+    1.0 would spend the whole vocab on rare characters (and sentencepiece refuses a vocab smaller
+    than the kept characters), while byte fallback already encodes any character losslessly as
+    its 3 UTF-8 bytes. So keep at most half of the slots left after the 259 special and byte
+    pieces for characters, the rest for merges, and never cover more than 0.9995 (sentencepiece's
+    recommendation for CJK) when not every character fits.
+    """
+    counts = np.sort(char_counts[char_counts > 0])[::-1]
+    keep = max(1, (vocab_size - 3 - 256) // 2)
+    if counts.size <= keep:
+        return 1.0
+    return min(0.9995, float(counts[:keep].sum() / counts.sum()))
+
+
+def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
+    import sentencepiece as spm
+
+    check_vocab_size(cfg.vocab_size)
+    root = data_root(cfg)
+    folder, files = source_files(cfg)
+    N = cfg.vocab_size
+    model_path = root / f"tok{N}.model"
+    meta_path = root / f"tok{N}.meta.json"
+    sig = {"source": str(folder.resolve()), "files": _files_signature(folder, files),
+           "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "max_stories": cfg.max_stories,
+           "input_sentence_size": cfg.input_sentence_size,
+           "character_coverage": cfg.character_coverage}
+    if not cfg.force and model_path.exists() and _read_json(meta_path) == sig:
+        print(f"{model_path}: already trained on {folder}; nothing to do (--force=true retrains)")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    # The train split only, one line per paragraph (sentencepiece reads one sentence per line;
+    # newlines themselves become the <0x0A> byte piece). Val stories are kept to measure on.
+    problems = ProblemLog(cfg.strict)
+    char_counts = np.zeros(0x110000, dtype=np.int64)  # occurrences per code point
+    val_sample: list[str] = []
+    n_train = n_lines = 0
+    fd, text_path = tempfile.mkstemp(dir=root, prefix=f".tok{N}_", suffix=".txt")
+    prefix = root / f".tok{N}.tmp{os.getpid()}"
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            buf: list[str] = []
+            buf_chars = 0
+
+            def flush():
+                nonlocal buf_chars
+                text = "\n".join(buf) + "\n"
+                out.write(text)
+                cps = np.frombuffer("".join(buf).encode("utf-32-le"), dtype="<u4")
+                char_counts[:] += np.bincount(cps, minlength=0x110000)
+                buf.clear()
+                buf_chars = 0
+
+            for path in files:
+                for story in iter_file_stories(path, text_key=cfg.text_key, problems=problems):
+                    if is_val_story(story, cfg.val_fraction):
+                        if len(val_sample) < 5000:
+                            val_sample.append(story)
+                        continue
+                    if n_train >= cfg.max_stories:
+                        continue
+                    n_train += 1
+                    for line in story.split("\n"):
+                        if line.strip():
+                            buf.append(line)
+                            buf_chars += len(line)
+                            n_lines += 1
+                    if buf_chars > 10_000_000:
+                        flush()
+                if n_train >= cfg.max_stories and len(val_sample) >= 2000:
+                    break  # enough of both; the rest of the corpus is not needed
+            if buf:
+                flush()
+        problems.report()
+        if n_train == 0:
+            raise DataError(f"{folder}: no usable stories for training"
+                            + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
+        coverage = cfg.character_coverage or choose_character_coverage(char_counts, N)
+        n_chars = int((char_counts > 0).sum())
+        print(f"training a {N}-piece BPE tokenizer on {n_train} stories ({n_lines} lines, "
+              f"{n_chars} distinct characters, character_coverage={coverage:.6g})")
+        try:
+            spm.SentencePieceTrainer.train(
+                input=text_path, model_prefix=str(prefix), model_type="bpe", vocab_size=N,
+                byte_fallback=True,  # any character, seen or not, encodes losslessly
+                normalization_rule_name="identity",  # text is kept exactly as written
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=True,  # as llama2.c's tokenizers, so its C encoder convention holds
+                split_digits=True, allow_whitespace_only_pieces=True,
+                character_coverage=coverage,
+                input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
+                max_sentence_length=1 << 16,  # bytes; the default 4192 drops long paragraphs
+                num_threads=os.cpu_count() or 1,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                minloglevel=2, self_test_sample_size=0,
+            )
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"sentencepiece could not train a {N}-piece tokenizer on {folder}: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
+        os.replace(f"{prefix}.vocab", root / f"tok{N}.vocab")
+        os.replace(f"{prefix}.model", model_path)
+    finally:
+        for p in (Path(text_path), Path(f"{prefix}.model"), Path(f"{prefix}.vocab")):
+            if p.exists():
+                p.unlink()
+    _write_json(meta_path, sig)
+    print(f"{model_path}: trained in {time.time() - t0:.1f}s")
+
+    sp = _load_sp(model_path, N)
+    if val_sample:
+        n_tok = sum(len(x) for x in sp.encode(val_sample))
+        chars = sum(len(s) for s in val_sample)
+        print(f"val compression: {chars / max(n_tok, 1):.3f} characters per token "
+              f"({len(val_sample)} val stories, {chars} characters, {n_tok} tokens)")
+    else:
+        print("val compression: no story fell into the val split (corpus too small?)")
+
+    if (REPO_ROOT / "tokenizer.py").exists():  # the C engine's tokenizer file, if we can make it
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        try:
+            import tokenizer
+            print(f"{tokenizer.export_tokenizer(str(model_path))}: written for run.c")
+        except Exception as e:  # the .model is done and valid; say why the .bin is missing
+            print(f"warning: {root / f'tok{N}.bin'} not written ({e}); run `python tokenizer.py "
+                  f"--tokenizer-model={model_path}`", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# pretokenize
+
+_SP_CACHE: dict = {}
+
+
+def _encode_file(job: dict) -> dict:
+    """Worker: one source file -> a train shard in job['out'] and the val tokens returned."""
+    import sentencepiece as spm
+
+    key = job["model"]
+    sp = _SP_CACHE.get(key)
+    if sp is None:
+        sp = _SP_CACHE[key] = spm.SentencePieceProcessor(model_file=key)
+    problems = ProblemLog(job["strict"])
+    train: list[str] = []
+    val: list[str] = []
+    for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"], problems=problems):
+        (val if is_val_story(story, job["val_fraction"]) else train).append(story)
+
+    def pack(stories: list[str]) -> np.ndarray:
+        ids = sp.encode(stories, num_threads=job["threads"]) if stories else []
+        out = np.empty(sum(len(x) + 2 for x in ids), dtype=np.uint16)
+        pos = 0
+        for x in ids:  # BOS, story, EOS
+            out[pos] = job["bos"]
+            out[pos + 1:pos + 1 + len(x)] = x
+            out[pos + 1 + len(x)] = job["eos"]
+            pos += len(x) + 2
+        return out
+
+    train_tokens = pack(train)
+    if train_tokens.size:
+        write_shard(Path(job["out"]), train_tokens, vocab_size=job["vocab_size"],
+                    tokenizer_hash=job["hash"], n_stories=len(train))
+    return {"train_stories": len(train), "train_tokens": int(train_tokens.size),
+            "train_chars": sum(len(s) for s in train), "val_stories": len(val),
+            "val": pack(val), "problems": problems.items, "problem_count": problems.count}
+
+
+def cmd_pretokenize(cfg: PretokenizeConfig) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+    from tqdm import tqdm
+
+    check_vocab_size(cfg.vocab_size)
+    N = cfg.vocab_size
+    root = data_root(cfg)
+    model_path = root / f"tok{N}.model"
+    if not model_path.exists():
+        raise DataError(f"{model_path}: not found; run `python tinystories.py train_vocab "
+                        f"--vocab_size={N}` first")
+    sp = _load_sp(model_path, N)
+    folder, files = source_files(cfg)
+    tok_hash = tokenizer_hash(model_path)
+    out = root / f"tok{N}"
+    sig = {"source": str(folder.resolve()), "files": _files_signature(folder, files),
+           "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "tokenizer_hash": tok_hash,
+           "shard_version": SHARD_VERSION}
+    if not cfg.force and _read_json(out / "meta.json") == sig:
+        print(f"{out}: already pretokenized from {folder} with this tokenizer; nothing to do")
+        return
+
+    t0 = time.time()
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cfg.workers or cores, len(files)))
+    tmp = root / f"tok{N}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    jobs = [{"path": str(p), "model": str(model_path), "out": str(tmp / f"train_{i:03d}.bin"),
+             "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
+             "vocab_size": N, "hash": tok_hash, "bos": sp.bos_id(), "eos": sp.eos_id(),
+             "threads": max(1, cores // workers)} for i, p in enumerate(files)]
+    results: list = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), unit="file", desc=f"pretokenize tok{N}")
+    try:
+        if workers == 1:
+            for i, job in enumerate(jobs):
+                results[i] = _encode_file(job)
+                bar.update(1)
+        else:
+            # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy mid-state
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+                futures = {ex.submit(_encode_file, job): i for i, job in enumerate(jobs)}
+                try:
+                    for fut in as_completed(futures):
+                        results[futures[fut]] = fut.result()  # a worker's exception surfaces here
+                        bar.update(1)
+                except BaseException:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                    raise
+        bar.close()
+        problems = ProblemLog(False)
+        for r in results:
+            problems.merge(r["problems"], r["problem_count"])
+        problems.report()
+        n_train = sum(r["train_stories"] for r in results)
+        n_tokens = sum(r["train_tokens"] for r in results)
+        if n_train == 0:
+            raise DataError(f"{folder}: no usable stories for training"
+                            + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
+        val = np.concatenate([r["val"] for r in results])
+        n_val = sum(r["val_stories"] for r in results)
+        write_shard(tmp / "val.bin", val, vocab_size=N, tokenizer_hash=tok_hash, n_stories=n_val)
+        _write_json(tmp / "meta.json", sig)
+        _replace_dir(tmp, out)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    n_shards = sum(1 for r in results if r["train_tokens"])
+    chars = sum(r["train_chars"] for r in results)
+    print(f"{out}: {n_train} train stories, {n_tokens} tokens in {n_shards} shards; {n_val} val "
+          f"stories, {val.size} tokens; {chars / max(n_tokens, 1):.2f} characters per token "
+          f"(BOS/EOS included); {time.time() - t0:.1f}s")
+    if n_val == 0:
+        print(f"warning: {out / 'val.bin'} is empty: no story fell into the val split "
+              f"(val_fraction={cfg.val_fraction})", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+STAGES.update({
+    "download": (DownloadConfig, cmd_download, "fetch and safely extract TinyStories (zh or en)"),
+    "synth": (SynthConfig, cmd_synth, "write the built-in story corpus (storygen.py) as jsonl"),
+    "train_vocab": (TrainVocabConfig, cmd_train_vocab,
+                    "train a sentencepiece BPE tokenizer -> data/tok<N>.model"),
+    "pretokenize": (PretokenizeConfig, cmd_pretokenize,
+                    "encode stories to uint16 shards -> data/tok<N>/train_*.bin, val.bin"),
+})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    stage, args = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"tinystories.py: unknown stage {stage!r}; stages: {', '.join(STAGES)}",
+              file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in args):
+        print(stage_help(stage))
+        return 0
+    cls, fn, _ = STAGES[stage]
+    try:
+        cfg = parse_config(cls, args)
+    except UsageError as e:
+        print(f"tinystories.py {stage}: {e}", file=sys.stderr)
+        return 2
+    try:
+        fn(cfg)
+    except DataError as e:
+        print(f"tinystories.py {stage}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # full disk, permissions: the path and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tinystories.py {stage}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tinystories.py {stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
