@@ -195,8 +195,8 @@ def _atomic_write(path: str, write_body) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    _make_folder(path, folder)
     try:
-        os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as e:
         raise ExportError(f"{path}: cannot write here ({e.strerror})") from None
@@ -212,6 +212,16 @@ def _atomic_write(path: str, write_body) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _make_folder(path: str, folder: str) -> None:
+    """Create the output's parent folder if needed, with a clear error when that is impossible."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:
+        raise ExportError(f"{path}: cannot write here ({folder} is not a folder)") from None
+    except OSError as e:
+        raise ExportError(f"{path}: cannot create folder {folder} ({e.strerror})") from None
 
 
 def _remove_quietly(path: str) -> None:
@@ -664,8 +674,8 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"{out_dir}: exists and is not a folder")
     parent = os.path.dirname(out_dir)
+    _make_folder(out_dir, parent)
     try:
-        os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
     except OSError as e:
         raise ExportError(f"{out_dir}: cannot write here ({e.strerror})") from None
@@ -728,8 +738,8 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged archive
-        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
+        detail = (str(e).splitlines() or ["no details"])[0].split(". ")[0]
+        raise ExportError(f"{path}: not a readable checkpoint, truncated or corrupt? ({detail})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ExportError(f"{path}: not a train.py checkpoint (expected 'model' and 'model_args' entries)")
     try:
@@ -744,14 +754,17 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
 
 
 def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
-    """The tokenizer a checkpoint was trained with: a .model path recorded in its config, else
-    data/tok<vocab_size>.model if that exists, else None."""
-    for key in ("tokenizer", "tokenizer_model", "tokenizer_path"):
-        value = config.get(key)
-        if isinstance(value, str) and value.endswith(".model") and os.path.isfile(value):
-            return value
-    guess = os.path.join("data", f"tok{vocab_size}.model")
-    return guess if os.path.isfile(guess) else None
+    """The tokenizer a checkpoint was trained with: the config's `tokenizer`, else `<data_dir>.model`
+    (train.py's default), else data/tok<vocab_size>.model; the first that exists, or None."""
+    candidates = [config.get("tokenizer")]
+    data_dir = config.get("data_dir")
+    if isinstance(data_dir, str) and data_dir:
+        candidates.append(data_dir.rstrip("/\\") + ".model")  # train.py's default: <data_dir>.model
+    candidates.append(os.path.join("data", f"tok{vocab_size}.model"))
+    for path in candidates:
+        if isinstance(path, str) and path and os.path.isfile(path):
+            return path
+    return None
 
 
 def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) -> int:
@@ -763,8 +776,8 @@ def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) ->
         raise ExportError(f"cannot hash {tokenizer_model}: tokenizer.py is not importable ({e})") from None
     try:
         tok = tokenizer_mod.Tokenizer(tokenizer_model)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ExportError(f"{tokenizer_model}: cannot load tokenizer ({e})") from None
+    except (OSError, RuntimeError, ValueError, tokenizer_mod.TokenizerError) as e:
+        raise ExportError(str(e) if tokenizer_model in str(e) else f"{tokenizer_model}: {e}") from None
     if vocab_size is not None and tok.vocab_size != vocab_size:
         raise ExportError(f"{tokenizer_model}: {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     return int(tok.hash())
