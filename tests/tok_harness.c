@@ -2,8 +2,10 @@
  *
  *   tok_harness encode TOK.bin [VOCAB] < records   uint32 length + UTF-8 bytes per record;
  *                                                   prints one line of space-separated ids each
- *   tok_harness decode TOK.bin [VOCAB] < records   uint32 count + int32 ids per record;
- *                                                   writes uint32 length + decoded bytes each
+ *   tok_harness decode TOK.bin [VOCAB] < records   uint32 count + int32 ids per record; writes
+ *                                                   uint32 n_chunks, then per chunk uint32 length +
+ *                                                   bytes: what each id printed, then the flush
+ *   tok_harness info TOK.bin [VOCAB]                prints vocab_size unk bos eos pad hash max_len legacy
  *   tok_harness bench TOK.bin FILE REPEATS          prints ms per encode of FILE's text
  *
  * VOCAB defaults to -1 (no model: a legacy file is read to its end).
@@ -66,31 +68,32 @@ int main(int argc, char **argv) {
             int *ids = tokenizer_encode(&t, s, 0, 0, &n_ids);
             for (int i = 0; i < n_ids; i++) printf(i ? " %d" : "%d", ids[i]);
             printf("\n");
+            fflush(stdout);   /* a test may talk to this process one string at a time */
             free(ids);
             free(s);
         }
     } else if (strcmp(argv[1], "decode") == 0) {
         TokenPrinter p;
-        TokBuf all = {0};
         while (read_u32(stdin, &n)) {
             token_printer_init(&p, &t);
-            all.n = 0;
-            tokbuf_put(&all, "", 0);
+            put_u32(n + 1);
             for (uint32_t i = 0; i < n; i++) {
                 uint32_t id;
                 if (!read_u32(stdin, &id)) { fprintf(stderr, "short record\n"); return 1; }
                 size_t len;
                 const char *s = token_printer_put(&p, (int)id, &len);
-                tokbuf_put(&all, s, len);
+                put_u32((uint32_t)len);
+                fwrite(s, 1, len, stdout);
             }
             size_t len;
             const char *s = token_printer_flush(&p, &len);
-            tokbuf_put(&all, s, len);
-            put_u32((uint32_t)all.n);
-            fwrite(all.p, 1, all.n, stdout);
+            put_u32((uint32_t)len);
+            fwrite(s, 1, len, stdout);
             token_printer_free(&p);
         }
-        free(all.p);
+    } else if (strcmp(argv[1], "info") == 0) {
+        printf("%d %d %d %d %d %u %d %d\n", t.vocab_size, t.unk_id, t.bos_id, t.eos_id, t.pad_id,
+               (unsigned)t.hash, t.max_token_length, t.legacy);
     } else {
         fprintf(stderr, "unknown mode %s\n", argv[1]);
         return 2;
