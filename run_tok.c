@@ -403,12 +403,17 @@ void tokenizer_init(Tokenizer *t, const char *path, int vocab_size) {
     strcpy(t->path, path);
     FILE *f = fopen(path, "rb");
     if (!f) tok_fail(path, "cannot open (does the file exist? make one with tokenizer.py)");
-    if (fseek(f, 0, SEEK_END) != 0) tok_fail(path, "cannot seek");
-    long end = ftell(f);
-    if (end < 0 || fseek(f, 0, SEEK_SET) != 0) tok_fail(path, "cannot determine the file size");
-    size_t size = (size_t)end;
-    unsigned char *d = tok_malloc(size);
-    if (size > 0 && fread(d, 1, size, f) != size) tok_fail(path, "read error");
+    /* read to EOF in growing chunks: no ftell, which is meaningless on a directory or pipe */
+    size_t size = 0, cap = 1 << 16;
+    unsigned char *d = tok_malloc(cap);
+    for (;;) {
+        size += fread(d + size, 1, cap - size, f);
+        if (ferror(f)) tok_fail(path, "read error (is it a directory?)");
+        if (size < cap) break;
+        if (cap > ((size_t)1 << 30)) tok_fail(path, "larger than 1 GiB; not a tokenizer file");
+        cap *= 2;
+        d = tok_realloc(d, cap);
+    }
     fclose(f);
     if (size >= 4 && tok_u32(d) == TOK_MAGIC) tok_load_ours(t, d, size, vocab_size);
     else tok_load_legacy(t, d, size, vocab_size);

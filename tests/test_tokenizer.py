@@ -376,6 +376,91 @@ def test_user_defined_symbols_are_whole_pieces(toks, harness):
         assert sym in pieces, pieces
 
 
+# Models sentencepiece's trainer cannot make, made by editing a trained ModelProto: pieces of
+# type UNUSED (the encoder merges through them, then splits them back) and
+# escape_whitespaces=false (spaces stay ' ' instead of U+2581).
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, value) -> bytes:
+    key = _varint(number << 3 | wire)
+    if wire == 0:
+        return key + _varint(value)
+    if wire == 2:
+        return key + _varint(len(value)) + value
+    return key + value  # fixed32 / fixed64 raw bytes
+
+
+def edit_model(data: bytes, *, piece_types: dict[int, int] = {}, normalizer: dict[int, int] = {}) -> bytes:
+    """Re-serializes a ModelProto with some pieces' types and normalizer varint fields replaced."""
+    out, index = [], 0
+    for number, wire, value in tokenizer.parse_fields(data):
+        if number == 1 and wire == 2:
+            if index in piece_types:
+                fields = [f for f in tokenizer.parse_fields(value) if f[0] != 3] + [(3, 0, piece_types[index])]
+                value = b"".join(_field(*f) for f in fields)
+            index += 1
+        elif number == 3 and wire == 2 and normalizer:
+            fields = [f for f in tokenizer.parse_fields(value) if f[0] not in normalizer]
+            value = b"".join(_field(*f) for f in fields + [(k, 0, v) for k, v in normalizer.items()])
+        out.append(_field(number, wire, value))
+    return b"".join(out)
+
+
+@pytest.fixture(scope="session")
+def edited_toks(toks, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("edited")
+    base = toks["nfkc_user"].read_bytes()
+    assert edit_model(base) == base  # the writer reproduces sentencepiece's bytes
+    sp = spm.SentencePieceProcessor(model_file=str(toks["nfkc_user"]))
+    multi = [i for i in range(sp.vocab_size()) if sp.id_to_piece(i) != SPACE and len(sp.id_to_piece(i)) >= 2
+             and not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+    r = random.Random(2)
+    unused = r.sample(multi, len(multi) // 3)
+    out = {
+        "unused": edit_model(base, piece_types={i: tokenizer.UNUSED for i in unused}),
+        "no_escape": edit_model(toks["nfkc_unk"].read_bytes(), normalizer={5: 0}),
+        "no_escape_collapse": edit_model(toks["id_bf"].read_bytes(), normalizer={4: 1, 5: 0}),
+    }
+    paths = {}
+    for name, data in out.items():
+        path = d / f"{name}.model"
+        path.write_bytes(data)
+        spm.SentencePieceProcessor(model_file=str(path))  # loads
+        tokenizer.export_tokenizer(str(path))
+        paths[name] = path
+    return paths
+
+
+@pytest.mark.parametrize("name", ["unused", "no_escape", "no_escape_collapse"])
+def test_edited_models_match_sentencepiece(name, edited_toks, toks, harness, corpus):
+    sp = spm.SentencePieceProcessor(model_file=str(edited_toks[name]))
+    strings = EDGE_CASES + corpus[:2000]
+    if name == "unused":
+        assert sum(sp.is_unused(i) for i in range(sp.vocab_size())) > 100
+        # unused pieces are merged through and split back: none in the output, and the result
+        # differs from the unedited model's for many strings
+        original = spm.SentencePieceProcessor(model_file=str(toks["nfkc_user"]))
+        assert not any(sp.is_unused(i) for s in strings for i in sp.encode(s))
+        assert sum(sp.encode(s) != original.encode(s) for s in strings) > 100
+    else:
+        assert not any(SPACE in p for p in sp.encode("hello world  ab", out_type=str))
+    got = c_encode_many(harness, binpath(edited_toks[name]), [s.encode() for s in strings])
+    bad = [(s, sp.encode(s, out_type=str), g) for s, g in zip(strings, got) if sp.encode(s) != g]
+    assert not bad, f"{len(bad)} of {len(strings)} differ; first: {bad[0]!r}"
+    seqs = random_id_sequences(sp, 500, seed=8)
+    for q, chunks in zip(seqs, c_decode_many(harness, binpath(edited_toks[name]), seqs)):
+        assert b"".join(chunks).decode("utf-8") == sp.decode(q)
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding
 
@@ -672,8 +757,9 @@ def test_malformed_files_fail_cleanly(exe_fixture, request, toks, tmp_path):
         assert r.returncode == 1, (label, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and str(path) in lines[0], (label, r.stderr)
-    r = c_info(exe, tmp_path / "does-not-exist.bin")
-    assert r.returncode == 1 and "does-not-exist.bin" in r.stderr
+    for path in [tmp_path / "does-not-exist.bin", tmp_path]:
+        r = c_info(exe, path)
+        assert r.returncode == 1 and str(path) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_corrupt_charsmap_never_crashes(toks, harness_san, tmp_path):
