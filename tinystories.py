@@ -427,8 +427,8 @@ class SourceConfig:
 class TrainVocabConfig(SourceConfig):
     max_stories: int = opt(300_000, "train stories written for sentencepiece (bounds time)")
     input_sentence_size: int = opt(1_000_000, "lines sentencepiece samples from them (shuffled)")
-    character_coverage: float = opt(0.0, "sentencepiece character_coverage; 0 = chosen from "
-                                         "the data and vocab_size (see train_vocab)")
+    character_coverage: float = opt(0.0, "sentencepiece character_coverage (0.98..1); 0 = "
+                                         "choose the characters from data and vocab_size")
 
 
 @dataclass
@@ -854,22 +854,56 @@ def _load_sp(model_path: Path, vocab_size: int):
 # ----------------------------------------------------------------------------------------------
 # train_vocab
 
-def choose_character_coverage(char_counts: np.ndarray, vocab_size: int) -> float:
-    """sentencepiece's character_coverage for this data and vocab.
+def choose_kept_characters(char_counts: np.ndarray, vocab_size: int,
+                           pair_counts: np.ndarray | None = None) -> np.ndarray | None:
+    """Code points sentencepiece may make base pieces of, most frequent first; None = all.
 
-    Every character kept as a base piece costs a vocab slot for good. English has ~100
-    characters, so all are kept (1.0). Chinese has thousands, most seen a handful of times:
-    1.0 would spend the whole vocab on rare characters (and sentencepiece refuses a vocab smaller
-    than the kept characters), while byte fallback already encodes any character losslessly as
-    its 3 UTF-8 bytes. So keep at most half of the slots left after the 259 special and byte
-    pieces for characters, the rest for merges, and never cover more than 0.9995 (sentencepiece's
-    recommendation for CJK) when not every character fits.
+    Every character kept as a base piece costs a vocab slot for good; byte fallback encodes any
+    other character losslessly as its UTF-8 bytes. English has ~100 characters and they all fit
+    (coverage 1.0). Chinese has thousands, most seen a handful of times: keeping all of them
+    (character_coverage=1.0) would spend a small vocab on rare characters, and sentencepiece
+    refuses a vocab smaller than the characters it keeps. So characters compete with merges for
+    the slots left after the 259 special and byte pieces: a kept character of count f saves
+    (UTF-8 bytes - 1) * f tokens, a merge saves about its pair count (pair_counts: counts of
+    adjacent character pairs, in any order); ASCII characters go first, since only a piece can
+    join a merge. The best slots win, and never more characters than cover 99.95% of the text
+    (sentencepiece's advice for CJK) when not all fit. sentencepiece will not go below
+    character_coverage=0.98 itself, so train_vocab applies this choice to the training text.
     """
-    counts = np.sort(char_counts[char_counts > 0])[::-1]
-    keep = max(1, (vocab_size - 3 - 256) // 2)
-    if counts.size <= keep:
-        return 1.0
-    return min(0.9995, float(counts[:keep].sum() / counts.sum()))
+    nz = np.flatnonzero(char_counts)
+    budget = max(1, vocab_size - 3 - 256)
+    order = nz[np.argsort(-char_counts[nz], kind="stable")]
+    counts = char_counts[order]
+    utf8_len = np.where(order < 0x80, 1, np.where(order < 0x800, 2, np.where(order < 0x10000, 3, 4)))
+    # ASCII first: as a byte it costs one token anyway, but only a kept character joins merges
+    char_value = np.where(utf8_len == 1, np.inf, counts * np.maximum(utf8_len - 1, 1))
+    pair_value = np.sort(pair_counts)[::-1][:budget] if pair_counts is not None else np.zeros(0)
+    values = np.concatenate([char_value, pair_value])
+    best = np.argsort(-values, kind="stable")[:budget]
+    keep = max(1, int((best < char_value.size).sum()))
+    if nz.size <= keep:
+        return None
+    cum = np.cumsum(counts) / counts.sum()
+    m = int(np.searchsorted(cum, 0.9995 - 1e-12)) + 1  # fewest characters covering 99.95%
+    kept = order[:min(m, keep)]
+    return kept[np.argsort(-char_counts[kept], kind="stable")]
+
+
+def _drop_rare_characters(src: str, dst: str, kept: np.ndarray) -> int:
+    """Copy the training text, cutting lines at characters not in kept (a rare character ends
+    the sentence, so no merge is learned across it). Returns the lines written."""
+    import re
+    rare = re.compile("[^" + "".join(re.escape(chr(c)) for c in sorted(kept.tolist())) + "]+")
+    n = 0
+    with open(src, encoding="utf-8") as fin, open(dst, "w", encoding="utf-8") as fout:
+        while True:
+            lines = fin.readlines(1 << 24)
+            if not lines:
+                break
+            parts = [p for p in rare.sub("\n", "".join(lines)).split("\n") if p.strip()]
+            fout.write("\n".join(parts) + ("\n" if parts else ""))
+            n += len(parts)
+    return n
 
 
 def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
@@ -882,7 +916,8 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
     model_path = root / f"tok{N}.model"
     meta_path = root / f"tok{N}.meta.json"
     sig = {"source": str(folder.resolve()), "files": _files_signature(folder, files),
-           "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "max_stories": cfg.max_stories,
+           "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
+           "max_stories": cfg.max_stories,
            "input_sentence_size": cfg.input_sentence_size,
            "character_coverage": cfg.character_coverage}
     if not cfg.force and model_path.exists() and _read_json(meta_path) == sig:
@@ -895,6 +930,8 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
     # newlines themselves become the <0x0A> byte piece). Val stories are kept to measure on.
     problems = ProblemLog(cfg.strict)
     char_counts = np.zeros(0x110000, dtype=np.int64)  # occurrences per code point
+    pairs: list[np.ndarray] = []  # adjacent code point pairs (a << 21 | b) of the first lines
+    n_pairs = 0
     val_sample: list[str] = []
     n_train = n_lines = 0
     fd, text_path = tempfile.mkstemp(dir=root, prefix=f".tok{N}_", suffix=".txt")
@@ -905,11 +942,17 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
             buf_chars = 0
 
             def flush():
-                nonlocal buf_chars
+                nonlocal buf_chars, n_pairs
                 text = "\n".join(buf) + "\n"
                 out.write(text)
-                cps = np.frombuffer("".join(buf).encode("utf-32-le"), dtype="<u4")
+                cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
                 char_counts[:] += np.bincount(cps, minlength=0x110000)
+                char_counts[10] -= len(buf)  # the newlines we added
+                if n_pairs < 20_000_000:  # a sample is enough to rank the frequent pairs
+                    p = (cps[:-1] << 21) | cps[1:]
+                    p = p[(cps[:-1] != 10) & (cps[1:] != 10)]
+                    pairs.append(p)
+                    n_pairs += p.size
                 buf.clear()
                 buf_chars = 0
 
@@ -937,10 +980,24 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
         if n_train == 0:
             raise DataError(f"{folder}: no usable stories for training"
                             + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
-        coverage = cfg.character_coverage or choose_character_coverage(char_counts, N)
         n_chars = int((char_counts > 0).sum())
+        coverage, kept = cfg.character_coverage, None
+        if not coverage:
+            coverage = 1.0
+            _, pair_counts = np.unique(np.concatenate(pairs), return_counts=True)
+            kept = choose_kept_characters(char_counts, N, pair_counts)
+        if not 0.98 <= coverage <= 1.0:
+            raise DataError(f"--character_coverage={coverage}: sentencepiece accepts 0.98 to 1")
+        note = f"character_coverage={coverage:g}"
+        if kept is not None:
+            filtered = text_path + ".kept"
+            n_lines = _drop_rare_characters(text_path, filtered, kept)
+            os.replace(filtered, text_path)
+            share = char_counts[kept].sum() / char_counts.sum()
+            note = (f"{kept.size} most frequent kept as base pieces, {100 * share:.3f}% of the "
+                    "text; the rest fall back to bytes")
         print(f"training a {N}-piece BPE tokenizer on {n_train} stories ({n_lines} lines, "
-              f"{n_chars} distinct characters, character_coverage={coverage:.6g})")
+              f"{n_chars} distinct characters: {note})")
         try:
             spm.SentencePieceTrainer.train(
                 input=text_path, model_prefix=str(prefix), model_type="bpe", vocab_size=N,
@@ -962,7 +1019,8 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
         os.replace(f"{prefix}.vocab", root / f"tok{N}.vocab")
         os.replace(f"{prefix}.model", model_path)
     finally:
-        for p in (Path(text_path), Path(f"{prefix}.model"), Path(f"{prefix}.vocab")):
+        for p in (Path(text_path), Path(text_path + ".kept"), Path(f"{prefix}.model"),
+                  Path(f"{prefix}.vocab")):
             if p.exists():
                 p.unlink()
     _write_json(meta_path, sig)
@@ -1045,7 +1103,8 @@ def cmd_pretokenize(cfg: PretokenizeConfig) -> None:
     tok_hash = tokenizer_hash(model_path)
     out = root / f"tok{N}"
     sig = {"source": str(folder.resolve()), "files": _files_signature(folder, files),
-           "text_key": cfg.text_key, "val_fraction": cfg.val_fraction, "tokenizer_hash": tok_hash,
+           "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
+           "tokenizer_hash": tok_hash,
            "shard_version": SHARD_VERSION}
     if not cfg.force and _read_json(out / "meta.json") == sig:
         print(f"{out}: already pretokenized from {folder} with this tokenizer; nothing to do")
