@@ -1,0 +1,186 @@
+"""Sample stories from a trained model: a train.py checkpoint (.pt) or any model .bin (versions 0-3).
+
+    python sample.py                                             # out/ckpt.pt, empty prompt
+    python sample.py --checkpoint=out/ckpt.pt --prompt="从前，有一个小女孩" --num_samples=3
+    python sample.py --checkpoint=stories15M.bin --tokenizer=data/tok5000.model --temperature=0 --steps=100
+    python sample.py --checkpoint=out/model.bin --seed=42 --top_p=0.9 --top_k=40
+
+The sampling options are the C engine's (`./run model.bin -t 1.0 -p 0.9 -k 0 -s 0 -n 256 -i PROMPT`):
+temperature (0 = greedy), top_p (1 = off), top_k (0 = off), seed (0 = from the clock), steps
+(tokens to generate; 0 = up to max_seq_len; --max_new_tokens is the same option). Each sample is
+the prompt followed by its continuation, which stops at EOS (or a BOS, as run.c does).
+Samples are separated by a line of dashes; timing goes to stderr.
+
+From Python:
+
+    from sample import generate_text
+    texts = generate_text(model, tok, "从前", num_samples=2, steps=50, temperature=0.8, seed=1)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+import export
+from export import ExportError, parse_config
+from model import Transformer
+
+SEPARATOR = "-" * 40
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = "out/ckpt.pt"  # train.py checkpoint (.pt) or a model .bin of version 0-3
+    # sentencepiece .model; "" = the checkpoint's (its config's tokenizer / data_dir), else
+    # tok<vocab_size>.model beside the checkpoint, else data/tok<vocab_size>.model
+    tokenizer: str = ""
+    prompt: str = ""
+    num_samples: int = 1  # generated together, as one batch
+    steps: int = 256  # tokens to generate per sample; 0 = up to max_seq_len
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.9  # nucleus sampling mass in (0, 1]; 1 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    seed: int = 0  # 0 = from the clock
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
+
+
+def check_config(cfg: SampleConfig) -> None:
+    problems = []
+    if cfg.num_samples < 1:
+        problems.append(f"--num_samples={cfg.num_samples} must be >= 1")
+    if cfg.steps < 0:
+        problems.append(f"--steps={cfg.steps} must be >= 0")
+    if not cfg.temperature >= 0.0:  # also rejects nan
+        problems.append(f"--temperature={cfg.temperature} must be >= 0")
+    if not 0.0 < cfg.top_p <= 1.0:
+        problems.append(f"--top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.top_k < 0:
+        problems.append(f"--top_k={cfg.top_k} must be >= 0")
+    if cfg.seed < 0:
+        problems.append(f"--seed={cfg.seed} must be >= 0")
+    if problems:
+        raise ExportError("; ".join(problems))
+
+
+def find_tokenizer(cfg: SampleConfig, config: dict, vocab_size: int) -> str:
+    if cfg.tokenizer:
+        if not os.path.isfile(cfg.tokenizer):
+            raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+        return cfg.tokenizer
+    beside = os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), f"tok{vocab_size}.model")
+    found = export.default_tokenizer(config, vocab_size)
+    if found is None and os.path.isfile(beside):
+        found = beside
+    if found is None:
+        raise ExportError(f"{cfg.checkpoint}: no tokenizer found for vocab_size {vocab_size} "
+                          f"(pass --tokenizer=data/tok{vocab_size}.model)")
+    return found
+
+
+def load_tokenizer(path: str, *, vocab_size: int, expected_hash: int = 0):
+    """tokenizer.Tokenizer for path, checked against the model's vocab size and recorded hash."""
+    import tokenizer as tokenizer_mod  # imported lazily: only sampling needs it
+    try:
+        tok = tokenizer_mod.Tokenizer(path)
+    except tokenizer_mod.TokenizerError as e:
+        raise ExportError(str(e)) from None
+    if tok.vocab_size != vocab_size:
+        raise ExportError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
+                          f"is {vocab_size}; pass the tokenizer it was trained with")
+    if expected_hash and tok.hash() != expected_hash:
+        raise ExportError(f"{path}: tokenizer hash {tok.hash():#010x} differs from the {expected_hash:#010x} "
+                          f"recorded in the model file; pass the tokenizer it was trained with")
+    return tok
+
+
+@torch.inference_mode()
+def generate_ids(model: Transformer, prompt_ids: list[int], *, num_samples: int = 1, steps: int = 256,
+                 temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
+                 eos_id: Optional[int] = None, bos_id: Optional[int] = None) -> list[list[int]]:
+    """The continuations (generated ids only) of prompt_ids, one list per sample, each cut before
+    the first EOS or BOS. steps=0 means up to max_seq_len; top_p=1 and top_k=0 switch those off."""
+    device = model.tok_embeddings.weight.device
+    if len(prompt_ids) > model.params.max_seq_len:
+        raise ExportError(f"the prompt is {len(prompt_ids)} tokens (BOS included), more than the model's "
+                          f"max_seq_len={model.params.max_seq_len}; shorten it")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed > 0 else time.time_ns() & (2**63 - 1))
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)  # (N, T)
+    max_new = steps if steps > 0 else model.params.max_seq_len
+    out = model.generate(idx, max_new, temperature=temperature, top_k=top_k or None,
+                         top_p=top_p if top_p < 1.0 else None, eos_id=eos_id, generator=gen)
+    stops = {i for i in (eos_id, bos_id) if i is not None and i >= 0}
+    result = []
+    for row in out[:, len(prompt_ids):].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def generate_text(model: Transformer, tok, prompt: str = "", **options) -> list[str]:
+    """Prompt + continuation text for each sample (options as generate_ids)."""
+    prompt_ids = tok.encode(prompt, bos=True)
+    conts = generate_ids(model, prompt_ids, eos_id=tok.eos_id, bos_id=tok.bos_id, **options)
+    head = tok.decode(prompt_ids)
+    texts = []
+    for cont in conts:
+        full = tok.decode(prompt_ids + cont)
+        # Keep the prompt exactly as typed; the continuation is what decoding added after it
+        # (decoding the whole sequence keeps the spacing between prompt and continuation right).
+        tail = full[len(head):] if full.startswith(head) else tok.decode(cont)
+        texts.append(prompt + tail)
+    return texts
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as e:
+        raise ExportError(f"--device={name}: {e}") from None
+    return name
+
+
+USAGE = "usage: python sample.py [--key=value ...]; keys: " + ", ".join(
+    f"--{f.name}" for f in fields(SampleConfig)) + " (--max_new_tokens = --steps)"
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
+    try:
+        argv = [a.replace("--max_new_tokens", "--steps", 1) if a.startswith("--max_new_tokens") else a
+                for a in argv]
+        cfg = parse_config(SampleConfig(), argv)
+        check_config(cfg)
+        device = pick_device(cfg.device)
+        model, info = export.load_checkpoint(cfg.checkpoint)
+        p = model.params
+        tok_path = find_tokenizer(cfg, info["config"], p.vocab_size)
+        tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"])
+        model = model.to(device)
+        t0 = time.perf_counter()
+        texts = generate_text(model, tok, cfg.prompt, num_samples=cfg.num_samples, steps=cfg.steps,
+                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
+        dt = time.perf_counter() - t0
+    except ExportError as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 1
+    for i, text in enumerate(texts):
+        if i:
+            print(SEPARATOR)
+        print(text, flush=True)
+    print(f"sample.py: {len(texts)} sample(s) in {dt:.2f} s on {device}, tokenizer {tok_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
