@@ -123,7 +123,7 @@ FOODS = [("苹果", "个"), ("香蕉", "根"), ("饼干", "块"), ("蛋糕", "�
          ("饺子", "盘"), ("冰淇淋", "个"), ("牛奶", "杯"), ("鸡蛋", "个"), ("玉米", "根"), ("桃子", "个"),
          ("梨", "个"), ("樱桃", "颗"), ("面条", "碗"), ("果汁", "杯"), ("蜂蜜", "罐"), ("月饼", "个"),
          ("饭团", "个"), ("汤圆", "碗"), ("番茄", "个"), ("黄瓜", "根"), ("花生", "把"), ("橙子", "个"),
-         ("芒果", "个"), ("菠萝", "块"), ("小馒头", "个"), ("南瓜饼", "块"), ("松果", "个"), ("坚果", "把"),
+         ("芒果", "个"), ("菠萝", "块"), ("小馒头", "个"), ("南瓜饼", "块"), ("玉米饼", "块"), ("核桃", "个"),
          ("三明治", "个"), ("米饭", "碗"), ("豆浆", "杯"), ("蓝莓", "把")]
 
 # Places where play happens: (noun, locative suffix, tags). Tags pick fitting activities.
@@ -168,7 +168,7 @@ SKILLS = [
     ("荡秋千", "any", "怎么也荡不高秋千", "往前荡的时候把腿伸直", "把秋千荡得越来越高"),
     ("折纸飞机", "any", "折的纸飞机一飞就掉下来", "把翅膀折得平平的", "让纸飞机飞过了整个院子"),
     ("搭积木城堡", "any", "刚把积木搭高，积木就倒了", "下面要放大的积木", "搭出了一座高高的城堡"),
-    ("唱一首新歌", "any", "唱到一半就忘了词", "一句一句地慢慢学", "从头到尾唱完了这首歌"),
+    ("唱歌", "any", "唱到一半就忘了词", "一句一句地慢慢学", "从头到尾唱完了一首歌"),
     ("弹钢琴", "child", "总是按错琴键", "手指弯弯的，慢慢来", "弹出了一首小星星"),
     ("扣扣子", "child", "把扣子扣错了，衣服歪到了一边", "从最下面的扣子开始扣", "把扣子一个一个都扣好了"),
     ("飞", "小鸟/小企鹅", "扑了扑翅膀，却掉在了草地上", "先张开翅膀，再用力扇", "飞到了大树的树枝上"),
@@ -257,7 +257,7 @@ OUTINGS = [
     ("山上", "坐缆车", [("一条", "弯弯的", "小溪", "哗哗地流"), ("一片", "绿绿的", "竹林", "在风里沙沙响"),
                    ("一只", "灵巧的", "松鼠", "在树上跳"), ("一朵", "白白的", "云", "就在身边飘")],
      "在山顶上野餐", ("饭团", "个")),
-    ("果园", "骑自行车", [("一棵", "矮矮的", "苹果树", "挂满了红苹果"), ("一排", "长长的", "葡萄架", "挂满了紫葡萄"),
+    ("果园", "骑自行车", [("一棵", "矮矮的", "苹果树", "上挂满了红苹果"), ("一排", "长长的", "葡萄架", "上挂满了紫葡萄"),
                      ("一群", "勤劳的", "蜜蜂", "在花间飞来飞去"), ("一只", "小小的", "刺猬", "在树下找果子")],
      "摘了一篮子苹果", ("桃子", "个")),
     ("游乐场", "坐地铁", [("一个", "五颜六色的", "旋转木马", "转呀转"), ("一个", "高高的", "摩天轮", "慢慢地转"),
@@ -329,8 +329,9 @@ CHORES = [
     ("洗袜子", "把自己的小袜子放在水盆里搓呀搓", "袜子变得白白的"),
 ]
 COOKED = ["饺子", "面条", "包子", "蛋糕", "南瓜饼", "汤圆", "饭团", "三明治", "小馒头", "鸡蛋饼", "番茄炒蛋"]
-CHORE_OOPS = ["不小心把水洒了一地", "弄得满手都是泡泡", "差点滑了一跤", "把自己的衣服也弄湿了",
-              "累得满头大汗", "有一次还弄错了地方"]
+CHORE_OOPS = ["累得满头大汗", "差点摔了一跤", "做得有点慢", "弄得手忙脚乱", "不小心弄错了一次"]
+# Outdoor plans a bad-weather day spoils.
+OUT_PLANS = ["荡秋千", "滑滑梯", "放风筝", "踢足球", "吹泡泡", "拍皮球", "跳绳", "玩沙子", "捉迷藏", "骑小车"]
 
 # Things to plant: (seed, what it grows into, what it gives at the end, measure word of that).
 # Things to plant: (seed, how the young plant grows, what it gives at the end; the last two follow the
@@ -398,6 +399,9 @@ def _acts_for(tags: str) -> list[str]:
 
 
 PLACE_ACTS = {p[0]: _acts_for(p[2]) for p in PLACES}
+# Public places where a stranger can become a friend.
+MEET_PLACES = [p for p in PLACES if p[0] in ("公园", "草地", "幼儿园", "沙滩", "小河边", "游乐场", "操场",
+                                             "广场", "小区", "大树下", "池塘边", "小山坡")]
 
 MORALS_SHARE = ["分享让大家都快乐。", "和朋友一起玩，比一个人玩开心多了。", "好东西要和朋友一起分享。"]
 MORALS_SKILL = ["只要不放弃，就一定能学会。", "多练习，就会越来越好。", "做事情要有耐心。"]
@@ -407,20 +411,42 @@ MORALS_LOST = ["东西用完了，要放回原来的地方。", "遇到事情不
 MORALS_GIFT = ["用心做的礼物是最好的礼物。", "爱一个人，就要让他知道。"]
 MORALS_FRIEND = ["只要勇敢地打个招呼，就能交到新朋友。", "朋友多了，快乐也多了。"]
 
+# Reactions (verb phrases that follow 地: 高兴地跳了起来).
+CHEERS = ["跳了起来", "拍着手", "笑了起来", "转了一个圈", "欢呼起来", "蹦了好几下", "挥着小手", "喊了起来"]
+PROUD = ["骄傲", "自豪"]
+SURPRISED = ["惊讶", "奇怪", "好奇"]
+# A child's looks, for the introduction: 小明有一双圆圆的眼睛。
+EYES = ["大大", "圆圆", "亮亮", "水汪汪", "黑溜溜", "弯弯"]
+HAIR = ["黑黑", "卷卷", "短短", "长长", "乌黑", "软软", "黄黄"]
+FACE = ["红扑扑", "圆圆", "胖嘟嘟", "白白", "笑眯眯"]
+
+# Bedtime: what is done before sleeping (as "先A，再B，然后C"), why the hero will not sleep, the story
+# that is read, and the dream.
+ROUTINE = ["洗澡", "刷牙", "洗脸", "换睡衣", "喝热牛奶", "收玩具", "洗小脚", "梳头发", "上厕所"]
+STALLS = ["还想再玩一会儿", "一点也不困", "想再看一会儿图画书", "还在想白天的事"]
+TALES = ["一只会飞的小猪", "月亮上的小兔子", "一列勇敢的小火车", "一只找朋友的小蝌蚪", "森林里的音乐会",
+         "一个会说话的雪人", "一条想看大海的小鱼", "三只小熊", "一朵会下糖果雨的云", "一只爱吃饼干的小老鼠"]
+DREAMS = ["自己在软软的云朵上跳来跳去", "自己和小鸟一起在天上飞", "一座用糖果做的小房子",
+          "自己变成了一条小鱼，在大海里游", "一片长满了大草莓的森林", "自己坐着小火车去了月亮上",
+          "好多小动物一起来给自己过生日", "自己在彩虹上滑滑梯"]
+BED_NOUNS = ["睡衣", "被子", "枕头", "台灯", "小床", "窗帘", "梦"]
+
 NOUN_TABLES = {
     "toys": [t[0] for t in TOYS], "foods": [f[0] for f in FOODS], "places": [p[0] for p in PLACES],
     "animals": [k.word for k in ANIMAL_KINDS],
     "sights": [s[2] for o in OUTINGS for s in o[2]], "outings": [o[0] for o in OUTINGS],
     "help": [h[0] for h in HELP_NEEDS], "nature": [n[0] for n in NATURE], "plants": [pl[0] for pl in PLANTS],
-    "fears": [f[0] for f in FEARS],
+    "fears": [f[0] for f in FEARS], "bed": BED_NOUNS,
 }
 VERB_TABLES = {
     "activities": [a[0] for a in ACTIVITIES], "skills": [s[0] for s in SKILLS],
     "hug": HUG_VERBS, "search": SEARCH_VERBS, "moves": sorted({k.move for k in ANIMAL_KINDS}),
-    "chores": [c[0] for c in CHORES],
+    "chores": [c[0] for c in CHORES], "cheers": CHEERS, "routine": ROUTINE,
 }
 ADJ_TABLES = {"colours": COLOURS, "looks": LOOKS, "traits": TRAITS, "happy": HAPPY, "sad": SAD,
-              "scared": SCARED, "tastes": TASTES, "place": PLACE_ADJS, "nature": NATURE_ADJS}
+              "scared": SCARED, "tastes": TASTES, "place": PLACE_ADJS, "nature": NATURE_ADJS,
+              "sights": [s[1].removesuffix("的") for o in OUTINGS for s in o[2]], "proud": PROUD,
+              "surprised": SURPRISED, "eyes": EYES, "hair": HAIR, "face": FACE}
 
 
 def vocabulary() -> dict[str, list[str]]:
@@ -475,6 +501,7 @@ class Story:
         self.hero = self._make_hero()
         self.parent = self._make_parent()
         self.pet: Character | None = None
+        self.said_one_day = False  # set by _opening; see _one_day
 
     def c(self, seq):
         return seq[int(self.r.random() * len(seq))]  # ~3x faster than Random.choice
@@ -541,8 +568,22 @@ def _feel(s: Story, table) -> str:
     return s.c(table)
 
 
+def _one_day(s: Story) -> str:
+    """有一天， unless the opening already said it (then 这天， so a story never says it twice)."""
+    if s.said_one_day:
+        return s.c(["这天，", "这一天，"])
+    s.said_one_day = True
+    return "有一天，"
+
+
 def _opening(s: Story, *, with_pet: bool) -> str:
     """First sentences introducing the hero; many start with 从前， or 有一天， as the demo prompts do."""
+    text = _opening_text(s, with_pet=with_pet)
+    s.said_one_day = "有一天" in text
+    return text
+
+
+def _opening_text(s: Story, *, with_pet: bool) -> str:
     h, r = s.hero, s.r
     P, p = h.name, h.pron
     k = h.kind
@@ -563,6 +604,8 @@ def _opening(s: Story, *, with_pet: bool) -> str:
             f"从前，有{h.intro()}。{P}最喜欢{s.c(ACTIVITIES)[0]}了。",
             f"有一天，{P}醒得很早。",
             f"有一天，{s.c(WEATHER)[0]}，{P}的心情好极了。",
+            f"从前，有{h.intro()}。{P}有一双{s.c(EYES)}的眼睛和一头{s.c(HAIR)}的头发。",
+            f"{P}是一个{trait}的{k.word}，{p}有一张{s.c(FACE)}的小脸。",
             f"从前，有{h.intro()}。{P}最喜欢吃{s.c(FOODS)[0]}了。",
             f"{P}是一个{trait}的{k.word}，{p}最爱吃{s.c(FOODS)[0]}。",
         ])
@@ -629,7 +672,7 @@ def _lost_item(s: Story) -> None:
     spots = IN_SPOTS if tags == "in" else OUT_SPOTS
     mate = s.pet if with_pet else (s.friend() if s.chance(0.5) else None)
     who = f"{P}和{mate.name}" if mate else P
-    s.para(s.c([f"有一天，{who}在{place}{loc}{act}。", f"一天下午，{who}去{place}{loc}{act}。"]),
+    s.para(s.c([f"{_one_day(s)}{who}在{place}{loc}{act}。", f"一天下午，{who}去{place}{loc}{act}。"]),
            _scenery(s, place + loc) if tags != "in" and s.chance(0.5) else "",
            s.c(["玩着玩着，", "玩了一会儿，", "过了一会儿，"]),
            f"{P}发现{p}的{obj}不见了！",
@@ -645,7 +688,7 @@ def _lost_item(s: Story) -> None:
     if with_pet and s.chance(0.6):
         d = helper = s.pet
         s.para(f"这时候，{d.name}汪汪地叫了两声，跑到{hidden}，用鼻子闻来闻去。",
-               f"{P}跟着{d.name}跑过去，低头一看，{s.c(['哇', '咦', '啊'])}，{col}的{obj}就在那里！",
+               f"{P}{s.c(SURPRISED)}地跟着{d.name}跑过去，低头一看，{s.c(['哇', '咦', '啊'])}，{col}的{obj}就在那里！",
                f"原来{d.name}早就闻到了{obj}的味道。")
     else:
         s.para(_said(s, helper, s.c(["别着急，我们一起找吧。", "别哭，我来帮你找。"])),
@@ -670,10 +713,10 @@ def _share(s: Story) -> None:
     s.para(_opening(s, with_pet=False),
            s.c([f"{par.name}给{P}买了一{clf}{adj}的{obj}。", f"过{s.c(OCCASIONS)}的时候，{P}收到了一{clf}{adj}的{obj}。"]),
            f"{P}{s.c(HAPPY)}极了，天天都拿着{obj}玩。")
-    s.para(f"有一天，{P}带着{obj}到{place}{loc}去玩。",
+    s.para(f"{_one_day(s)}{P}带着{obj}到{place}{loc}去玩。",
            f"{f.full()}看见了，{s.c(['跑过来', '走过来'])}说：“{P}，你的{obj}真好看！我可以和你一起玩吗？”",
            s.c([f"{P}把{obj}藏到身后，说：“不行，这是我的！”", f"{P}摇摇头，说：“不要，这是我的{obj}。”"]))
-    s.para(f"{f.name}{s.c(SAD)}地低下头，一个人走开了。",
+    s.para(f"{f.name}{s.c(SAD_SAY)}地低下头，一个人走开了。",
            f"{P}一个人玩{obj}，玩了一会儿，{s.c(['觉得一点也不好玩', '觉得没有意思', '心里空空的'])}。")
     s.para(f"{P}回到家，把这件事告诉了{par.name}。",
            _said(s, par, s.c([f"如果你和{f.name}一起玩，你们两个都会很开心的。",
@@ -708,11 +751,11 @@ def _learn_skill(s: Story) -> None:
     s.para(f"{teacher.name}走过来，{s.c(['摸了摸', '拍了拍'])}{P}的{s.c(['头', '肩膀'])}，",
            f"说：“别灰心，{tip}。多练几次就会了。”",
            s.c([f"{P}点点头，又试了一次。", f"{P}擦干眼泪，决定再试一试。"]))
-    n = s.c(["每天", "第二天", "一连好几天"])
-    s.para(f"{n}，{P}都{s.c(['认真地', '耐心地', '努力地'])}练习{skill}。",
+    n = s.c(["每天，{P}都", "第二天，{P}又", "一连好几天，{P}都", "从那天起，{P}每天都"]).format(P=P)
+    s.para(f"{n}{s.c(['认真地', '耐心地', '努力地'])}练习{skill}。",
            s.c(["一次，两次，三次……", "做不好就再来一次，", "失败了也不放弃，"]),
            f"终于，{P}{win}！")
-    s.para(f"{P}{s.c(HAPPY)}地{s.c(['跳了起来', '拍着手', '笑了起来'])}：“我会{skill}了！”",
+    s.para(f"{P}{s.c(HAPPY)}地{s.c(CHEERS)}：“我会{skill}了！”",
            _said(s, teacher, s.c(["你真棒！", "我就知道你能行！", "你真是一个不怕困难的好孩子！"]), "笑着"),
            _moral(s, MORALS_SKILL))
 
@@ -731,7 +774,8 @@ def _brave(s: Story) -> None:
     s.para(f"{P}{act}。", f"{truth}！",
            _said(s, h, s.c(["原来一点也不可怕！", "我不害怕了！", "我做到了！"]), s.c(["高兴地", "笑着", "大声地"])))
     s.para(s.c([f"{par.name}笑着说：“你真勇敢！”", f"{par.name}竖起大拇指说：“你是一个勇敢的孩子！”"]),
-           s.c([f"从那天起，{P}再也不怕{name}了。", f"现在，{P}一点也不怕{name}了。"]),
+           s.c([f"从那天起，{P}再也不怕{name}了。", f"现在，{P}一点也不怕{name}了。",
+                f"{P}为自己感到很{s.c(PROUD)}，{p}再也不怕{name}了。"]),
            _moral(s, MORALS_BRAVE))
 
 
@@ -743,13 +787,13 @@ def _help(s: Story) -> None:
     s.others += [who, "鸭妈妈", "奶奶", "大人"]
     place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
     s.para(_opening(s, with_pet=False),
-           f"有一天，{P}在{place}{loc}{s.c(['散步', '玩', s.c(PLACE_ACTS[place])])}。",
+           f"{_one_day(s)}{P}在{place}{loc}{s.c(['散步', '玩', s.c(PLACE_ACTS[place])])}。",
            _scenery(s, place + loc) if s.chance(0.5) else "")
     s.para(f"{P}{s.c(['看见', '发现'])}{intro}{problem}。",
            f"{who}{s.c(['难过地', '着急地', ''])}说：“{plea}”")
     s.para(s.c([f"{P}{h.kind.move}了过去，说：“别怕，我来帮你！”", f"{P}说：“别着急，我来帮你想办法。”"]),
            f"{P}{aid}。")
-    s.para(f"{who}{s.c(['高兴极了', '笑了', '松了一口气'])}，对{P}说：“谢谢你！你真是一个{s.c(['好心', '善良', '热心'])}的{h.kind.word}。”",
+    s.para(f"{who}{s.c(['高兴极了', '笑了', '松了一口气'])}，对{P}说：“谢谢你！你真是一{h.kind.clf}{s.c(['好心', '善良', '热心'])}的{h.kind.word}。”",
            s.c([f"{P}心里暖暖的，{s.c(HAPPY)}地回家了。", f"{P}笑着说：“不客气！”",
                 f"从那以后，{who}和{P}成了好朋友。"]),
            _moral(s, MORALS_HELP))
@@ -814,16 +858,17 @@ def _new_friend(s: Story) -> None:
     h = s.hero
     P, p = h.name, h.pron
     f = s.friend()
-    place, loc, tags = s.c(PLACES)
+    place, loc, tags = s.c(MEET_PLACES)
     act = s.c(PLACE_ACTS[place])
     food, fclf = s.c(FOODS)
-    s.para(_opening(s, with_pet=h.kind.is_child and s.chance(0.3)),
+    s.para(_opening(s, with_pet=False),  # no pet here: the hero is lonely
            s.c([f"{P}刚搬了新家，{p}在这里一个朋友也没有。", f"{P}觉得有点{s.c(SAD[:-1])}，因为没有人陪{p}玩。"]))
-    s.para(f"有一天，{P}来到{place}{loc}。", _scenery(s, place + loc) if "in" not in tags else "",
+    s.para(f"{_one_day(s)}{P}来到{place}{loc}。", _scenery(s, place + loc) if "in" not in tags else "",
            f"{P}看见{f.intro_named()}正在{act}。",
            f"{P}很想和{f.name}一起玩，可是{p}{s.c(['有点害羞', '不好意思开口', '不知道该说什么'])}。")
     s.para(f"{P}鼓起勇气，走过去说：“你好，我叫{P}。我可以和你一起玩吗？”",
-           f"{f.name}{s.c(['笑着说', '高兴地说', '点点头说'])}：“当然可以！我叫{f.name}。”")
+           f"{f.name}{s.c(['笑着说', '高兴地说', '点点头说'])}：“当然可以！"
+           + (f"我叫{f.name}。”" if f.named else "我们一起玩吧！”"))
     s.para(f"{P}和{f.name}一起{act}，又一起{s.c(PLACE_ACTS[place])}，",
            s.c(["玩得开心极了。", "笑声传得好远。", "一直玩到太阳下山。"]),
            s.c([f"玩累了，{P}把带来的{food}分给{f.name}一半。", f"{f.name}还请{P}吃了一{fclf}{food}。", ""]),
@@ -882,7 +927,7 @@ def _weather_day(s: Story) -> None:
     P, p = h.name, h.pron
     s.others.append(par.name)
     kind, look, outside, found, end = s.c(WEATHER_DAYS)
-    plan = s.c(PLACE_ACTS[s.c(["公园", "草地", "游乐场", "操场"])])
+    plan = s.c(OUT_PLANS)
     s.para(_opening(s, with_pet=h.kind.is_child and s.chance(0.3)),
            f"{P}本来想去外面{plan}，可是早上起来一看，{look}。",
            f"{P}{s.c(SAD)}地趴在窗户上说：“{kind}了，我不能出去玩了。”")
@@ -896,8 +941,36 @@ def _weather_day(s: Story) -> None:
            s.c([f"晚上，{P}把今天的事画了下来。", f"{P}觉得，今天是最开心的一天。", ""]))
 
 
+def _bedtime(s: Story) -> None:
+    h, par = s.hero, s.parent
+    P, p = h.name, h.pron
+    s.others.append(par.name)
+    r1, r2, r3 = s.r.sample(ROUTINE, 3)
+    opening = _opening(s, with_pet=False)
+    while "醒得很早" in opening:  # the story happens at night
+        opening = _opening(s, with_pet=False)
+    s.para(opening,
+           s.c(["天黑了，到了睡觉的时间。", "晚上，时钟敲了八下，该睡觉了。", "月亮升起来了，该上床睡觉了。"]),
+           f"可是{P}{s.c(STALLS)}，{p}{s.c(['嘟着嘴', '摇着头', '小声地'])}说：“我不想睡觉！”")
+    s.para(_said(s, par, s.c(["那我们先做好睡觉前的准备吧。", "好吧，我们先把要做的事做完。"]), "笑着"),
+           f"{P}先{r1}，再{r2}，然后{r3}。",
+           f"{P}躺在{s.c(['软软的', '暖暖的', '香香的'])}小床上，{par.name}给{P}盖好了被子。")
+    if s.chance(0.5):
+        s.para(f"{par.name}坐在床边，给{P}讲了{s.c(TALES)}的故事。",
+               f"{P}听得{s.c(['入了迷', '笑了起来', '眼睛亮亮的'])}，问：“后来呢？后来呢？”",
+               _said(s, par, "后来呀，大家都睡着了，你也该睡啦。", "轻轻地"))
+        drift = "听着听着，"
+    else:
+        s.para(f"{par.name}拉开窗帘，天上挂着{s.c(['弯弯的', '圆圆的', '亮亮的'])}月亮，还有好多亮晶晶的星星。",
+               f"{P}数着星星：“一颗，两颗，三颗……”")
+        drift = "数着数着，"
+    s.para(f"{drift}{P}的眼睛慢慢地闭上了。",
+           f"{par.name}关上台灯，轻轻地说：“晚安，{P}。”",
+           f"那天晚上，{P}梦见{s.c(DREAMS)}。")
+
+
 TEMPLATES = [_lost_item, _share, _learn_skill, _brave, _help, _outing, _gift, _new_friend,
-             _chores, _plant, _weather_day]
+             _chores, _plant, _weather_day, _bedtime]
 
 
 # --------------------------------------------------------------------------- public API
