@@ -281,12 +281,15 @@ GIFTS = [("一幅画", "拿出彩笔，画了一家人手拉着手，旁边还�
          ("一盒小石头", "在小河边捡了好多光滑的小石头，洗得干干净净，放进一个小盒子里", "每一颗石头都亮亮的"),
          ("一个泥娃娃", "用橡皮泥捏了一个小娃娃，还给小娃娃捏了一顶小帽子", "泥娃娃胖乎乎的"),
          ("一顶花环", "把小花和绿叶编在一起，编成了一个圆圆的花环", "花环五颜六色的"),
-         ("一首歌", "偷偷地练习了一首新歌，每天都唱好几遍", "歌声甜甜的")]
+         ("一个笔筒", "把一个空盒子贴上彩纸，画上了小星星，做成了一个笔筒", "笔筒又结实又好看")]
+# Small treats a hero is given as a reward: (measure word, adjective, food).
+TREATS = [("颗", "甜甜的", "糖果"), ("块", "香香的", "饼干"), ("个", "凉凉的", "冰淇淋"), ("颗", "红红的", "草莓"),
+          ("根", "甜甜的", "香蕉"), ("杯", "甜甜的", "果汁"), ("串", "紫紫的", "葡萄"), ("个", "香甜的", "桃子")]
 
-OCCASIONS = ["生日", "节日"]
+OCCASIONS = ["生日", "年", "节"]  # 过生日 / 过年 / 过节的时候
 
 # Action verbs used in many slots; kept as a table so the vocabulary test can count them.
-HUG_VERBS = ["抱住", "拿起", "捡起", "捧起", "紧紧地抱住", "抓起", "抱起"]
+HUG_VERBS = ["抱住", "拿起", "捡起", "捧起", "搂住", "抓起", "抱起"]
 SEARCH_VERBS = ["找了找", "看了看", "翻了翻", "摸了摸"]
 GO_HOME_ENDS = ["晚上，{p}躺在床上，很快就睡着了", "回到家，{p}把今天的事讲给了大家听",
                 "晚上，{p}做了一个甜甜的梦"]
@@ -347,7 +350,7 @@ PLANTS = [("向日葵", "长得比小木棍还高", "开出了一朵金黄金黄
           ("玉米", "长得高高的，像一个小卫兵", "秆上结出了金黄的玉米"),
           ("花生", "开出了小小的黄花", "根下面结出了一大把花生"),
           ("小葱", "长出了细细的绿叶子", "长得绿油油的，闻起来香香的"),
-          ("郁金香", "长出了长长的叶子", "开出了一朵红红的郁金香")]
+          ("郁金香", "长出了长长的叶子", "开出了一朵红红的花")]
 GROW_WEATHER = ["下了一场春雨", "太阳每天都暖暖地照着", "刮了一夜的大风", "下了一场小雨"]
 
 # Outdoor scenery: (noun, measure word, adjectives that fit it, what it is doing). One scenery sentence
@@ -691,7 +694,7 @@ def _lost_item(s: Story) -> None:
                f"{P}{s.c(SURPRISED)}地跟着{d.name}跑过去，低头一看，{s.c(['哇', '咦', '啊'])}，{col}的{obj}就在那里！",
                f"原来{d.name}早就闻到了{obj}的味道。")
     else:
-        s.para(_said(s, helper, s.c(["别着急，我们一起找吧。", "别哭，我来帮你找。"])),
+        s.para(_said(s, helper, s.c(["别着急，我们一起找吧。", "别哭，我来帮你找。"]), s.c(["", "轻轻地", "温柔地"])),
                _said(s, helper, s.c(["你最后一次看见它是在哪里？", "你刚才都去过哪里？"]), "", "问"),
                f"{P}想了想，说：“我刚才在{hidden}玩过。”",
                f"{P}和{helper.name}来到{hidden}，{P}低头一看，{obj}就在那里！")
@@ -770,7 +773,7 @@ def _brave(s: Story) -> None:
     hide = s.c([f"躲到了{par.name}的身后", f"紧紧地拉住了{par.name}的手", f"一下子扑进了{par.name}的怀里"])
     s.para(f"{scene}。", f"{P}{s.c(SCARED)}极了，{hide}。", f"{P}说：“{cry}”")
     s.para(f"{par.name}{s.c(['蹲下来', '抱了抱' + P + '，', '轻轻地'])}说：“{comfort}。”",
-           s.c([f"{P}看了看{par.name}，鼓起了勇气。", f"{P}深深地吸了一口气，心想：我要勇敢一点。"]))
+           s.c([f"{P}看了看{par.name}，鼓起了勇气。", f"{P}握紧小拳头，心想：我要勇敢一点。"]))
     s.para(f"{P}{act}。", f"{truth}！",
            _said(s, h, s.c(["原来一点也不可怕！", "我不害怕了！", "我做到了！"]), s.c(["高兴地", "笑着", "大声地"])))
     s.para(s.c([f"{par.name}笑着说：“你真勇敢！”", f"{par.name}竖起大拇指说：“你是一个勇敢的孩子！”"]),
@@ -821,7 +824,7 @@ def _outing(s: Story) -> None:
     if s.chance(0.4):
         s.para(s.c([f"突然，天上下起了小雨。{par.name}撑开伞，{P}躲在伞下，听雨点嗒嗒地响。",
                     f"走着走着，{P}的脚有点累了，{par.name}就把{P}背了起来。",
-                    f"{P}还交到了一个新朋友，两个人一起笑个不停。"]))
+                    f"{P}还交到了一个新朋友，两个小伙伴一起笑个不停。"]))
     s.para(s.c(["太阳下山了，", "天快黑了，", "傍晚的时候，"]), f"{P}和{par.name}一起回家。",
            f"{P}说：“今天真{s.c(['开心', '好玩'])}！我下次还想来{place}。”",
            s.c(GO_HOME_ENDS).format(p=P) + "。")
@@ -843,7 +846,7 @@ def _gift(s: Story) -> None:
                    f"{P}的好朋友{rec.full()}这几天生病了，心情不好"])
     s.para(_opening(s, with_pet=False), f"{occ}。", f"{P}想送{rec.name}一份礼物。",
            f"{P}想啊想：“送什么好呢？”")
-    s.para(f"{P}想到了一个好主意：{p}要做{gift}！",
+    s.para(f"{P}想到了一个好主意：{p}要给{rec.name}准备{gift}！",
            f"{P}{making}。", f"{result}，{P}看了又看，{s.c(HAPPY)}极了。")
     s.para(f"{P}把礼物{s.c(['藏在了床底下', '放进了一个小盒子里', '藏在了身后', '包在了一张彩纸里'])}，",
            s.c(["谁也没有告诉。", "想给一个大大的惊喜。"]))
@@ -895,7 +898,7 @@ def _chores(s: Story) -> None:
            f"最后，{done1}。")
     s.para(f"做完了{c1}，{P}又去{c2}。", f"{P}{how2}，{done2}。")
     s.para(f"{par.name}看了看家里，{s.c(['惊喜地说', '高兴地说', '摸着' + P + '的头说'])}：“{P}真能干，帮了我的大忙！”",
-           s.c([f"晚上，{par.name}给{P}做了{p}最爱吃的{s.c(COOKED)}。", f"{par.name}奖励了{P}一{fclf}{s.c(TASTES)}的{food}。"]),
+           s.c([f"晚上，{par.name}给{P}做了{p}最爱吃的{s.c(COOKED)}。", "{0}奖励了{1}一{2}{3}{4}。".format(par.name, P, *s.c(TREATS))]),
            f"{P}{s.c(HAPPY)}地笑了。", _moral(s, ["自己的事情自己做，大家的事情帮着做。", "帮家里做事，是一件快乐的事。"]))
 
 
@@ -928,7 +931,10 @@ def _weather_day(s: Story) -> None:
     s.others.append(par.name)
     kind, look, outside, found, end = s.c(WEATHER_DAYS)
     plan = s.c(OUT_PLANS)
-    s.para(_opening(s, with_pet=h.kind.is_child and s.chance(0.3)),
+    opening = _opening(s, with_pet=h.kind.is_child and s.chance(0.3))
+    while "玩。" in opening or "醒得很早" in opening or "在草地上" in opening:  # the hero is still indoors
+        opening = _opening(s, with_pet=s.pet is not None)
+    s.para(opening,
            f"{P}本来想去外面{plan}，可是早上起来一看，{look}。",
            f"{P}{s.c(SAD)}地趴在窗户上说：“{kind}了，我不能出去玩了。”")
     indoor = s.c(INDOOR_PLAY)
