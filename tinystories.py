@@ -531,6 +531,9 @@ HF_DATASETS = {  # dataset -> (Hugging Face dataset repo, archive file in it)
     "en": ("roneneldan/TinyStories", "TinyStories_all_data.tar.gz"),
 }
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Bytes per write: a dropped connection loses at most the chunk in flight (requests hands over
+# only whole chunks), so resuming restarts at most this far back.
+DOWNLOAD_CHUNK = 1 << 16
 
 
 def hf_url(repo: str, filename: str) -> str:
@@ -561,7 +564,7 @@ def _linked(resp, name: str) -> str | None:
 
 
 def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float = 2.0,
-                  timeout: float = 60.0, chunk_bytes: int = 1 << 20) -> None:
+                  timeout: float = 60.0, chunk_bytes: int = DOWNLOAD_CHUNK) -> None:
     """Stream url to dest: resume dest.part with an HTTP Range request, retry transient failures
     with exponential backoff, check the size (and sha256 when the hub announces it), and rename
     to dest only when complete."""
