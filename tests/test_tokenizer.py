@@ -109,9 +109,11 @@ def corpus() -> list[str]:
 USER_SYMBOLS = ["<hi>", "（笑）", "小猫咪", "小猫", "ab"]
 
 CONFIGS = {
-    # llama2.c-style: identity, byte fallback, whitespace kept, digits split; also exported --legacy
+    # llama2.c's train_vocab settings (identity, byte fallback, whitespace kept, digits split,
+    # whitespace-only pieces); also exported --legacy
     "id_bf": dict(vocab_size=1000, normalization_rule_name="identity", byte_fallback=True,
-                  remove_extra_whitespaces=False, split_digits=True, character_coverage=0.99),
+                  remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+                  character_coverage=0.99),
     # small vocab, NFKC, no byte fallback: many characters map to <unk>; a pad piece
     "nfkc_unk": dict(vocab_size=300, normalization_rule_name="nmt_nfkc", byte_fallback=False,
                      pad_id=3),
@@ -119,9 +121,9 @@ CONFIGS = {
     "nfkc_user": dict(vocab_size=2000, normalization_rule_name="nmt_nfkc", byte_fallback=True,
                       remove_extra_whitespaces=False, add_dummy_prefix=False,
                       user_defined_symbols=USER_SYMBOLS, unk_id=2, bos_id=0, eos_id=1, pad_id=3),
-    # identity without byte fallback, whitespace collapsed
+    # identity without byte fallback, whitespace collapsed, pieces may span words (a▁b)
     "id_unk": dict(vocab_size=1500, normalization_rule_name="identity", byte_fallback=False,
-                   character_coverage=0.99),
+                   split_by_whitespace=False, character_coverage=0.99),
     # a big vocabulary
     "big": dict(vocab_size=32000, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
                 byte_fallback=True, character_coverage=1.0),
