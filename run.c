@@ -1,0 +1,1133 @@
+/* run.c: inference for small Llama models in the llama2.c family, in one C99 file.
+
+   What it does: loads a model file (llama2.c legacy version 0, versions 1 and 2, and our version 3
+   which holds fp32 or int8 weights) through mmap after checking every header field and the exact
+   file size, runs the transformer (RMSNorm, rotary embeddings, grouped-query attention with a KV
+   cache, SwiGLU), samples (greedy, temperature, top-k, top-p) and streams UTF-8 text.
+   What it does not do: training, batching several prompts, GPUs, or any format conversion
+   (export.py writes every format this reads).
+
+   Build:  make run        (portable -O3; what the tests use)
+           make runomp     (OpenMP threads and -march=native; the fast build)
+           make runsan     (address and undefined-behaviour sanitizers)
+   Use:    ./run out/model.bin -i "从前" -n 200 -t 0.8
+           ./run -m encode -z data/tok5000.bin -i "从前"      (token ids, no model needed)
+   A test harness can `#define TESTING` and `#include "run.c"` to reach everything but main(). */
+
+#define _DEFAULT_SOURCE /* mmap, fstat, clock_gettime under -std=c99 */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#else
+#define OMP_PARALLEL_FOR /* single-threaded build */
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define HAVE_AVX512_VNNI 1
+#endif
+
+/* ----------------------------------------------------------------------------------------------
+   utilities */
+
+/* Prints one line to stderr and exits: every user-facing error goes through here. */
+static void fatal(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("run: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stdout);
+    exit(EXIT_FAILURE);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) fatal("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static void *xcalloc(size_t count, size_t size) {
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p) fatal("out of memory allocating %zu x %zu bytes", count, size);
+    return p;
+}
+
+/* Allocation aligned to 64 bytes (a cache line, an AVX-512 register), freed with free(). */
+static void *xmalloc_aligned(size_t n) {
+    void *p = NULL;
+    n = (n + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0) fatal("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static double time_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ----------------------------------------------------------------------------------------------
+   config and weights */
+
+#define MODEL_MAGIC 0x616b3432u /* "ak42" read as a little-endian uint32 */
+#define MODEL_HEADER_SIZE 256   /* versions 1, 2, 3 */
+#define LEGACY_HEADER_SIZE 28   /* version 0: 7 int32 */
+#define MAX_DIM (1 << 20)       /* sanity bound on any config int, so size products fit int64 */
+
+typedef struct {
+    int dim;          /* residual stream width */
+    int hidden_dim;   /* FFN width (rows of w1, w3) */
+    int n_layers;
+    int n_heads;      /* query heads */
+    int n_kv_heads;   /* key/value heads; n_heads / n_kv_heads query heads share one */
+    int vocab_size;
+    int max_seq_len;
+    int head_size;    /* dim / n_heads */
+    int kv_dim;       /* n_kv_heads * head_size */
+    int shared_classifier; /* 1: the classifier is the token embedding */
+    int quantized;    /* 1: matrices are int8 Q8_0 */
+    int group_size;   /* int8 values per fp32 scale (0 when fp32) */
+    float norm_eps;   /* RMSNorm epsilon (1e-5 for versions 0-2) */
+    float rope_theta; /* rotary base (10000 for versions 0-2) */
+    uint32_t tokenizer_hash; /* version 3 only; 0 = not recorded */
+    int version;      /* file format version 0..3 */
+} Config;
+
+/* One weight matrix (rows, cols), row-major like PyTorch's nn.Linear: fp32 in w, or int8 values
+   in q with one fp32 scale per group_size consecutive values in s. */
+typedef struct {
+    const float *w;  /* (rows, cols) fp32, or NULL */
+    const int8_t *q; /* (rows, cols) int8, or NULL */
+    const float *s;  /* (rows * cols / group_size) scales, or NULL */
+} Matrix;
+
+typedef struct {
+    const float *rms_att; /* (dim) attention RMSNorm gain */
+    const float *rms_ffn; /* (dim) FFN RMSNorm gain */
+    Matrix wq;            /* (dim, dim) */
+    Matrix wk;            /* (kv_dim, dim) */
+    Matrix wv;            /* (kv_dim, dim) */
+    Matrix wo;            /* (dim, dim) */
+    Matrix w1;            /* (hidden_dim, dim) gate */
+    Matrix w2;            /* (dim, hidden_dim) down */
+    Matrix w3;            /* (hidden_dim, dim) up */
+} LayerWeights;
+
+typedef struct {
+    Matrix token_embedding; /* (vocab_size, dim) */
+    LayerWeights *layers;   /* (n_layers) */
+    const float *rms_final; /* (dim) */
+    Matrix wcls;            /* (vocab_size, dim); the token embedding when shared */
+} Weights;
+
+/* Largest number of tokens one forward call processes together (prompt prefill blocks). */
+#define BLOCK_MAX 64
+
+/* Activations for up to BLOCK_MAX tokens at once, row t belonging to the block's token t. */
+typedef struct {
+    float *x;          /* (BLOCK_MAX, dim) residual stream */
+    float *xb;         /* (BLOCK_MAX, dim) normed input / attention output */
+    float *xb2;        /* (BLOCK_MAX, dim) sublayer output */
+    float *hb;         /* (BLOCK_MAX, hidden_dim) gate */
+    float *hb2;        /* (BLOCK_MAX, hidden_dim) up */
+    float *q;          /* (BLOCK_MAX, dim) queries */
+    float *att;        /* (BLOCK_MAX * n_heads, max_seq_len) attention weights */
+    float *logits;     /* (vocab_size) of the last token of the last call */
+    int8_t *xq;        /* (BLOCK_MAX, max(dim, hidden_dim)) int8 activations (quantized models) */
+    float *xs;         /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) their scales */
+    float *key_cache;  /* (n_layers, max_seq_len, kv_dim) */
+    float *value_cache;/* (n_layers, max_seq_len, kv_dim) */
+    float *rope_cos;   /* (max_seq_len, head_size / 2) */
+    float *rope_sin;   /* (max_seq_len, head_size / 2) */
+} RunState;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    RunState state;
+    const char *path;
+    void *data;          /* the mmap'd file */
+    size_t file_size;
+    float *owned;        /* scales copied out of the mapping when misaligned (else NULL) */
+} Transformer;
+
+/* ----------------------------------------------------------------------------------------------
+   file loading */
+
+static int32_t read_i32(const unsigned char *p) {
+    uint32_t v = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    int32_t out;
+    memcpy(&out, &v, 4);
+    return out;
+}
+
+static uint32_t read_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static float read_f32(const unsigned char *p) {
+    uint32_t v = read_u32(p);
+    float f;
+    memcpy(&f, &v, 4);
+    return f;
+}
+
+/* Checks the config's ranges and divisibility; returns NULL when fine, else a static message. */
+static const char *config_problem(const Config *c, char *buf, size_t n) {
+    const char *names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                            "max_seq_len"};
+    int vals[7] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size,
+                   c->max_seq_len};
+    for (int i = 0; i < 7; i++) {
+        if (vals[i] < 1 || vals[i] > MAX_DIM) {
+            snprintf(buf, n, "%s=%d is out of range [1, %d]", names[i], vals[i], MAX_DIM);
+            return buf;
+        }
+    }
+    if (c->dim % c->n_heads) {
+        snprintf(buf, n, "dim=%d is not divisible by n_heads=%d", c->dim, c->n_heads);
+        return buf;
+    }
+    if ((c->dim / c->n_heads) % 2) {
+        snprintf(buf, n, "head size dim/n_heads=%d is odd (rotary embeddings need pairs)",
+                 c->dim / c->n_heads);
+        return buf;
+    }
+    if (c->n_heads % c->n_kv_heads) {
+        snprintf(buf, n, "n_heads=%d is not divisible by n_kv_heads=%d", c->n_heads, c->n_kv_heads);
+        return buf;
+    }
+    if (c->quantized) {
+        if (c->group_size < 1 || c->dim % c->group_size || c->hidden_dim % c->group_size) {
+            snprintf(buf, n, "group_size=%d does not divide dim=%d and hidden_dim=%d", c->group_size,
+                     c->dim, c->hidden_dim);
+            return buf;
+        }
+    }
+    if (!(c->norm_eps > 0.0f && c->norm_eps < 1.0f)) {
+        snprintf(buf, n, "norm_eps=%g is not in (0, 1)", (double)c->norm_eps);
+        return buf;
+    }
+    if (!(c->rope_theta > 1.0f && isfinite(c->rope_theta))) {
+        snprintf(buf, n, "rope_theta=%g is not a finite value > 1", (double)c->rope_theta);
+        return buf;
+    }
+    return NULL;
+}
+
+/* Bytes one matrix of `numel` values takes in the file. */
+static int64_t matrix_bytes(const Config *c, int64_t numel) {
+    return c->quantized ? numel + 4 * (numel / c->group_size) : 4 * numel;
+}
+
+/* The exact file size the config implies, in bytes. */
+static int64_t config_file_size(const Config *c) {
+    int64_t d = c->dim, h = c->hidden_dim, L = c->n_layers, V = c->vocab_size, kv = c->kv_dim;
+    int64_t norms = 4 * (2 * L * d + d);
+    int64_t mats = matrix_bytes(c, V * d);
+    for (int64_t l = 0; l < L; l++) {
+        mats += 2 * matrix_bytes(c, d * d) + 2 * matrix_bytes(c, kv * d) + 3 * matrix_bytes(c, h * d);
+    }
+    if (!c->shared_classifier) mats += matrix_bytes(c, V * d);
+    if (c->version == 0) {
+        int64_t rope = 4 * 2 * ((int64_t)c->max_seq_len * c->head_size / 2);
+        return LEGACY_HEADER_SIZE + norms + mats + rope;
+    }
+    return MODEL_HEADER_SIZE + norms + mats;
+}
+
+/* Parses the header of a file of `size` bytes whose first min(size, 256) bytes are in `h`. */
+static void config_read(Config *c, const char *path, const unsigned char *h, size_t size) {
+    char buf[256];
+    memset(c, 0, sizeof *c);
+    if (size == 0) fatal("%s: file is empty (0 bytes), not a model; re-run export.py", path);
+    if (size < LEGACY_HEADER_SIZE)
+        fatal("%s: only %zu bytes, too short for a model header; re-run export.py", path, size);
+    c->norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f;
+    int is_legacy = read_u32(h) != MODEL_MAGIC;
+    const unsigned char *cfg = is_legacy ? h : h + 8;
+    c->dim = read_i32(cfg);
+    c->hidden_dim = read_i32(cfg + 4);
+    c->n_layers = read_i32(cfg + 8);
+    c->n_heads = read_i32(cfg + 12);
+    c->n_kv_heads = read_i32(cfg + 16);
+    c->vocab_size = read_i32(cfg + 20);
+    c->max_seq_len = read_i32(cfg + 24);
+    if (is_legacy) {
+        /* No magic: the legacy layout, whose only flag is a negative vocab_size (= unshared). */
+        c->version = 0;
+        c->shared_classifier = c->vocab_size > 0;
+        if (c->vocab_size < 0 && c->vocab_size != INT_MIN) c->vocab_size = -c->vocab_size;
+    } else {
+        if (size < MODEL_HEADER_SIZE)
+            fatal("%s: header truncated (%zu of %d bytes); re-run export.py", path, size,
+                  MODEL_HEADER_SIZE);
+        c->version = read_i32(h + 4);
+        if (c->version < 1 || c->version > 3)
+            fatal("%s: unsupported model version %d (this run.c reads 0, 1, 2, 3); re-run export.py",
+                  path, c->version);
+        int shared = h[36];
+        if (shared > 1) fatal("%s: shared_classifier byte is %d, expected 0 or 1", path, shared);
+        c->shared_classifier = shared;
+        size_t zero_from = 37;
+        if (c->version == 2) {
+            c->quantized = 1;
+            c->group_size = read_i32(h + 37);
+            zero_from = 41;
+        } else if (c->version == 3) {
+            int weight_type = h[37];
+            if (weight_type > 1)
+                fatal("%s: unknown weight_type %d in version 3 header (0 = fp32, 1 = int8)", path,
+                      weight_type);
+            if (h[38] || h[39]) fatal("%s: reserved header bytes 38-39 are not zero", path);
+            c->quantized = weight_type;
+            c->group_size = read_i32(h + 40);
+            if (!c->quantized && c->group_size != 0)
+                fatal("%s: group_size=%d in an fp32 file (must be 0)", path, c->group_size);
+            c->norm_eps = read_f32(h + 44);
+            c->rope_theta = read_f32(h + 48);
+            c->tokenizer_hash = read_u32(h + 52);
+            zero_from = 56;
+        }
+        for (size_t i = zero_from; i < MODEL_HEADER_SIZE; i++)
+            if (h[i]) fatal("%s: header padding byte %zu is not zero; re-run export.py", path, i);
+    }
+    const char *problem = config_problem(c, buf, sizeof buf);
+    if (problem) {
+        if (is_legacy)
+            fatal("%s: not a model file (no magic, and as a legacy version 0 header: %s)", path,
+                  problem);
+        fatal("%s: bad version %d header: %s; re-run export.py", path, c->version, problem);
+    }
+    c->head_size = c->dim / c->n_heads;
+    c->kv_dim = c->n_kv_heads * c->head_size;
+    int64_t want = config_file_size(c);
+    if ((int64_t)size != want)
+        fatal("%s: file is %zu bytes but its version %d header implies %lld (%s); re-run export.py",
+              path, size, c->version, (long long)want, (int64_t)size < want ? "truncated" : "trailing data");
+}
+
+/* Hands out consecutive pieces of the mapped body. */
+typedef struct {
+    const unsigned char *p;
+    Transformer *t;
+    size_t owned_used;
+} Cursor;
+
+static const float *take_f32(Cursor *cur, int64_t n) {
+    const float *out = (const float *)(const void *)cur->p;
+    cur->p += 4 * n;
+    return out;
+}
+
+/* Scales sit right after int8 values, so they are misaligned when a tensor's size is not a
+   multiple of 4; such scales are copied into t->owned (sized at load time) to keep loads aligned. */
+static const float *take_scales(Cursor *cur, int64_t n) {
+    const unsigned char *src = cur->p;
+    cur->p += 4 * n;
+    if (((uintptr_t)src & 3) == 0) return (const float *)(const void *)src;
+    float *dst = cur->t->owned + cur->owned_used;
+    memcpy(dst, src, (size_t)(4 * n));
+    cur->owned_used += (size_t)n;
+    return dst;
+}
+
+static Matrix take_matrix(Cursor *cur, const Config *c, int64_t rows, int64_t cols) {
+    Matrix m = {NULL, NULL, NULL};
+    if (!c->quantized) {
+        m.w = take_f32(cur, rows * cols);
+    } else {
+        m.q = (const int8_t *)cur->p;
+        cur->p += rows * cols;
+        m.s = take_scales(cur, rows * cols / c->group_size);
+    }
+    return m;
+}
+
+static void weights_map(Transformer *t) {
+    const Config *c = &t->config;
+    Weights *w = &t->weights;
+    int L = c->n_layers;
+    int64_t d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
+    w->layers = xcalloc((size_t)L, sizeof(LayerWeights));
+    if (c->quantized) {
+        /* Worst case every scale array needs a copy. */
+        int64_t n_scales = (2 * V * d + L * (2 * d * d + 2 * kv * d + 3 * h * d)) / c->group_size;
+        t->owned = xmalloc((size_t)n_scales * sizeof(float));
+    }
+    Cursor cur = {(const unsigned char *)t->data, t, 0};
+    if (c->version == 0) {
+        /* Legacy order: embedding, then each kind over all layers, final norm, RoPE tables. */
+        cur.p += LEGACY_HEADER_SIZE;
+        w->token_embedding = take_matrix(&cur, c, V, d);
+        for (int l = 0; l < L; l++) w->layers[l].rms_att = take_f32(&cur, d);
+        for (int l = 0; l < L; l++) w->layers[l].wq = take_matrix(&cur, c, d, d);
+        for (int l = 0; l < L; l++) w->layers[l].wk = take_matrix(&cur, c, kv, d);
+        for (int l = 0; l < L; l++) w->layers[l].wv = take_matrix(&cur, c, kv, d);
+        for (int l = 0; l < L; l++) w->layers[l].wo = take_matrix(&cur, c, d, d);
+        for (int l = 0; l < L; l++) w->layers[l].rms_ffn = take_f32(&cur, d);
+        for (int l = 0; l < L; l++) w->layers[l].w1 = take_matrix(&cur, c, h, d);
+        for (int l = 0; l < L; l++) w->layers[l].w2 = take_matrix(&cur, c, d, h);
+        for (int l = 0; l < L; l++) w->layers[l].w3 = take_matrix(&cur, c, h, d);
+        w->rms_final = take_f32(&cur, d);
+        take_f32(&cur, 2 * ((int64_t)c->max_seq_len * c->head_size / 2)); /* unused RoPE tables */
+    } else {
+        /* Versions 1-3: norms first, then the matrices (fp32, or int8 values + scales each). */
+        cur.p += MODEL_HEADER_SIZE;
+        for (int l = 0; l < L; l++) w->layers[l].rms_att = take_f32(&cur, d);
+        for (int l = 0; l < L; l++) w->layers[l].rms_ffn = take_f32(&cur, d);
+        w->rms_final = take_f32(&cur, d);
+        w->token_embedding = take_matrix(&cur, c, V, d);
+        for (int l = 0; l < L; l++) w->layers[l].wq = take_matrix(&cur, c, d, d);
+        for (int l = 0; l < L; l++) w->layers[l].wk = take_matrix(&cur, c, kv, d);
+        for (int l = 0; l < L; l++) w->layers[l].wv = take_matrix(&cur, c, kv, d);
+        for (int l = 0; l < L; l++) w->layers[l].wo = take_matrix(&cur, c, d, d);
+        for (int l = 0; l < L; l++) w->layers[l].w1 = take_matrix(&cur, c, h, d);
+        for (int l = 0; l < L; l++) w->layers[l].w2 = take_matrix(&cur, c, d, h);
+        for (int l = 0; l < L; l++) w->layers[l].w3 = take_matrix(&cur, c, h, d);
+    }
+    w->wcls = c->shared_classifier ? w->token_embedding : take_matrix(&cur, c, V, d);
+    /* config_read checked the file size against exactly this walk. */
+    if ((size_t)(cur.p - (const unsigned char *)t->data) != t->file_size)
+        fatal("%s: internal error: weights end at byte %td of %zu", t->path,
+              cur.p - (const unsigned char *)t->data, t->file_size);
+}
+
+static void run_state_init(RunState *s, const Config *c) {
+    size_t B = BLOCK_MAX, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    size_t wide = d > h ? d : h;
+    size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * (size_t)c->kv_dim;
+    s->x = xmalloc_aligned(B * d * sizeof(float));
+    s->xb = xmalloc_aligned(B * d * sizeof(float));
+    s->xb2 = xmalloc_aligned(B * d * sizeof(float));
+    s->hb = xmalloc_aligned(B * h * sizeof(float));
+    s->hb2 = xmalloc_aligned(B * h * sizeof(float));
+    s->q = xmalloc_aligned(B * d * sizeof(float));
+    s->att = xmalloc_aligned(B * (size_t)c->n_heads * (size_t)c->max_seq_len * sizeof(float));
+    s->logits = xmalloc_aligned((size_t)c->vocab_size * sizeof(float));
+    s->xq = xmalloc_aligned(B * wide);
+    s->xs = xmalloc_aligned(B * (c->quantized ? wide / (size_t)c->group_size : 1) * sizeof(float));
+    s->key_cache = xmalloc_aligned(cache * sizeof(float));
+    s->value_cache = xmalloc_aligned(cache * sizeof(float));
+    memset(s->key_cache, 0, cache * sizeof(float));
+    memset(s->value_cache, 0, cache * sizeof(float));
+    /* Rotation of pair i at position p by p * theta^(-2i/head_size), computed in float32 as
+       model.py's rope_tables does, so both sides rotate by the same angles. */
+    int half = c->head_size / 2;
+    s->rope_cos = xmalloc((size_t)c->max_seq_len * (size_t)half * sizeof(float));
+    s->rope_sin = xmalloc((size_t)c->max_seq_len * (size_t)half * sizeof(float));
+    for (int i = 0; i < half; i++) {
+        float exponent = (float)(2 * i) / (float)c->head_size;
+        float inv_freq = 1.0f / powf(c->rope_theta, exponent);
+        for (int p = 0; p < c->max_seq_len; p++) {
+            float angle = (float)p * inv_freq;
+            s->rope_cos[(size_t)p * half + i] = cosf(angle);
+            s->rope_sin[(size_t)p * half + i] = sinf(angle);
+        }
+    }
+}
+
+static void run_state_free(RunState *s) {
+    free(s->rope_sin);
+    free(s->rope_cos);
+    free(s->value_cache);
+    free(s->key_cache);
+    free(s->xs);
+    free(s->xq);
+    free(s->logits);
+    free(s->att);
+    free(s->q);
+    free(s->hb2);
+    free(s->hb);
+    free(s->xb2);
+    free(s->xb);
+    free(s->x);
+}
+
+/* Opens, validates and maps a model file; exits with a one-line error on any problem. */
+static void transformer_init(Transformer *t, const char *path) {
+    memset(t, 0, sizeof *t);
+    t->path = path;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) fatal("%s: cannot open model file (%s)", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) fatal("%s: cannot stat model file (%s)", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) fatal("%s: not a regular file", path);
+    t->file_size = (size_t)st.st_size;
+    unsigned char header[MODEL_HEADER_SIZE];
+    size_t want = t->file_size < MODEL_HEADER_SIZE ? t->file_size : MODEL_HEADER_SIZE;
+    size_t got = 0;
+    while (got < want) {
+        ssize_t r = read(fd, header + got, want - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) fatal("%s: read failed (%s)", path, r < 0 ? strerror(errno) : "unexpected end");
+        got += (size_t)r;
+    }
+    config_read(&t->config, path, header, t->file_size);
+    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (t->data == MAP_FAILED) fatal("%s: mmap failed (%s)", path, strerror(errno));
+    close(fd);
+    weights_map(t);
+    run_state_init(&t->state, &t->config);
+}
+
+static void transformer_free(Transformer *t) {
+    run_state_free(&t->state);
+    free(t->owned);
+    free(t->weights.layers);
+    if (t->data && t->data != MAP_FAILED) munmap(t->data, t->file_size);
+    memset(t, 0, sizeof *t);
+}
+
+/* ----------------------------------------------------------------------------------------------
+   kernels
+
+   Every dot product sums in 16 interleaved partial sums combined in a fixed tree, so the result
+   does not depend on vector width or on how rows and tokens are split across threads: prefill of
+   a block and token-by-token decoding give bit-identical logits. */
+
+static float dot_f32(const float *a, const float *b, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) acc[k] += a[i + k] * b[i + k];
+    for (int k = 0; i < n; i++, k++) acc[k] += a[i] * b[i];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < w; k++) acc[k] += acc[k + w];
+    return acc[0];
+}
+
+/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32. */
+static void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m) {
+    int i;
+OMP_PARALLEL_FOR
+    for (i = 0; i < d; i++) {
+        const float *row = w + (size_t)i * m;
+        for (int t = 0; t < n; t++) out[(size_t)t * d + i] = dot_f32(x + (size_t)t * m, row, m);
+    }
+}
+
+/* Q8_0 activations: each group of gs values becomes int8 q with x ~= q * scale, scale = max|x|/127
+   (the weights' scheme). x (n, m) -> xq (n, m), xs (n, m / gs). */
+static void quantize_rows(int8_t *xq, float *xs, const float *x, int n, int m, int gs) {
+    int64_t groups = (int64_t)n * (m / gs);
+    for (int64_t g = 0; g < groups; g++) {
+        const float *v = x + g * gs;
+        float amax = 0.0f;
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(v[i]));
+        float scale = amax / 127.0f;
+        xs[g] = scale;
+        int8_t *q = xq + g * gs;
+        if (scale == 0.0f) {
+            memset(q, 0, (size_t)gs);
+            continue;
+        }
+        for (int i = 0; i < gs; i++) q[i] = (int8_t)lrintf(v[i] / scale);
+    }
+}
+
+/* Integer dot product of one group, exact in int32 (|sum| <= 127 * 127 * gs). */
+static int32_t dot_i8(const int8_t *a, const int8_t *b, int n) {
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += (int32_t)a[i] * (int32_t)b[i];
+    return sum;
+}
+
+/* out (n, d) = dequant(xq) (n, m) @ dequant(W)^T: int8 x int8 -> int32 per group, then scaled. */
+static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Matrix *w, int n, int d,
+                      int m, int gs) {
+    int groups = m / gs;
+    int i;
+OMP_PARALLEL_FOR
+    for (i = 0; i < d; i++) {
+        const int8_t *wq = w->q + (size_t)i * m;
+        const float *ws = w->s + (size_t)i * groups;
+        for (int t = 0; t < n; t++) {
+            const int8_t *aq = xq + (size_t)t * m;
+            const float *as = xs + (size_t)t * groups;
+            float acc = 0.0f;
+            for (int g = 0; g < groups; g++)
+                acc += (float)dot_i8(aq + (size_t)g * gs, wq + (size_t)g * gs, gs) * ws[g] * as[g];
+            out[(size_t)t * d + i] = acc;
+        }
+    }
+}
+
+/* out (n, d) = x (n, m) @ W^T for either weight type. For int8 weights, x must already be
+   quantized into s->xq / s->xs (quantize_rows), so several matrices can share one quantization. */
+static void matmul(Transformer *t, float *out, const float *x, const Matrix *w, int n, int d, int m) {
+    if (w->w) matmul_f32(out, x, w->w, n, d, m);
+    else matmul_q8(out, t->state.xq, t->state.xs, w, n, d, m, t->config.group_size);
+}
+
+static void rmsnorm(float *out, const float *x, const float *gain, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] * inv) * gain[i];
+}
+
+static void softmax(float *x, int n) {
+    float mx = x[0];
+    for (int i = 1; i < n; i++) mx = fmaxf(mx, x[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Rotates consecutive pairs (v[2i], v[2i+1]) of each of n_heads heads by the angles of one position. */
+static void rope_rotate(float *v, int n_heads, int head_size, const float *cosp, const float *sinp) {
+    int half = head_size / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *hv = v + (size_t)h * head_size;
+        for (int i = 0; i < half; i++) {
+            float a = hv[2 * i], b = hv[2 * i + 1];
+            hv[2 * i] = a * cosp[i] - b * sinp[i];
+            hv[2 * i + 1] = a * sinp[i] + b * cosp[i];
+        }
+    }
+}
+
+/* Copies row `token` of the embedding into x (dim), dequantizing int8 rows. */
+static void embedding_lookup(const Transformer *t, float *x, int token) {
+    const Config *c = &t->config;
+    const Matrix *e = &t->weights.token_embedding;
+    size_t off = (size_t)token * c->dim;
+    if (e->w) {
+        memcpy(x, e->w + off, (size_t)c->dim * sizeof(float));
+    } else {
+        for (int i = 0; i < c->dim; i++) x[i] = (float)e->q[off + i] * e->s[(off + i) / c->group_size];
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------
+   forward pass */
+
+/* Runs n (<= BLOCK_MAX) tokens at positions pos .. pos+n-1 through the model, filling the KV cache.
+   Writes the last token's logits to t->state.logits, and when all_logits is not NULL every token's
+   logits to all_logits (n, vocab_size). The caller guarantees pos + n <= max_seq_len. */
+static void transformer_forward_block(Transformer *t, const int *tokens, int n, int pos,
+                                      float *all_logits) {
+    const Config *c = &t->config;
+    const Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int d = c->dim, hd = c->hidden_dim, kv = c->kv_dim, hs = c->head_size, half = hs / 2;
+    int gs = c->group_size;
+    int rep = c->n_heads / c->n_kv_heads;
+    float att_scale = 1.0f / sqrtf((float)hs);
+
+    for (int i = 0; i < n; i++) embedding_lookup(t, s->x + (size_t)i * d, tokens[i]);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        size_t layer_off = (size_t)l * c->max_seq_len * kv;
+        float *kc = s->key_cache + layer_off;   /* (max_seq_len, kv_dim) */
+        float *vc = s->value_cache + layer_off; /* (max_seq_len, kv_dim) */
+
+        /* attention: q, k, v of the block; k and v go straight into the cache rows */
+        for (int i = 0; i < n; i++)
+            rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_att, d, c->norm_eps);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        matmul(t, s->q, s->xb, &lw->wq, n, d, d);
+        matmul(t, kc + (size_t)pos * kv, s->xb, &lw->wk, n, kv, d);
+        matmul(t, vc + (size_t)pos * kv, s->xb, &lw->wv, n, kv, d);
+        for (int i = 0; i < n; i++) {
+            const float *cs = s->rope_cos + (size_t)(pos + i) * half;
+            const float *sn = s->rope_sin + (size_t)(pos + i) * half;
+            rope_rotate(s->q + (size_t)i * d, c->n_heads, hs, cs, sn);
+            rope_rotate(kc + (size_t)(pos + i) * kv, c->n_kv_heads, hs, cs, sn);
+        }
+
+        /* causal attention: token i sees cached positions 0 .. pos+i */
+        int work = n * c->n_heads, job;
+OMP_PARALLEL_FOR
+        for (job = 0; job < work; job++) {
+            int i = job / c->n_heads, h = job % c->n_heads;
+            int len = pos + i + 1;
+            const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
+            float *att = s->att + (size_t)job * c->max_seq_len;
+            size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
+            for (int p = 0; p < len; p++) att[p] = dot_f32(qh, kc + (size_t)p * kv + kv_off, hs) * att_scale;
+            softmax(att, len);
+            float *out = s->xb + (size_t)i * d + (size_t)h * hs;
+            for (int k = 0; k < hs; k++) out[k] = 0.0f;
+            for (int p = 0; p < len; p++) {
+                const float *vp = vc + (size_t)p * kv + kv_off;
+                float a = att[p];
+                for (int k = 0; k < hs; k++) out[k] += a * vp[k];
+            }
+        }
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
+        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
+
+        /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
+        for (int i = 0; i < n; i++)
+            rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_ffn, d, c->norm_eps);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        matmul(t, s->hb, s->xb, &lw->w1, n, hd, d);
+        matmul(t, s->hb2, s->xb, &lw->w3, n, hd, d);
+        for (size_t i = 0; i < (size_t)n * hd; i++) {
+            float g = s->hb[i];
+            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+        }
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->hb, n, hd, gs);
+        matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
+        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
+    }
+
+    /* final norm and classifier: every token's row when asked, else only the last one */
+    int first = all_logits ? 0 : n - 1, rows = n - first;
+    for (int i = first; i < n; i++)
+        rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, w->rms_final, d, c->norm_eps);
+    const float *xin = s->xb + (size_t)first * d;
+    if (c->quantized) quantize_rows(s->xq, s->xs, xin, rows, d, gs);
+    float *dst = all_logits ? all_logits : s->logits;
+    matmul(t, dst, xin, &w->wcls, rows, c->vocab_size, d);
+    if (all_logits)
+        memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
+}
+
+/* Processes n tokens starting at position pos (in blocks of BLOCK_MAX); returns the logits of the
+   last one. all_logits, when not NULL, receives (n, vocab_size). */
+static float *transformer_forward(Transformer *t, const int *tokens, int n, int pos, float *all_logits) {
+    for (int done = 0; done < n;) {
+        int b = n - done < BLOCK_MAX ? n - done : BLOCK_MAX;
+        transformer_forward_block(t, tokens + done, b, pos + done,
+                                  all_logits ? all_logits + (size_t)done * t->config.vocab_size : NULL);
+        done += b;
+    }
+    return t->state.logits;
+}
+
+/* ----------------------------------------------------------------------------------------------
+   tokenizer (developed in run_tok.c) */
+
+#include "run_tok.c"
+
+/* ----------------------------------------------------------------------------------------------
+   sampler */
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature; /* 0: greedy */
+    float top_p;       /* nucleus mass in (0, 1]; 1: off */
+    int top_k;         /* keep the k most likely tokens; 0: off */
+    uint64_t rng_state;
+    ProbIndex *candidates; /* (vocab_size) scratch */
+} Sampler;
+
+static void sampler_init(Sampler *s, int vocab_size, float temperature, float top_p, int top_k,
+                         uint64_t seed) {
+    s->vocab_size = vocab_size;
+    s->temperature = temperature;
+    s->top_p = top_p;
+    s->top_k = top_k;
+    /* splitmix64 of the seed, so that nearby seeds (and 0) give unrelated non-zero xorshift states */
+    uint64_t z = seed + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    s->rng_state = (z ^ (z >> 31)) | 1;
+    s->candidates = xmalloc((size_t)vocab_size * sizeof(ProbIndex));
+}
+
+static void sampler_free(Sampler *s) { free(s->candidates); }
+
+/* xorshift64*: a uniform float in [0, 1) with 24 random bits. */
+static float sampler_random(Sampler *s) {
+    s->rng_state ^= s->rng_state >> 12;
+    s->rng_state ^= s->rng_state << 25;
+    s->rng_state ^= s->rng_state >> 27;
+    uint64_t r = s->rng_state * 0x2545f4914f6cdd1dull;
+    return (float)(r >> 40) / 16777216.0f;
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    if (pa > pb) return -1;
+    if (pa < pb) return 1;
+    return ((const ProbIndex *)a)->index - ((const ProbIndex *)b)->index;
+}
+
+/* Picks the next token from logits (vocab_size); overwrites logits. */
+static int sampler_sample(Sampler *s, float *logits) {
+    int n = s->vocab_size;
+    if (s->temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    int k = (s->top_k > 0 && s->top_k < n) ? s->top_k : n;
+    if (k == n && s->top_p >= 1.0f) {
+        softmax(logits, n);
+        float coin = sampler_random(s), cdf = 0.0f;
+        for (int i = 0; i < n; i++) {
+            cdf += logits[i];
+            if (coin < cdf) return i;
+        }
+        return n - 1; /* rounding: the mass summed to slightly under coin */
+    }
+    /* top-k and/or top-p: sort candidates by probability, keep the k best, renormalize, then keep
+       the smallest prefix whose mass reaches top_p (always at least one token). */
+    softmax(logits, n);
+    for (int i = 0; i < n; i++) {
+        s->candidates[i].prob = logits[i];
+        s->candidates[i].index = i;
+    }
+    qsort(s->candidates, (size_t)n, sizeof(ProbIndex), prob_desc);
+    float mass = 0.0f;
+    for (int i = 0; i < k; i++) mass += s->candidates[i].prob;
+    int keep = k;
+    if (s->top_p < 1.0f) {
+        float cum = 0.0f;
+        for (int i = 0; i < k; i++) {
+            cum += s->candidates[i].prob / mass;
+            if (cum >= s->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    float kept = 0.0f;
+    for (int i = 0; i < keep; i++) kept += s->candidates[i].prob;
+    float coin = sampler_random(s) * kept, cdf = 0.0f;
+    for (int i = 0; i < keep; i++) {
+        cdf += s->candidates[i].prob;
+        if (coin < cdf) return s->candidates[i].index;
+    }
+    return s->candidates[keep - 1].index;
+}
+
+/* ----------------------------------------------------------------------------------------------
+   generation */
+
+typedef struct {
+    int n_prompt;      /* prompt tokens, BOS included */
+    int n_generated;   /* tokens sampled (the stopping EOS/BOS included) */
+    double prefill_s;  /* seconds spent on the prompt */
+    double decode_s;   /* seconds from the first sampled token to the end */
+} GenStats;
+
+/* Runs the prompt ids (BOS included) through the model, then samples up to `limit` tokens, stopping
+   early at eos_id or bos_id. Each sampled token other than the stopping one is printed through
+   `printer` to `out` when printer is not NULL. Sampled ids, the stopping one included, go to
+   out_ids when it is not NULL (room for limit ints). The caller guarantees
+   n_prompt + limit <= max_seq_len. */
+static GenStats generate_ids(Transformer *t, Sampler *sampler, const int *ids, int n_prompt, int limit,
+                             int eos_id, int bos_id, TokenPrinter *printer, FILE *out, int *out_ids) {
+    GenStats st = {n_prompt, 0, 0.0, 0.0};
+    double t0 = time_now_s();
+    float *logits = transformer_forward(t, ids, n_prompt, 0, NULL);
+    double t1 = time_now_s();
+    st.prefill_s = t1 - t0;
+    int pos = n_prompt;
+    for (int i = 0; i < limit; i++) {
+        int next = sampler_sample(sampler, logits);
+        if (out_ids) out_ids[st.n_generated] = next;
+        st.n_generated++;
+        if (next == eos_id || next == bos_id) break;
+        if (printer) {
+            token_printer_print(printer, next, out);
+            fflush(out);
+        }
+        if (i + 1 == limit) break;
+        logits = transformer_forward(t, &next, 1, pos, NULL);
+        pos++;
+    }
+    st.decode_s = time_now_s() - t1;
+    return st;
+}
+
+/* Prints `prompt` exactly as given (byte for byte, not re-decoded), then up to `steps` sampled
+   tokens (0: until max_seq_len), stopping at EOS or BOS, streaming valid UTF-8 to out. */
+static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const char *prompt, int steps,
+                         FILE *out) {
+    const Config *c = &t->config;
+    int n_prompt = 0;
+    int *ids = tokenizer_encode(tok, prompt, 1, 0, &n_prompt);
+    if (n_prompt < 1) fatal("internal error: encoding gave no tokens (not even BOS)");
+    if (n_prompt > c->max_seq_len)
+        fatal("the prompt is %d tokens (BOS included), more than the model's max_seq_len=%d; shorten it",
+              n_prompt, c->max_seq_len);
+    int room = c->max_seq_len - n_prompt;
+    int limit = (steps == 0 || steps > room) ? room : steps;
+    fputs(prompt, out);
+    fflush(out);
+    /* Running the prompt's ids through the printer without printing them tells it whether the
+       first generated piece's leading space belongs to the text (it does after a prompt). */
+    TokenPrinter printer;
+    token_printer_init(&printer, tok);
+    size_t unused_len;
+    for (int i = 0; i < n_prompt; i++) token_printer_put(&printer, ids[i], &unused_len);
+    token_printer_flush(&printer, &unused_len);
+    GenStats st = generate_ids(t, sampler, ids, n_prompt, limit, tok->eos_id, tok->bos_id, &printer, out, NULL);
+    token_printer_finish(&printer, out);
+    token_printer_free(&printer);
+    fflush(out);
+    free(ids);
+    return st;
+}
+
+#ifndef TESTING
+/* ----------------------------------------------------------------------------------------------
+   CLI */
+
+static void usage(FILE *f) {
+    fputs("usage: run model.bin [options]\n"
+          "       run -m encode -z tokenizer.bin -i text\n"
+          "  -t <float>  temperature in [0, inf); 0 = greedy (default 1.0)\n"
+          "  -p <float>  top-p (nucleus) mass in (0, 1]; 1 = off (default 0.9)\n"
+          "  -k <int>    top-k, >= 0; 0 = off (default 0)\n"
+          "  -s <int>    random seed, >= 0; 0 = from the clock (default 0)\n"
+          "  -n <int>    tokens to generate, >= 0; 0 = up to max_seq_len (default 256)\n"
+          "  -i <string> prompt (default empty)\n"
+          "  -z <path>   tokenizer .bin (default: tok<vocab>.bin, then tokenizer.bin,\n"
+          "              next to the model file)\n"
+          "  -m <mode>   generate | chat | encode (default generate)\n"
+          "  -y <string> system prompt for chat mode\n"
+          "Generated text goes to stdout, statistics and errors to stderr.\n", f);
+}
+
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("run: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    usage(stderr);
+    exit(EXIT_FAILURE);
+}
+
+static float parse_float(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !isfinite(v)) usage_error("%s expects a number, got '%s'", flag, s);
+    return (float)v;
+}
+
+static long parse_int(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v > INT_MAX || v < INT_MIN)
+        usage_error("%s expects an integer, got '%s'", flag, s);
+    return v;
+}
+
+/* Default tokenizer: tok<vocab>.bin, then tokenizer.bin, in the model's folder. Returns a malloc'd
+   path, or NULL when neither exists (the names tried are written to `tried`). */
+static char *default_tokenizer_path(const char *model_path, int vocab_size, char *tried, size_t n_tried) {
+    const char *slash = strrchr(model_path, '/');
+    size_t dir_len = slash ? (size_t)(slash - model_path + 1) : 0;
+    char name[64];
+    snprintf(name, sizeof name, "tok%d.bin", vocab_size);
+    const char *names[2] = {name, "tokenizer.bin"};
+    tried[0] = '\0';
+    for (int i = 0; i < 2; i++) {
+        size_t len = dir_len + strlen(names[i]) + 1;
+        char *p = xmalloc(len);
+        memcpy(p, model_path, dir_len);
+        strcpy(p + dir_len, names[i]);
+        if (access(p, R_OK) == 0) return p;
+        if (strlen(tried) + len + 8 < n_tried) {
+            if (i) strcat(tried, " or ");
+            strcat(tried, p);
+        }
+        free(p);
+    }
+    return NULL;
+}
+
+/* llama-2-chat style loop: one user line per turn from stdin ([INST] template), the reply streamed
+   to stdout; ends cleanly at EOF or when the context is full. */
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sampler, const char *first_user,
+                 const char *system_prompt, int steps) {
+    const Config *c = &t->config;
+    char line[4096];
+    int pos = 0, turn = 0;
+    float *logits = NULL;
+    for (;;) {
+        const char *user = NULL;
+        if (turn == 0 && first_user && first_user[0]) {
+            user = first_user;
+        } else {
+            fputs("User: ", stderr);
+            fflush(stderr);
+            if (!fgets(line, sizeof line, stdin)) break; /* EOF ends the chat */
+            line[strcspn(line, "\r\n")] = '\0';
+            user = line;
+        }
+        size_t need = strlen(user) + (system_prompt ? strlen(system_prompt) : 0) + 64;
+        char *text = xmalloc(need);
+        if (turn == 0 && system_prompt && system_prompt[0])
+            snprintf(text, need, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system_prompt, user);
+        else
+            snprintf(text, need, "[INST] %s [/INST]", user);
+        int n_ids = 0;
+        int *ids = tokenizer_encode(tok, text, 1, 0, &n_ids);
+        free(text);
+        if (pos + n_ids >= c->max_seq_len) {
+            free(ids);
+            fprintf(stderr, "run: context full (max_seq_len=%d); ending the chat\n", c->max_seq_len);
+            break;
+        }
+        logits = transformer_forward(t, ids, n_ids, pos, NULL);
+        pos += n_ids;
+        free(ids);
+        fputs("Assistant: ", stdout);
+        TokenPrinter printer; /* a fresh text: the reply's leading space is dropped */
+        token_printer_init(&printer, tok);
+        for (int i = 0; (steps == 0 || i < steps) && pos < c->max_seq_len; i++) {
+            int next = sampler_sample(sampler, logits);
+            if (next == tok->eos_id || next == tok->bos_id) break;
+            token_printer_print(&printer, next, stdout);
+            fflush(stdout);
+            logits = transformer_forward(t, &next, 1, pos, NULL);
+            pos++;
+        }
+        token_printer_finish(&printer, stdout);
+        token_printer_free(&printer);
+        fputc('\n', stdout);
+        fflush(stdout);
+        turn++;
+        if (pos >= c->max_seq_len) {
+            fprintf(stderr, "run: context full (max_seq_len=%d); ending the chat\n", c->max_seq_len);
+            break;
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tokenizer_path = NULL, *prompt = "", *mode = "generate";
+    const char *system_prompt = NULL;
+    float temperature = 1.0f, top_p = 0.9f;
+    long top_k = 0, seed = 0, steps = 256;
+    if (argc < 2) {
+        usage(stderr);
+        return EXIT_FAILURE;
+    }
+    int a = 1;
+    if (argv[1][0] != '-') model_path = argv[a++];
+    for (; a < argc; a += 2) {
+        const char *flag = argv[a];
+        if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) {
+            usage(stdout);
+            return EXIT_SUCCESS;
+        }
+        if (flag[0] != '-' || strlen(flag) != 2) usage_error("unknown argument '%s'", flag);
+        if (a + 1 >= argc) usage_error("%s needs a value", flag);
+        const char *val = argv[a + 1];
+        switch (flag[1]) {
+        case 't':
+            temperature = parse_float(flag, val);
+            if (temperature < 0.0f) usage_error("-t must be >= 0, got %s", val);
+            break;
+        case 'p':
+            top_p = parse_float(flag, val);
+            if (!(top_p > 0.0f && top_p <= 1.0f)) usage_error("-p must be in (0, 1], got %s", val);
+            break;
+        case 'k':
+            top_k = parse_int(flag, val);
+            if (top_k < 0) usage_error("-k must be >= 0, got %s", val);
+            break;
+        case 's':
+            seed = parse_int(flag, val);
+            if (seed < 0) usage_error("-s must be >= 0, got %s", val);
+            break;
+        case 'n':
+            steps = parse_int(flag, val);
+            if (steps < 0) usage_error("-n must be >= 0, got %s", val);
+            break;
+        case 'i': prompt = val; break;
+        case 'z': tokenizer_path = val; break;
+        case 'y': system_prompt = val; break;
+        case 'm':
+            mode = val;
+            if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode"))
+                usage_error("-m must be generate, chat or encode, got '%s'", val);
+            break;
+        default: usage_error("unknown flag '%s'", flag);
+        }
+    }
+    int encode_only = strcmp(mode, "encode") == 0;
+    if (!model_path && !(encode_only && tokenizer_path))
+        usage_error(encode_only ? "-m encode needs -z tokenizer.bin (or a model path)" : "no model file given");
+
+    Transformer transformer;
+    int have_model = model_path != NULL;
+    if (have_model) transformer_init(&transformer, model_path);
+    char *default_tok = NULL;
+    if (!tokenizer_path) {
+        char tried[1024];
+        default_tok = default_tokenizer_path(model_path, transformer.config.vocab_size, tried, sizeof tried);
+        if (!default_tok)
+            fatal("%s: no tokenizer found next to the model (tried %s); pass one with -z", model_path, tried);
+        tokenizer_path = default_tok;
+    }
+    Tokenizer tokenizer;
+    tokenizer_init(&tokenizer, tokenizer_path, have_model ? transformer.config.vocab_size : -1);
+    if (have_model && transformer.config.tokenizer_hash && tokenizer.hash &&
+        transformer.config.tokenizer_hash != tokenizer.hash)
+        fatal("%s: tokenizer does not match model %s (hash %08x, the model was exported with %08x); "
+              "pass the tokenizer it was trained with (-z)", tokenizer_path, model_path,
+              (unsigned)tokenizer.hash, (unsigned)transformer.config.tokenizer_hash);
+
+    if (encode_only) {
+        int n = 0;
+        int *ids = tokenizer_encode(&tokenizer, prompt, 0, 0, &n);
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
+    } else {
+        uint64_t rng_seed = seed > 0 ? (uint64_t)seed : (uint64_t)time(NULL);
+        Sampler sampler;
+        sampler_init(&sampler, transformer.config.vocab_size, temperature, top_p, (int)top_k, rng_seed);
+        if (strcmp(mode, "chat") == 0) {
+            chat(&transformer, &tokenizer, &sampler, prompt, system_prompt, (int)steps);
+        } else {
+            GenStats st = generate(&transformer, &tokenizer, &sampler, prompt, (int)steps, stdout);
+            fputc('\n', stdout);
+            fflush(stdout);
+            int decoded = st.n_generated > 0 ? st.n_generated - 1 : 0; /* forward passes after prefill */
+            fprintf(stderr, "prefill: %d tokens in %.1f ms (%.1f tok/s); decode: %d tokens in %.1f ms (%.1f tok/s)\n",
+                    st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
+                    decoded, st.decode_s * 1e3, st.decode_s > 0 ? decoded / st.decode_s : 0.0);
+        }
+        sampler_free(&sampler);
+    }
+    tokenizer_free(&tokenizer);
+    free(default_tok);
+    if (have_model) transformer_free(&transformer);
+    return EXIT_SUCCESS;
+}
+#endif /* TESTING */
