@@ -408,7 +408,10 @@ def load_model_bin(path: str) -> Transformer:
         data = f.read()
     args = h.model_args()
     d = h.dim
-    model = Transformer(args)  # random init, overwritten below; keeps the tie and the RoPE buffers
+    try:
+        model = Transformer(args)  # random init, overwritten below; keeps the tie and the RoPE buffers
+    except ValueError as e:
+        raise ExportError(f"{path}: {e}") from None
     p = model.params
     kv = p.n_kv_heads * p.head_size
     pos = 0
@@ -428,8 +431,8 @@ def load_model_bin(path: str) -> Transformer:
         return dequantize_q80(q, s, h.group_size)
 
     layers = model.layers
-    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
-              "w1": (p.hidden_dim, d), "w2": (d, p.hidden_dim), "w3": (p.hidden_dim, d)}
+    sizes = {"wq": d * d, "wk": kv * d, "wv": kv * d, "wo": d * d,
+             "w1": p.hidden_dim * d, "w2": d * p.hidden_dim, "w3": p.hidden_dim * d}
 
     def mod(layer, name):
         return getattr(layer.attention if name in ("wq", "wk", "wv", "wo") else layer.feed_forward, name)
@@ -444,12 +447,12 @@ def load_model_bin(path: str) -> Transformer:
                 put(l.attention_norm.weight, take_f32(d))
             for name in ("wq", "wk", "wv", "wo"):
                 for l in layers:
-                    put(mod(l, name).weight, take_f32(int(np.prod(shapes[name]))))
+                    put(mod(l, name).weight, take_f32(sizes[name]))
             for l in layers:
                 put(l.ffn_norm.weight, take_f32(d))
             for name in ("w1", "w2", "w3"):
                 for l in layers:
-                    put(mod(l, name).weight, take_f32(int(np.prod(shapes[name]))))
+                    put(mod(l, name).weight, take_f32(sizes[name]))
             put(model.norm.weight, take_f32(d))
             take_f32(h.max_seq_len * p.head_size)  # the two legacy RoPE tables, recomputed by the model
         else:
@@ -462,7 +465,7 @@ def load_model_bin(path: str) -> Transformer:
             put(model.tok_embeddings.weight, take(h.vocab_size * d))
             for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
                 for l in layers:
-                    put(mod(l, name).weight, take(int(np.prod(shapes[name]))))
+                    put(mod(l, name).weight, take(sizes[name]))
         if not h.shared_classifier:
             take = take_q80 if h.dtype == "int8" else take_f32
             put(model.output.weight, take(h.vocab_size * d))
