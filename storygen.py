@@ -84,12 +84,9 @@ TEACHERS = [("老师", "她"), ("王老师", "她"), ("李老师", "他"), ("张
 # Adjectives. Kept in groups by what they can describe.
 COLOURS = ["红色", "黄色", "蓝色", "绿色", "紫色", "粉色", "白色", "橙色", "金色", "银色", "彩色", "棕色",
            "天蓝色", "浅绿色", "深蓝色", "粉红色", "黑色", "灰色"]
-LOOKS = ["漂亮", "可爱", "新", "小小", "大大", "圆圆", "软软", "亮晶晶", "闪闪发光", "毛茸茸", "干干净净",
-         "好看", "特别", "神奇", "光滑", "胖乎乎", "香喷喷", "五颜六色", "亮亮", "滑滑", "暖暖", "轻轻",
-         "小巧", "精致", "结实", "心爱", "崭新", "香香", "鼓鼓", "扁扁", "长长", "短短", "亮闪闪",
-         "雪白", "金黄", "彩虹色", "花花绿绿", "胖胖", "细细", "弯弯", "方方", "白白净净", "漂漂亮亮",
-         "闪亮", "柔软", "温暖", "可可爱爱", "鲜艳", "透明", "沉甸甸", "轻飘飘", "软乎乎",
-         "圆滚滚", "滑溜溜"]
+# Adjectives that fit any small object; shape and feel words are kept per object (OBJECTS below).
+LOOKS = ["漂亮", "可爱", "新", "小小", "亮晶晶", "闪闪发光", "干干净净", "好看", "特别", "神奇", "五颜六色",
+         "小巧", "精致", "心爱", "崭新", "亮闪闪", "彩虹色", "花花绿绿", "漂漂亮亮", "闪亮", "鲜艳"]
 TRAITS = ["快乐", "爱笑", "活泼", "善良", "好奇", "勇敢", "聪明", "乖巧", "调皮", "热心", "有礼貌",
           "胆小", "害羞", "懂事", "开朗", "可爱", "友好", "大方", "认真", "爱干净", "爱唱歌", "淘气",
           "细心", "能干", "诚实", "安静", "爱说话", "爱画画", "爱跳舞", "爱干活", "好动", "贪玩",
@@ -106,21 +103,38 @@ WEATHER = [("阳光明媚", "暖暖的太阳照在身上"), ("天气晴朗", "�
 TASTES = ["甜甜", "香香", "好吃", "脆脆", "软软", "新鲜", "热乎乎", "凉凉", "酸酸甜甜", "香甜"]
 PLACE_ADJS = ["安静", "热闹", "美丽", "干净", "好玩", "凉快", "漂亮", "有趣", "宽敞"]
 
-# Objects a child owns, plays with, loses or gives: (noun, measure word).
-TOYS = [("球", "个"), ("皮球", "个"), ("风筝", "只"), ("小汽车", "辆"), ("布娃娃", "个"), ("玩具熊", "只"),
-        ("帽子", "顶"), ("围巾", "条"), ("铅笔", "支"), ("蜡笔", "盒"), ("图画书", "本"), ("故事书", "本"),
-        ("气球", "个"), ("小铃铛", "个"), ("发夹", "个"), ("小铲子", "把"), ("小桶", "个"), ("雨伞", "把"),
-        ("水杯", "个"), ("小鼓", "面"), ("口琴", "个"), ("毽子", "个"), ("跳绳", "根"), ("玻璃球", "颗"),
-        ("贝壳", "个"), ("项链", "条"), ("手表", "块"), ("钥匙", "把"), ("小船", "只"), ("小飞机", "架"),
-        ("拼图", "盒"), ("彩笔", "支"), ("贴纸", "张"), ("小火车", "列"), ("陀螺", "个"), ("小喇叭", "个"),
-        ("蝴蝶结", "个"), ("书包", "个"), ("水壶", "个"), ("小毯子", "条"), ("手套", "副"), ("袜子", "双"),
-        ("雨靴", "双"), ("小木马", "匹"), ("积木", "盒"), ("橡皮泥", "盒"), ("放大镜", "个"), ("小手电筒", "个"),
-        ("小枕头", "个"), ("沙漏", "个"), ("小镜子", "面"), ("小扇子", "把"), ("玩具兔", "只"), ("小熊玩偶", "个"),
-        ("奖牌", "块"), ("小旗子", "面"), ("手帕", "块"), ("小钱包", "个"), ("画板", "块"), ("小提琴", "把"),
-        ("万花筒", "个"), ("小风车", "个"), ("小水枪", "把"), ("魔方", "个"), ("小木偶", "个"), ("溜溜球", "个"),
-        ("弹力球", "个"), ("泡泡机", "个")]
-# Things that can hide in a lost-item story need to be small enough; big ones are excluded by name.
-_NOT_LOSABLE = {"小木马", "画板", "书包", "小提琴"}
+# Objects a child owns: (noun, measure word, use, adjectives that fit it besides colours and LOOKS).
+# use: "toy" = something to play with together (share story) and lose; "thing" = carried, can be lost;
+# "big" = a toy too big to lose in the grass.
+OBJECTS = [
+    ("球", "个", "toy", "圆圆/鼓鼓"), ("皮球", "个", "toy", "圆圆/鼓鼓/圆滚滚"), ("风筝", "只", "toy", "长长/轻飘飘"),
+    ("小汽车", "辆", "toy", "结实/方方"), ("布娃娃", "个", "toy", "软软/胖乎乎"), ("玩具熊", "只", "toy", "毛茸茸/软乎乎"),
+    ("帽子", "顶", "thing", "暖暖/圆圆"), ("围巾", "条", "thing", "暖暖/长长/柔软"), ("铅笔", "支", "thing", "长长/细细"),
+    ("蜡笔", "盒", "toy", "香香"), ("图画书", "本", "toy", "厚厚/方方"), ("故事书", "本", "toy", "厚厚"),
+    ("气球", "个", "toy", "轻飘飘/圆滚滚"), ("小铃铛", "个", "thing", "圆圆"), ("发夹", "个", "thing", "弯弯"),
+    ("小铲子", "把", "toy", "结实"), ("小桶", "个", "toy", "圆圆"), ("雨伞", "把", "thing", "长长"),
+    ("水杯", "个", "thing", "圆圆"), ("小鼓", "面", "toy", "圆圆"), ("口琴", "个", "toy", "扁扁"),
+    ("毽子", "个", "toy", "毛茸茸"), ("跳绳", "根", "toy", "长长"), ("玻璃球", "颗", "toy", "透明/圆溜溜/滑溜溜"),
+    ("贝壳", "个", "thing", "光滑/扁扁"), ("项链", "条", "thing", "细细/长长"), ("手表", "块", "thing", "圆圆"),
+    ("钥匙", "把", "thing", "细细"), ("小船", "只", "toy", "扁扁"), ("小飞机", "架", "toy", "轻轻"),
+    ("拼图", "盒", "toy", "方方"), ("彩笔", "支", "toy", "细细"), ("贴纸", "张", "thing", "亮亮"),
+    ("小火车", "列", "toy", "长长"), ("陀螺", "个", "toy", "圆圆"), ("小喇叭", "个", "toy", "弯弯"),
+    ("蝴蝶结", "个", "thing", "软软"), ("书包", "个", "big", "鼓鼓"), ("水壶", "个", "thing", "鼓鼓/圆圆"),
+    ("小毯子", "条", "thing", "软软/暖暖/毛茸茸"), ("手套", "副", "thing", "暖暖/毛茸茸"),
+    ("小木马", "匹", "big", "结实"), ("积木", "盒", "toy", "方方"), ("橡皮泥", "盒", "toy", "软软"),
+    ("放大镜", "个", "toy", "圆圆"), ("小手电筒", "个", "toy", "长长"), ("小枕头", "个", "thing", "软软/香香"),
+    ("沙漏", "个", "toy", "透明"), ("小镜子", "面", "thing", "圆圆/光滑"), ("小扇子", "把", "thing", "轻轻"),
+    ("玩具兔", "只", "toy", "毛茸茸/软软"), ("小熊玩偶", "个", "toy", "胖乎乎/软乎乎"), ("奖牌", "块", "thing", "沉甸甸/圆圆"),
+    ("小旗子", "面", "toy", "方方"), ("手帕", "块", "thing", "方方/软软"), ("小钱包", "个", "thing", "鼓鼓/扁扁"),
+    ("画板", "块", "big", "方方"), ("小提琴", "把", "big", "精致"), ("万花筒", "个", "toy", "长长"),
+    ("小风车", "个", "toy", "轻轻"), ("小水枪", "把", "toy", "透明"), ("魔方", "个", "toy", "方方"),
+    ("小木偶", "个", "toy", "细细"), ("溜溜球", "个", "toy", "圆圆"), ("弹力球", "个", "toy", "圆滚滚/滑溜溜"),
+    ("泡泡机", "个", "toy", "圆圆"),
+]
+TOYS = [(o[0], o[1]) for o in OBJECTS]
+PLAY_TOYS = [o for o in OBJECTS if o[2] != "thing"]
+LOSABLE = [o for o in OBJECTS if o[2] != "big"]
+SHAPES = sorted({a for o in OBJECTS for a in o[3].split("/")})
 
 FOODS = [("苹果", "个"), ("香蕉", "根"), ("饼干", "块"), ("蛋糕", "个"), ("面包", "个"), ("草莓", "颗"),
          ("西瓜", "块"), ("胡萝卜", "根"), ("橘子", "个"), ("葡萄", "串"), ("糖果", "颗"), ("包子", "个"),
@@ -452,7 +466,7 @@ VERB_TABLES = {
     "chores": [c[0] for c in CHORES], "cheers": CHEERS, "routine": ROUTINE,
     "outing_acts": [a for o in OUTINGS for a in o[3].split("/")], "animal_acts": [k.happy for k in ANIMAL_KINDS],
 }
-ADJ_TABLES = {"colours": COLOURS, "looks": LOOKS, "traits": TRAITS, "happy": HAPPY, "sad": SAD,
+ADJ_TABLES = {"colours": COLOURS, "looks": LOOKS, "shapes": SHAPES, "traits": TRAITS, "happy": HAPPY, "sad": SAD,
               "scared": SCARED, "tastes": TASTES, "place": PLACE_ADJS, "nature": NATURE_ADJS,
               "sights": [s[1].removesuffix("的") for o in OUTINGS for s in o[2]], "proud": PROUD,
               "surprised": SURPRISED, "eyes": EYES, "hair": HAIR, "face": FACE}
@@ -637,6 +651,16 @@ def _opening_text(s: Story, *, with_pet: bool) -> str:
     ])
 
 
+def _obj_adj(s: Story, fits: str) -> str:
+    """A colour, a general look, or a shape/feel word that fits this object (圆圆 for a ball)."""
+    x = s.r.random()
+    if x < 0.45:
+        return s.c(COLOURS)
+    if x < 0.7:
+        return s.c(LOOKS)
+    return s.c(fits.split("/"))
+
+
 def _scenery(s: Story, where: str) -> str:
     """One outdoor scene sentence: 草地上，一只彩色的蝴蝶在花丛里飞来飞去。"""
     noun, clf, adjs, doing = s.c(NATURE)
@@ -668,12 +692,12 @@ def _moral(s: Story, table) -> str:
 def _lost_item(s: Story) -> None:
     h, par = s.hero, s.parent
     P, p = h.name, h.pron
-    obj, clf = s.c([t for t in TOYS if t[0] not in _NOT_LOSABLE])
-    col = s.c(COLOURS)
+    obj, clf, _, fits = s.c(LOSABLE)
+    col = _obj_adj(s, fits)  # one description, reused when the object turns up again
     with_pet = h.kind.is_child and s.chance(0.45)
     s.para(_opening(s, with_pet=with_pet),
            s.c([f"{P}有一{clf}{col}的{obj}，是{par.name}送给{p}的。",
-                f"{P}有一{clf}{s.c(LOOKS)}的{obj}，{p}非常喜欢这{clf}{obj}。",
+                f"{P}有一{clf}{col}的{obj}，{p}非常喜欢这{clf}{obj}。",
                 f"{P}最心爱的东西是一{clf}{col}的{obj}。"]),
            s.c([f"{P}每天都把{obj}带在身边。", f"{P}走到哪里都带着这{clf}{obj}。", ""]))
     place, loc, tags = s.c(PLACES)
@@ -716,8 +740,8 @@ def _share(s: Story) -> None:
     P, p = h.name, h.pron
     f = s.friend()
     s.others.append(par.name)
-    obj, clf = s.c(TOYS)
-    adj = s.c(LOOKS + COLOURS)
+    obj, clf, _, fits = s.c(PLAY_TOYS)
+    adj = _obj_adj(s, fits)
     place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
     s.para(_opening(s, with_pet=False),
            s.c([f"{par.name}给{P}买了一{clf}{adj}的{obj}。", f"过{s.c(OCCASIONS)}的时候，{P}收到了一{clf}{adj}的{obj}。"]),

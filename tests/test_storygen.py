@@ -151,7 +151,7 @@ def test_other_characters_stay_the_same(made):
 def test_measure_words_match_table(corpus):
     big = "\n".join(corpus[:8000])
     all_nouns = storygen.vocabulary()["nouns"]
-    adjs = "|".join(sorted(set(storygen.COLOURS + storygen.LOOKS), key=len, reverse=True))
+    adjs = "|".join(sorted(set(storygen.COLOURS + storygen.LOOKS + storygen.SHAPES), key=len, reverse=True))
     nouns = storygen.TOYS + storygen.FOODS
     names = [n for n, _ in nouns]
     clf_of = {n: c for n, c in nouns
