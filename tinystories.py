@@ -983,6 +983,7 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
         if n_train == 0:
             raise DataError(f"{folder}: no usable stories for training"
                             + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
+        t_read = time.time() - t0
         n_chars = int((char_counts > 0).sum())
         coverage, kept = cfg.character_coverage, None
         if not coverage:
@@ -1001,6 +1002,7 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
                     "text; the rest fall back to bytes")
         print(f"training a {N}-piece BPE tokenizer on {n_train} stories ({n_lines} lines, "
               f"{n_chars} distinct characters: {note})")
+        t1 = time.time()
         try:
             spm.SentencePieceTrainer.train(
                 input=text_path, model_prefix=str(prefix), model_type="bpe", vocab_size=N,
@@ -1017,8 +1019,12 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
                 minloglevel=2, self_test_sample_size=0,
             )
         except (RuntimeError, OSError) as e:
+            msg = str(e).strip().splitlines()[-1]
+            if "Vocabulary size too high" in msg:  # too little text for that many merges
+                msg = (f"the {n_train} stories support at most {msg.split('<=')[-1].strip(' .')} "
+                       "pieces; use a smaller --vocab_size or more data")
             raise DataError(f"sentencepiece could not train a {N}-piece tokenizer on {folder}: "
-                            f"{str(e).strip().splitlines()[-1]}") from None
+                            f"{msg}") from None
         os.replace(f"{prefix}.vocab", root / f"tok{N}.vocab")
         os.replace(f"{prefix}.model", model_path)
     finally:
@@ -1027,7 +1033,8 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
             if p.exists():
                 p.unlink()
     _write_json(meta_path, sig)
-    print(f"{model_path}: trained in {time.time() - t0:.1f}s")
+    print(f"{model_path}: done in {time.time() - t0:.1f}s ({t_read:.1f}s reading the stories, "
+          f"{time.time() - t1:.1f}s in sentencepiece)")
 
     sp = _load_sp(model_path, N)
     if val_sample:

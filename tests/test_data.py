@@ -182,6 +182,28 @@ def test_vocab_size_limits(tmp_path):
     assert "too small" in p.stderr
 
 
+def test_largest_vocab_end_to_end(tmp_path, capsys):
+    """65535 pieces: ids up to 65534 still fit the uint16 shards and decode back."""
+    d = tmp_path / "d"
+    d.mkdir()
+    args = [f"--data_root={tmp_path}", f"--data_dir={d}", "--vocab_size=65535"]
+    for n in (600, 1500):
+        stories = list(storygen.generate_stories(n, 3))
+        (d / "a.jsonl").write_text("".join(json.dumps({"story": s}, ensure_ascii=False) + "\n"
+                                           for s in stories), "utf-8")
+        code = ts.main(["train_vocab", *args])
+        if n == 600:  # too little text for 65535 pieces: said plainly, no model written
+            assert code == 1 and "use a smaller --vocab_size or more data" in capsys.readouterr().err
+            assert not (tmp_path / "tok65535.model").exists()
+    assert code == 0
+    assert ts.main(["pretokenize", *args, "--workers=1", "--val_fraction=0"]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok65535.model"))
+    assert sp.get_piece_size() == 65535
+    head, got = stories_in_shard(tmp_path / "tok65535" / "train_000.bin", sp)
+    assert got == stories and head["vocab_size"] == 65535
+    assert int(ts.read_shard(tmp_path / "tok65535" / "train_000.bin")[1].max()) > 60000
+
+
 def test_small_vocab_on_chinese_and_long_lines(tmp_path):
     """vocab 300 on Chinese (more distinct characters than slots: coverage is chosen so
     sentencepiece accepts it), with paragraphs longer than sentencepiece's 4192-byte default."""
