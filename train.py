@@ -572,12 +572,8 @@ def check_tokenizer(cfg: TrainConfig, data_dir: Path, train) -> None:
     if sp.vocab_size() != train.vocab_size:
         raise TrainError(f"{path}: tokenizer has vocab_size {sp.vocab_size()} but the shards in {data_dir} "
                          f"have {train.vocab_size}; re-run pretokenize with this tokenizer")
-    if train.tokenizer_hash:
-        try:
-            from tokenizer import Tokenizer  # our own wrapper; the hash is defined there
-        except ImportError:
-            return
-        h = Tokenizer(str(path)).hash()
+    if train.tokenizer_hash:  # 0: not recorded
+        h = tinystories.tokenizer_hash(path)
         if h != train.tokenizer_hash:
             raise TrainError(f"{path}: tokenizer hash {h:#010x} differs from the shards' "
                              f"{train.tokenizer_hash:#010x} ({data_dir}); re-run pretokenize")
