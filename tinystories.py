@@ -465,10 +465,17 @@ def _parse_value(type_name: str, raw: str, key: str):
 def parse_config(cls, args: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kw = {}
-    for a in args:
-        if not a.startswith("--") or "=" not in a:
+    args = list(args)
+    while args:
+        a = args.pop(0)
+        if not a.startswith("--"):
             raise UsageError(f"expected --key=value, got {a!r}")
-        key, raw = a[2:].split("=", 1)
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+        elif args and not args[0].startswith("--"):  # `--data_dir folder`, as llama2.c's docs write it
+            key, raw = a[2:], args.pop(0)
+        else:
+            raise UsageError(f"{a} needs a value: {a}=...")
         key = key.replace("-", "_")
         if key not in fields:
             raise UsageError(f"unknown option --{key}; valid: "

@@ -407,6 +407,12 @@ def test_cli_parsing_errors(capsys):
     cfg = ts.parse_config(ts.PretokenizeConfig, ["--strict=yes", "--vocab_size=512",
                                                  "--val_fraction=0.5"])
     assert cfg.strict is True and cfg.vocab_size == 512 and cfg.val_fraction == 0.5
+    cfg = ts.parse_config(ts.PretokenizeConfig, ["--data_dir", "my folder", "--vocab-size=300"])
+    assert cfg.data_dir == "my folder" and cfg.vocab_size == 300
+    with pytest.raises(ts.UsageError, match="needs a value"):
+        ts.parse_config(ts.PretokenizeConfig, ["--strict", "--force=1"])
+    with pytest.raises(ts.UsageError, match="expected --key=value"):
+        ts.parse_config(ts.PretokenizeConfig, ["5000"])
 
 
 # ------------------------------------------------------------------------------------------------
