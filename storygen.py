@@ -167,7 +167,7 @@ ACTIVITIES = [("堆沙堡", "beach"), ("捡贝壳", "beach"), ("踩浪花", "bea
               ("喂小鱼", "water"), ("打水漂", "water"), ("种花", "out"), ("浇花", "out"), ("捏橡皮泥", "in"),
               ("折纸", "in"), ("剪纸", "in"), ("玩玩具车", "in"), ("玩皮球", "any"), ("搭帐篷", "out"),
               ("捉蜻蜓", "out"), ("数星星", "out"), ("玩跷跷板", "out"), ("扮小兔子", "any"), ("转圈圈", "any"),
-              ("敲小鼓", "in"), ("玩木头人", "any"), ("拔萝卜", "out"), ("堆雪人", "out"), ("听虫子唱歌", "out"),
+              ("敲小鼓", "in"), ("玩木头人", "any"), ("拔萝卜", "out"), ("捉小虫", "out"), ("听虫子唱歌", "out"),
               ("看小鸭子游泳", "water"), ("搭小桥", "water"), ("玩拍手游戏", "any"), ("学青蛙跳", "any")]
 
 # Skills to learn: (skill, who can learn it, how a failed try looks, the tip, how success looks).
@@ -315,7 +315,7 @@ GO_HOME_ENDS = ["晚上，{p}躺在床上，很快就睡着了", "回到家，{p
 
 # Play activities added for variety; they join ACTIVITIES below.
 MORE_ACTIVITIES = [
-    ("喂鸽子", "out"), ("玩陀螺", "any"), ("打雪仗", "out"), ("踢毽子", "out"), ("扔沙包", "out"),
+    ("喂鸽子", "out"), ("玩陀螺", "any"), ("荡绳子", "out"), ("踢毽子", "out"), ("扔沙包", "out"),
     ("玩弹珠", "any"), ("踩影子", "out"), ("玩泥巴", "out"), ("讲笑话", "any"), ("猜谜语", "any"),
     ("吹口琴", "any"), ("打鼓", "in"), ("读绘本", "in"), ("涂颜色", "in"), ("做鬼脸", "any"),
     ("学小鸟飞", "any"), ("学小猫叫", "any"), ("追小鸡", "out"), ("找四叶草", "out"), ("看日落", "out"),
@@ -323,7 +323,7 @@ MORE_ACTIVITIES = [
     ("吹蒲公英", "out"), ("下跳棋", "in"), ("玩跳跳球", "any"), ("骑木马", "in"), ("搭城堡", "in"),
     ("开小商店", "any"), ("当小厨师", "in"), ("扮医生", "any"), ("玩捉人游戏", "out"), ("滚轮胎", "out"),
     ("玩呼啦圈", "any"), ("看小鱼吐泡泡", "water"), ("比谁跳得远", "out"), ("玩手影游戏", "in"),
-    ("唱儿歌", "any"), ("开火车", "any"), ("玩积木", "in"), ("爬小山坡", "out"), ("滚雪球", "out"),
+    ("唱儿歌", "any"), ("开火车", "any"), ("玩积木", "in"), ("爬小山坡", "out"), ("滚铁环", "out"),
     ("捡松果", "out"), ("画小房子", "in"), ("摘野果", "out"), ("学小鸭子走路", "any"), ("玩传球游戏", "out"),
 ]
 
@@ -382,13 +382,13 @@ NATURE = [
     ("叶子", "片", "金黄/绿绿/大大", "从树上飘了下来"), ("云", "朵", "白白/软绵绵/胖胖", "在天上慢慢地飘"),
     ("小草", "棵", "嫩嫩/绿绿/小小", "从石头缝里钻了出来"), ("蘑菇", "朵", "小小/圆圆/胖胖", "藏在大树下面"),
     ("小鸟", "只", "小小/快乐/可爱", "在树枝上唱歌"), ("松鼠", "只", "灵巧/可爱/调皮", "在树上跳来跳去"),
-    ("萤火虫", "只", "小小/亮亮", "在草丛里一闪一闪"), ("蒲公英", "朵", "毛茸茸/白白", "被风吹散了"),
+    ("知了", "只", "小小/黑黑", "在树上知了知了地叫"), ("蒲公英", "朵", "毛茸茸/白白", "被风吹散了"),
     ("彩虹", "道", "七彩/弯弯/长长", "挂在天边"), ("小溪", "条", "弯弯/清清", "在旁边哗哗地流"),
     ("石头", "块", "圆圆/光滑/大大", "躺在小路边"), ("荷叶", "片", "绿油油/圆圆/大大", "浮在水面上"),
     ("小鱼", "条", "小小/金色/红红", "在水里吐泡泡"), ("蚂蚁", "只", "小小/勤劳/黑黑", "在地上排着队走"),
     ("青蛙", "只", "绿绿/胖胖", "坐在石头上呱呱地叫"), ("鸽子", "只", "白白/胖胖", "在地上走来走去"),
     ("柳树", "棵", "高高/绿绿", "垂下了长长的枝条"), ("太阳", "个", "暖暖/红红/圆圆", "挂在天上"),
-    ("竹子", "根", "高高/绿绿/细细", "在风里轻轻地摆"), ("雪花", "片", "白白/小小/亮亮", "从天上飘下来"),
+    ("竹子", "根", "高高/绿绿/细细", "在风里轻轻地摆"), ("风筝", "只", "彩色/长长", "在天上飞"),
     ("羽毛", "根", "白白/轻轻/软软", "在空中飘呀飘"), ("向日葵", "棵", "高高/金黄", "朝着太阳笑"),
 ]
 NATURE_ADJS = sorted({a for n in NATURE for a in n[2].split("/")})
@@ -661,9 +661,14 @@ def _obj_adj(s: Story, fits: str) -> str:
     return s.c(fits.split("/"))
 
 
-def _scenery(s: Story, where: str) -> str:
+WATER_NATURE = {"小鱼", "荷叶", "青蛙"}  # scenery only seen beside water
+
+
+def _scenery(s: Story, where: str, tags: str) -> str:
     """One outdoor scene sentence: 草地上，一只彩色的蝴蝶在花丛里飞来飞去。"""
     noun, clf, adjs, doing = s.c(NATURE)
+    while noun in WATER_NATURE and "water" not in tags:
+        noun, clf, adjs, doing = s.c(NATURE)
     return f"{where}，一{clf}{s.c(adjs.split('/'))}的{noun}{doing}。"
 
 
@@ -706,7 +711,7 @@ def _lost_item(s: Story) -> None:
     mate = s.pet if with_pet else (s.friend() if s.chance(0.5) else None)
     who = f"{P}和{mate.name}" if mate else P
     s.para(s.c([f"{_one_day(s)}{who}在{place}{loc}{act}。", f"一天下午，{who}去{place}{loc}{act}。"]),
-           _scenery(s, place + loc) if tags != "in" and s.chance(0.5) else "",
+           _scenery(s, place + loc, tags) if tags != "in" and s.chance(0.5) else "",
            s.c(["玩着玩着，", "玩了一会儿，", "过了一会儿，"]),
            f"{P}发现{p}的{obj}不见了！",
            _said(s, h, s.c([f"我的{obj}呢？我的{obj}去哪儿了？", f"我的{obj}不见了！", f"糟糕，我的{obj}丢了！"]),
@@ -818,10 +823,10 @@ def _help(s: Story) -> None:
     needs = [n for n in HELP_NEEDS if n[0] != h.name and n[0] != h.kind.word]
     who, wp, intro, problem, plea, aid = s.c(needs)
     s.others += [who, "鸭妈妈", "奶奶", "大人"]
-    place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
+    place, loc, tags = s.c([pl for pl in PLACES if "out" in pl[2]])
     s.para(_opening(s, with_pet=False),
            f"{_one_day(s)}{P}在{place}{loc}{s.c(['散步', '玩', s.c(PLACE_ACTS[place])])}。",
-           _scenery(s, place + loc) if s.chance(0.5) else "")
+           _scenery(s, place + loc, tags) if s.chance(0.5) else "")
     s.para(f"{P}{s.c(['看见', '发现'])}{intro}{problem}。",
            f"{who}{s.c(['难过地', '着急地', ''])}说：“{plea}”")
     s.para(s.c([f"{P}{h.kind.move}了过去，说：“别怕，我来帮你！”", f"{P}说：“别着急，我来帮你想办法。”"]),
@@ -897,7 +902,7 @@ def _new_friend(s: Story) -> None:
     food, fclf = s.c(FOODS)
     s.para(_opening(s, with_pet=False),  # no pet here: the hero is lonely
            s.c([f"{P}刚搬了新家，{p}在这里一个朋友也没有。", f"{P}觉得有点{s.c(SAD[:-1])}，因为没有人陪{p}玩。"]))
-    s.para(f"{_one_day(s)}{P}来到{place}{loc}。", _scenery(s, place + loc) if "in" not in tags else "",
+    s.para(f"{_one_day(s)}{P}来到{place}{loc}。", _scenery(s, place + loc, tags) if "in" not in tags else "",
            f"{P}看见{f.intro_named()}正在{act}。",
            f"{P}很想和{f.name}一起玩，可是{p}{s.c(['有点害羞', '不好意思开口', '不知道该说什么'])}。")
     s.para(f"{P}鼓起勇气，走过去说：“你好，我叫{P}。我可以和你一起玩吗？”",
