@@ -24,7 +24,11 @@ Pretokenized shard file (little-endian), HEADER_BYTES = 256:
     off 32..255 zero
     then n_tokens uint16 token ids; every story is BOS, its tokens, EOS.
 
-Training code reads shards with `TokenBatches` (see its docstring).
+Layout under data/: zh/, en/, synth/ (raw stories), tok<N>.model/.vocab/.bin (tokenizer),
+tok<N>/train_000.bin ... (one shard per source file) and tok<N>/val.bin. The val split is
+decided per story by a hash of its text (`is_val_story`, 1% by default), so it is fixed, the
+same for every vocab size, and never leaks into train. Training code reads the shards with
+`TokenBatches` (see its docstring).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 import struct
 import sys

@@ -5,7 +5,6 @@ the shards are decoded back and compared with the source stories.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

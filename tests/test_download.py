@@ -10,6 +10,8 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -216,7 +218,6 @@ def test_complete_partial_file_and_server_without_range(hub, tmp_path):
     # a server that ignores Range sends 200 and the whole file: start over, not append
     for p in tmp_path.iterdir():
         if p.is_dir():
-            import shutil
             shutil.rmtree(p)
         else:
             p.unlink()
@@ -319,7 +320,6 @@ def test_hf_url_and_endpoint(monkeypatch):
 def test_cli_process_reports_one_line(hub, tmp_path):
     """The real command line, in its own process, with HF_ENDPOINT from the environment."""
     hub.files[ZH_PATH] = make_archive(EVIL["dotdot"])
-    import os
     env = dict(os.environ, HF_ENDPOINT=hub.endpoint)
     p = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), "download",
                         f"--data_root={tmp_path}", "--backoff=0"], capture_output=True, text=True,
