@@ -195,7 +195,11 @@ def test_dropped_transfer_is_resumed_with_range(hub, tmp_path):
     assert download(tmp_path) == 0
     assert (tmp_path / "TinyStories_all_data_zh.tar.gz").read_bytes() == archive
     ranges = [r for p, r in hub.requests if p.startswith("/cdn")]
-    assert ranges == [None, f"bytes={2 * C}-", f"bytes={3 * C}-"]
+    assert ranges[0] is None and len(ranges) == 3, ranges
+    k1, k2 = (int(r.removeprefix("bytes=").removesuffix("-")) for r in ranges[1:])
+    # requests hands over whole chunks (urllib3 2.x: exactly 2*C and 3*C); any sane resume
+    # point is past the first chunk and no further than what the server actually sent
+    assert C <= k1 <= 2.5 * C and k1 < k2 <= k1 + 1.5 * C, ranges
     assert sorted(read_zh(tmp_path / "zh")) == sorted(STORIES)
 
 
