@@ -19,6 +19,7 @@ protagonist always means the protagonist (tests/test_storygen.py checks this on 
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -1049,7 +1050,7 @@ def parse_args(argv: list[str]) -> Config:
     fields = {k: type(v) for k, v in vars(cfg).items()}
     for a in argv:
         if a in ("-h", "--help"):
-            print(__doc__.strip())
+            print(__doc__.strip(), flush=True)
             raise SystemExit(0)
         key, eq, val = a.removeprefix("--").partition("=")
         if not a.startswith("--") or not eq or key not in fields:
@@ -1066,10 +1067,16 @@ def parse_args(argv: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    for i, text in enumerate(generate_stories(cfg.n_stories, cfg.seed, start=cfg.start)):
-        print(f"# story {cfg.start + i} (seed {cfg.seed}, {len(text)} chars)")
-        print(text)
-        print()
+    try:
+        for i, text in enumerate(generate_stories(cfg.n_stories, cfg.seed, start=cfg.start)):
+            print(f"# story {cfg.start + i} (seed {cfg.seed}, {len(text)} chars)")
+            print(text)
+            print()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `python storygen.py --n_stories=1000 | head` is fine, not an error: point stdout at devnull
+        # so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
