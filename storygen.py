@@ -154,6 +154,7 @@ PLACES = [("公园", "里", "out"), ("花园", "里", "out"), ("院子", "里", 
           ("果园", "里", "out"), ("大树下", "", "out"), ("小区", "里", "out"), ("农场", "上", "out")]
 OUT_SPOTS = ["一棵大树下面", "草丛里", "滑梯旁边", "长椅下面", "花丛里", "一块大石头后面", "一堆树叶下面",
              "秋千旁边", "小路边上", "灌木丛里"]
+BEACH_SPOTS = ["沙堆里", "一块大石头后面", "遮阳伞下面", "沙坑里", "一堆贝壳旁边", "小桶后面", "毛巾下面"]
 IN_SPOTS = ["床底下", "沙发下面", "桌子下面", "玩具箱里", "门后面", "柜子旁边", "被子里", "椅子底下",
             "窗帘后面", "鞋柜旁边"]
 
@@ -385,7 +386,7 @@ NATURE = [
     ("小鸟", "只", "小小/快乐/可爱", "在树枝上唱歌"), ("松鼠", "只", "灵巧/可爱/调皮", "在树上跳来跳去"),
     ("知了", "只", "小小/黑黑", "在树上知了知了地叫"), ("蒲公英", "朵", "毛茸茸/白白", "被风吹散了"),
     ("彩虹", "道", "七彩/弯弯/长长", "挂在天边"), ("小溪", "条", "弯弯/清清", "在旁边哗哗地流"),
-    ("石头", "块", "圆圆/光滑/大大", "躺在小路边"), ("荷叶", "片", "绿油油/圆圆/大大", "浮在水面上"),
+    ("石头", "块", "圆圆/光滑/大大", "静静地躺在那里"), ("荷叶", "片", "绿油油/圆圆/大大", "浮在水面上"),
     ("小鱼", "条", "小小/金色/红红", "在水里吐泡泡"), ("蚂蚁", "只", "小小/勤劳/黑黑", "在地上排着队走"),
     ("青蛙", "只", "绿绿/胖胖", "坐在石头上呱呱地叫"), ("鸽子", "只", "白白/胖胖", "在地上走来走去"),
     ("柳树", "棵", "高高/绿绿", "垂下了长长的枝条"), ("太阳", "个", "暖暖/红红/圆圆", "挂在天上"),
@@ -708,7 +709,7 @@ def _lost_item(s: Story) -> None:
            s.c([f"{P}每天都把{obj}带在身边。", f"{P}走到哪里都带着这{clf}{obj}。", ""]))
     place, loc, tags = s.c(PLACES)
     act = s.c(PLACE_ACTS[place])
-    spots = IN_SPOTS if tags == "in" else OUT_SPOTS
+    spots = IN_SPOTS if tags == "in" else BEACH_SPOTS if "beach" in tags else OUT_SPOTS
     mate = s.pet if with_pet else (s.friend() if s.chance(0.5) else None)
     who = f"{P}和{mate.name}" if mate else P
     s.para(s.c([f"{_one_day(s)}{who}在{place}{loc}{act}。", f"一天下午，{who}去{place}{loc}{act}。"]),
@@ -826,7 +827,8 @@ def _help(s: Story) -> None:
     needs = [n for n in HELP_NEEDS if n[0] != h.name and n[0] != h.kind.word]
     who, wp, intro, problem, plea, aid = s.c(needs)
     s.others += [who, "鸭妈妈", "奶奶", "大人"]
-    place, loc, tags = s.c([pl for pl in PLACES if "out" in pl[2]])
+    # The stranded fish needs a riverside; everyone else can be met anywhere outdoors.
+    place, loc, tags = s.c([pl for pl in PLACES if ("water" if who == "小鱼" else "out") in pl[2]])
     s.para(_opening(s, with_pet=False),
            f"{_one_day(s)}{P}在{place}{loc}{s.c(['散步', '玩', s.c(PLACE_ACTS[place])])}。",
            _scenery(s, place + loc, tags) if s.chance(0.5) else "")
