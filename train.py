@@ -587,11 +587,14 @@ def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, d
     saved = {k: v for k, v in ckpt["config"].items() if k in types}
     base = TrainConfig(**saved)
     given = dict(overrides)
-    if given.get("preset"):
-        given = {**preset_overrides(given["preset"]), **given}
-    for key in ARCH_FIELDS:
-        if key in given and given[key] != getattr(base, key):
-            raise TrainError(f"--{key}={given[key]}: cannot change the architecture on resume "
+    # A preset on resume only states the shape it expects; its training defaults are not applied
+    # over the checkpoint's own settings.
+    expected = {k: v for k, v in preset_overrides(given["preset"]).items() if k in ARCH_FIELDS} \
+        if given.get("preset") else {}
+    expected.update({k: v for k, v in given.items() if k in ARCH_FIELDS})
+    for key, value in expected.items():
+        if value != getattr(base, key):
+            raise TrainError(f"--{key}={value}: cannot change the architecture on resume "
                              f"(checkpoint {out_dir / 'ckpt.pt'} has {key}={getattr(base, key)})")
     given.pop("preset", None)
     cfg = dataclasses.replace(base, **given)
@@ -820,7 +823,7 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
                        "lr": lr, "ms": dt * 1000, "tok_per_s": tok_s}
                 line = f"iter {step} | loss {loss_val:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | {tok_s:.0f} tok/s"
                 if device_type == "cuda":
-                    mfu = raw_model.estimate_mfu(cfg.batch_size * cfg.gradient_accumulation_steps, dt)
+                    mfu = raw_model.estimate_mfu(cfg.batch_size * grad_accum, dt)  # per GPU
                     rec["mfu"] = mfu
                     line += f" | mfu {mfu * 100:.1f}%"
                 if not math.isfinite(loss_val):

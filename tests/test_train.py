@@ -417,3 +417,44 @@ def test_resume_errors(trained, tmp_path, capsys):
                        "--eval_iters=1"]) == 0
     last = read_log(copy)[-1]
     assert last["type"] == "eval" and last["iter"] == 40
+
+
+# ----------------------------------------------------------------------------------------------
+# stopping early: time budget and SIGTERM both save a checkpoint that resumes
+
+def test_max_seconds_stops_and_saves(shards, tmp_path, capsys):
+    t0 = time.time()
+    assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", "--max_iters=1000000",
+                       "--eval_interval=1000000", "--max_seconds=1.5"]) == 0
+    assert time.time() - t0 < 30
+    assert "stopped after max_seconds=1.5" in capsys.readouterr().out
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    steps = train_losses(tmp_path)
+    assert ckpt["iter_num"] == max(steps) + 1 > 1
+    assert read_log(tmp_path)[-1]["type"] == "eval"  # final evaluation before the save
+    # The first command line again plus --init_from=resume: the preset only checks the shape
+    # (with the explicit --vocab_size winning over micro's 512, as it did then).
+    assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", "--init_from=resume",
+                       "--eval_only=1"]) == 0
+    assert train.main(["--init_from=resume", "--preset=tiny", f"--out_dir={tmp_path}"]) == 1
+    assert "--dim=128: cannot change the architecture on resume" in capsys.readouterr().err
+
+
+def test_sigterm_stops_gracefully_with_a_checkpoint(shards, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={shards}",
+                             f"--out_dir={tmp_path}", "--max_iters=1000000", "--eval_interval=1000000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV1)
+    try:
+        deadline = time.time() + 60
+        while not ((tmp_path / "log.jsonl").exists() and len(train_losses(tmp_path)) >= 3):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert f"stopped by signal {int(signal.SIGTERM)}" in out
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
