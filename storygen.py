@@ -97,6 +97,7 @@ HAPPY = ["高兴", "开心", "快乐", "兴奋", "满足", "幸福", "激动", "
 SAD_SAY = ["难过", "伤心", "着急", "失望", "委屈"]  # fit ...地说
 JUMPY = ["高兴", "开心", "兴奋", "激动"]  # words that fit ...得跳了起来
 SAD = ["难过", "伤心", "着急", "失望", "委屈", "沮丧", "孤单", "不开心"]
+LONELY = ["孤单", "难过", "无聊", "寂寞"]
 SCARED = ["害怕", "紧张", "担心", "不安"]
 WEATHER = [("阳光明媚", "暖暖的太阳照在身上"), ("天气晴朗", "天上飘着白白的云"),
            ("风很凉快", "风轻轻地吹着"), ("天气暖和", "小鸟在树上唱歌"),
@@ -145,6 +146,10 @@ FOODS = [("苹果", "个"), ("香蕉", "根"), ("饼干", "块"), ("蛋糕", "�
          ("芒果", "个"), ("菠萝", "块"), ("小馒头", "个"), ("南瓜饼", "块"), ("玉米饼", "块"), ("核桃", "个"),
          ("三明治", "个"), ("米饭", "碗"), ("豆浆", "杯"), ("蓝莓", "把"), ("酸奶", "杯"), ("烤红薯", "个"),
          ("奶酪", "块"), ("粽子", "个"), ("葡萄干", "把"), ("蛋挞", "个")]
+
+# Snacks a child can carry to the park and share.
+SNACKS = [f for f in FOODS if f[0] in ("苹果", "香蕉", "饼干", "面包", "草莓", "橘子", "葡萄", "糖果", "桃子", "梨",
+                                       "樱桃", "小馒头", "三明治", "蓝莓", "饭团", "玉米", "核桃", "葡萄干", "蛋挞")]
 
 # Places where play happens: (noun, locative suffix, tags). Tags pick fitting activities.
 PLACES = [("公园", "里", "out"), ("花园", "里", "out"), ("院子", "里", "out"), ("草地", "上", "out"),
@@ -469,7 +474,7 @@ VERB_TABLES = {
     "outing_acts": [a for o in OUTINGS for a in o[3].split("/")], "animal_acts": [k.happy for k in ANIMAL_KINDS],
 }
 ADJ_TABLES = {"colours": COLOURS, "looks": LOOKS, "shapes": SHAPES, "traits": TRAITS, "happy": HAPPY, "sad": SAD,
-              "scared": SCARED, "tastes": TASTES, "place": PLACE_ADJS, "nature": NATURE_ADJS,
+              "scared": SCARED, "lonely": LONELY, "tastes": TASTES, "place": PLACE_ADJS, "nature": NATURE_ADJS,
               "sights": [s[1].removesuffix("的") for o in OUTINGS for s in o[2]], "proud": PROUD,
               "surprised": SURPRISED, "eyes": EYES, "hair": HAIR, "face": FACE}
 
@@ -757,7 +762,7 @@ def _share(s: Story) -> None:
            f"{f.full()}看见了，{s.c(['跑过来', '走过来'])}说：“{P}，你的{obj}真{s.c(['好看', '好玩', '漂亮'])}！"
            + s.c(["我可以和你一起玩吗？", "能借我玩一会儿吗？", "让我也玩一下好不好？"]) + "”",
            s.c([f"{P}把{obj}藏到身后，说：“不行，这是我的！”", f"{P}摇摇头，说：“不要，这是我的{obj}。”"]))
-    s.para(f"{f.name}{s.c(SAD_SAY)}地低下头，一个人走开了。",
+    s.para(f"{f.name}{s.c(['难过', '伤心', '失望', '委屈'])}地低下头，一个人走开了。",
            f"{P}一个人玩{obj}，玩了一会儿，{s.c(['觉得一点也不好玩', '觉得没有意思', '心里空空的'])}。")
     s.para(f"{P}回到家，把这件事告诉了{par.name}。",
            _said(s, par, s.c([f"如果你和{f.name}一起玩，你们两个都会很开心的。",
@@ -906,9 +911,9 @@ def _new_friend(s: Story) -> None:
     f = s.friend()
     place, loc, tags = s.c(MEET_PLACES)
     act = s.c(PLACE_ACTS[place])
-    food, fclf = s.c(FOODS)
+    food, fclf = s.c(SNACKS)
     s.para(_opening(s, with_pet=False),  # no pet here: the hero is lonely
-           s.c([f"{P}刚搬了新家，{p}在这里一个朋友也没有。", f"{P}觉得有点{s.c(SAD[:-1])}，因为没有人陪{p}玩。"]))
+           s.c([f"{P}刚搬了新家，{p}在这里一个朋友也没有。", f"{P}觉得有点{s.c(LONELY)}，因为没有人陪{p}玩。"]))
     s.para(f"{_one_day(s)}{P}来到{place}{loc}。", _scenery(s, place + loc, tags) if "in" not in tags else "",
            f"{P}看见{f.intro_named()}正在{act}。",
            f"{P}很想和{f.name}一起玩，可是{p}{s.c(['有点害羞', '不好意思开口', '不知道该说什么'])}。")
@@ -929,7 +934,6 @@ def _chores(s: Story) -> None:
     P, p = h.name, h.pron
     s.others.append(par.name)
     (c1, how1, done1), (c2, how2, done2) = s.r.sample(CHORES, 2)
-    food, fclf = s.c(FOODS)
     s.para(_opening(s, with_pet=False),
            s.c([f"今天，{par.name}忙得团团转，又要做饭，又要打扫。", f"{par.name}{s.c(['生病了', '上班很累', '忙了一整天'])}，看起来累极了。",
                 f"周末的早上，{par.name}在家里做家务。"]),
@@ -953,7 +957,7 @@ def _plant(s: Story) -> None:
     seed, grow, fruit = s.c(PLANTS)
     place = s.c(["院子里", "花盆里", "小菜园里", "窗台上的花盆里", "花园的角落里"])
     s.para(_opening(s, with_pet=False),
-           s.c([f"一天，{par.name}给了{P}几颗{seed}的种子。", f"春天到了，{P}在{par.name}那里拿到了几颗{seed}的种子。"]),
+           s.c([f"{_one_day(s)}{par.name}给了{P}几颗{seed}的种子。", f"春天到了，{P}在{par.name}那里拿到了几颗{seed}的种子。"]),
            f"{P}{s.c(JUMPY)}地说：“我要把{seed}种出来！”")
     s.para(f"{P}在{place}挖了一个小坑，把种子放进去，盖上土，又浇了一点水。",
            f"{P}{s.c(['小声地', '轻轻地'])}说：“小种子，快快长大吧！”")
