@@ -100,8 +100,8 @@ SAD = ["难过", "伤心", "着急", "失望", "委屈", "沮丧", "孤单", "�
 LONELY = ["孤单", "难过", "无聊", "寂寞"]
 SCARED = ["害怕", "紧张", "担心", "不安"]
 WEATHER = [("阳光明媚", "暖暖的太阳照在身上"), ("天气晴朗", "天上飘着白白的云"),
-           ("风很凉快", "风轻轻地吹着"), ("天气暖和", "小鸟在树上唱歌"),
-           ("天空很蓝", "花儿都开了"), ("空气清新", "草地湿湿的，闻起来香香的")]
+           ("风很凉快", "树叶沙沙地响"), ("天气暖和", "小鸟在树上唱歌"),
+           ("天空很蓝", "花儿都开了"), ("空气清新", "草地闻起来香香的")]
 TASTES = ["甜甜", "香香", "好吃", "脆脆", "软软", "新鲜", "热乎乎", "凉凉", "酸酸甜甜", "香甜"]
 PLACE_ADJS = ["安静", "热闹", "美丽", "干净", "好玩", "凉快", "漂亮", "有趣", "宽敞"]
 
@@ -594,10 +594,6 @@ class Story:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _feel(s: Story, table) -> str:
-    return s.c(table)
-
-
 def _one_day(s: Story) -> str:
     """有一天， unless the opening already said it (then 这天， so a story never says it twice)."""
     if s.said_one_day:
@@ -614,7 +610,7 @@ def _opening(s: Story, *, with_pet: bool) -> str:
 
 
 def _opening_text(s: Story, *, with_pet: bool) -> str:
-    h, r = s.hero, s.r
+    h = s.hero
     P, p = h.name, h.pron
     k = h.kind
     if with_pet and k.is_child:
@@ -633,7 +629,7 @@ def _opening_text(s: Story, *, with_pet: bool) -> str:
             f"{P}是一个{trait}的{k.word}。",
             f"从前，有{h.intro()}。{P}最喜欢{s.c(ACTIVITIES)[0]}了。",
             f"有一天，{P}醒得很早。",
-            f"有一天，{s.c(WEATHER)[0]}，{P}的心情好极了。",
+            "有一天，{0}，{1}，{2}的心情好极了。".format(*s.c(WEATHER), P),
             f"从前，有{h.intro()}。{P}有一双{s.c(EYES)}的眼睛和一头{s.c(HAIR)}的头发。",
             f"{P}是一个{trait}的{k.word}，{p}有一张{s.c(FACE)}的小脸。",
             f"从前，有{h.intro()}。{P}最喜欢吃{s.c(FOODS)[0]}了。",
