@@ -732,7 +732,8 @@ def _lost_item(s: Story) -> None:
                f"{P}{s.c(SURPRISED)}地跟着{d.name}跑过去，低头一看，{s.c(['哇', '咦', '啊'])}，{col}的{obj}就在那里！",
                f"原来{d.name}早就闻到了{obj}的味道。")
     else:
-        s.para(_said(s, helper, s.c(["别着急，我们一起找吧。", "别哭，我来帮你找。"]), s.c(["", "轻轻地", "温柔地"])),
+        s.para(s.c(["这时，", "正在这时，"]) + f"{par.name}走了过来。" if helper is par else "",
+               _said(s, helper, s.c(["别着急，我们一起找吧。", "别哭，我来帮你找。"]), s.c(["", "轻轻地", "温柔地"])),
                _said(s, helper, s.c(["你最后一次看见它是在哪里？", "你刚才都去过哪里？"]), "", "问"),
                f"{P}想了想，说：“我刚才在{hidden}玩过。”",
                f"{P}和{helper.name}来到{hidden}，{P}低头一看，{obj}就在那里！")
