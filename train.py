@@ -628,6 +628,11 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
         raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
                          f"by the world size {d.world_size} (it is the total over all processes)")
     grad_accum = cfg.gradient_accumulation_steps // d.world_size
+    if cfg.wandb_log:  # checked early and on every rank, so a missing wandb stops all of them
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--wandb_log=true but wandb is not installed (pip install wandb)") from None
     device = pick_device(cfg, d)
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = pick_dtype(cfg, device_type)
@@ -674,20 +679,21 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # compiled if asked, never DDP-wrapped: evaluation needs no gradient sync
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None)
+        # The only buffers are the constant RoPE tables: nothing to broadcast each forward.
+        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
+                    broadcast_buffers=False)
     amp = nullcontext() if dtype == "float32" else torch.autocast(
         device_type=device_type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
 
     wandb_run = None
-    if cfg.wandb_log and d.master:
-        try:
-            import wandb
-        except ImportError:
-            raise TrainError("--wandb_log=true but wandb is not installed (pip install wandb)") from None
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+    if cfg.wandb_log:
+        if d.master:
+            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                   config=dataclasses.asdict(cfg))
     log = RunLog(out_dir, enabled=d.master, wandb_run=wandb_run)
     n_params = raw_model.num_params()
     log.note(f"{'resuming at iter ' + str(iter_num) if start_iter else 'training from scratch'}: "
@@ -703,21 +709,23 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
         return t
 
     def reduce_mean(values: list[float]) -> list[float]:
+        if not d.enabled:
+            return values
         t = reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
         return (t / d.world_size).tolist()
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
-        model.eval()
+        eval_model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=device)
         for i, loader in enumerate((eval_train, eval_val)):
             for k in range(d.rank, cfg.eval_iters, d.world_size):
                 x, y = loader.get(k)
                 x, y = x.to(device), y.to(device)
                 with amp:
-                    _, loss = raw_model(x, y)  # a forward pass needs no DDP sync
+                    _, loss = eval_model(x, y)
                 totals[i] += loss.double()
-        model.train()
+        eval_model.train()
         train_loss, val_loss = (reduce_sum(totals) / cfg.eval_iters).tolist()
         return train_loss, val_loss
 

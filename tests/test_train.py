@@ -458,3 +458,13 @@ def test_sigterm_stops_gracefully_with_a_checkpoint(shards, tmp_path):
     assert proc.returncode == 0, err
     assert f"stopped by signal {int(signal.SIGTERM)}" in out
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
+
+
+def test_wandb_only_when_asked_and_installed(capsys, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; this checks the message for when it is not")
+    assert train.main(["--wandb_log=true", f"--out_dir={tmp_path}"]) == 1
+    assert "--wandb_log=true but wandb is not installed" in capsys.readouterr().err
+    assert "wandb" not in sys.modules  # never imported unless asked
