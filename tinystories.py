@@ -961,7 +961,7 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
                 cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
                 char_counts[:] += np.bincount(cps, minlength=0x110000)
                 char_counts[10] -= len(buf)  # the newlines we added
-                if n_pairs < 20_000_000:  # a sample is enough to rank the frequent pairs
+                if n_pairs < 4_000_000:  # a sample is enough to rank the frequent pairs
                     p = (cps[:-1] << 21) | cps[1:]
                     p = p[(cps[:-1] != 10) & (cps[1:] != 10)]
                     pairs.append(p)
@@ -983,7 +983,7 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
                             buf.append(line)
                             buf_chars += len(line)
                             n_lines += 1
-                    if buf_chars > 10_000_000:
+                    if buf_chars > 2_000_000:
                         flush()
                 if n_train >= cfg.max_stories and len(val_sample) >= 2000:
                     break  # enough of both; the rest of the corpus is not needed
