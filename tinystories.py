@@ -725,6 +725,11 @@ def cmd_download(cfg: DownloadConfig) -> None:
         print(f"{target}: already downloaded and extracted ({done.get('files')} files from "
               f"{filename}); nothing to do")
         return
+    if done is None and not archive.exists() and target.is_dir() and list_text_files(target):
+        # put there by hand (or by an older tool): never overwrite someone's data
+        print(f"{target}: already holds {len(list_text_files(target))} data files; nothing to do "
+              f"(remove the folder to download {filename} again)")
+        return
     if archive.exists():
         print(f"{archive}: already downloaded")
     else:

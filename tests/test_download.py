@@ -172,6 +172,14 @@ def test_download_extract_and_rerun_does_nothing(hub, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["TinyStories_all_data_zh.tar.gz", "zh"]
 
 
+def test_existing_data_put_there_by_hand_is_left_alone(hub, tmp_path, capsys):
+    (tmp_path / "zh").mkdir()
+    (tmp_path / "zh" / "mine.jsonl").write_text('{"story": "我的故事"}\n', "utf-8")
+    assert download(tmp_path) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert hub.requests == [] and read_zh(tmp_path / "zh") == ["我的故事"]
+
+
 def test_download_en_url_and_json_arrays(hub, tmp_path):
     data = [{"story": f"Once upon a time there was cat number {i}.", "instruction": {}}
             for i in range(40)]
@@ -240,7 +248,7 @@ def test_transient_errors_retried_then_given_up(hub, tmp_path, capsys):
     for p in list(tmp_path.iterdir()):
         if p.is_file():
             p.unlink()
-    (tmp_path / "zh" / ".complete").unlink()
+    shutil.rmtree(tmp_path / "zh")
     hub.fail_status = [503] * 10
     assert download(tmp_path, "--max_retries=2") == 1
     err = capsys.readouterr().err
