@@ -320,11 +320,11 @@ def iter_file_stories(path: Path, *, text_key: str = "", problems: ProblemLog) -
         if suffix == ".txt":
             yield from _iter_txt(path)
             return
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading BOM is not text
             if suffix == ".json":
                 # A .json file holds one array of stories; some data sets name jsonl files .json,
                 # so anything not starting with '[' is read as one object per line.
-                head = f.read(4096).lstrip("\ufeff \t\r\n")[:1]
+                head = f.read(4096).lstrip(" \t\r\n")[:1]
                 f.seek(0)
                 if head == "[":
                     yield from _iter_json_array(path, f, text_key, problems)
@@ -370,7 +370,7 @@ def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iter
 def _iter_txt(path: Path) -> Iterator[str]:
     """Stories separated by one or more blank (whitespace-only) lines."""
     buf: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             if line.strip():
                 buf.append(line)

@@ -308,16 +308,20 @@ def test_custom_jsonl_autodetect_and_text_key(tmp_path, small_tok):
 def test_custom_json_array_and_txt(tmp_path, small_tok):
     d = tmp_path / "mixed"
     d.mkdir()
+    # with a byte-order mark, as Windows editors write: not part of the first story
     (d / "a.json").write_text(json.dumps([{"story": STORIES[0]}, STORIES[1]], ensure_ascii=False),
-                              "utf-8")
+                              "utf-8-sig")
     # .txt: stories separated by blank lines (whitespace-only lines count as blank)
     (d / "sub").mkdir()
     (d / "sub" / "b.txt").write_text(f"{STORIES[2]}\n\n\n{STORIES[3]}\n  \n{STORIES[4]}\n"
-                                     "第二行。\n", "utf-8")
+                                     "第二行。\n", "utf-8-sig")
+    (d / "c.jsonl").write_text(json.dumps({"text": "带BOM的一行。"}, ensure_ascii=False) + "\n",
+                               "utf-8-sig")
     (d / "notes.md").write_text("ignored", "utf-8")
     code, out = _pretok_custom(tmp_path, small_tok, d)
     assert code == 0
-    want = [STORIES[0], STORIES[1], STORIES[2], STORIES[3].strip(), STORIES[4] + "\n第二行。"]
+    want = [STORIES[0], STORIES[1], STORIES[2], STORIES[3].strip(), STORIES[4] + "\n第二行。",
+            "带BOM的一行。"]
     assert sorted(_decoded_train(out, small_tok)) == sorted(want)
 
 
