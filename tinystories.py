@@ -400,7 +400,7 @@ def opt(default, help: str):
 class DownloadConfig:
     dataset: str = opt("zh", "zh (TinyStoriesChinese, adam89) or en (roneneldan/TinyStories)")
     data_root: str = opt("", "folder for all data; '' means data/ beside tinystories.py")
-    max_retries: int = opt(8, "transient failures retried this many times, resuming each time")
+    max_retries: int = opt(5, "transient failures retried this many times, resuming each time")
     backoff: float = opt(2.0, "seconds before the first retry; doubles each retry, capped at 60")
     timeout: float = opt(60.0, "seconds without data before the connection counts as failed")
     keep_archive: bool = opt(True, "keep the .tar.gz after extracting it")
@@ -561,8 +561,13 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     if not value or not value.startswith("bytes "):
         return None, None
     span, _, total = value[6:].partition("/")
-    start = None if span.strip() == "*" else int(span.split("-")[0])
-    return start, (int(total) if total.strip().isdigit() else None)
+    start = span.split("-")[0].strip()
+    return _int_or_none(start), _int_or_none(total)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _linked(resp, name: str) -> str | None:
@@ -573,7 +578,7 @@ def _linked(resp, name: str) -> str | None:
     return None
 
 
-def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float = 2.0,
+def download_file(url: str, dest: Path, *, max_retries: int = 5, backoff: float = 2.0,
                   timeout: float = 60.0, chunk_bytes: int = DOWNLOAD_CHUNK) -> None:
     """Stream url to dest: resume dest.part with an HTTP Range request, retry transient failures
     with exponential backoff, check the size (and sha256 when the hub announces it), and rename
@@ -591,14 +596,14 @@ def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float 
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
                 with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                    linked_size = _linked(r, "X-Linked-Size")
+                    linked_size = _int_or_none(_linked(r, "X-Linked-Size"))
                     etag = (_linked(r, "X-Linked-Etag") or "").strip('"').lower()
                     if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
                         sha256 = etag  # LFS files: the hub's etag is the file's sha256
                     if r.status_code == 416:
                         _, total = _content_range(r.headers.get("Content-Range"))
                         if total is not None and total == have:
-                            expected = int(linked_size) if linked_size else total
+                            expected = linked_size if linked_size is not None else total
                             break  # the .part already holds the whole file
                         part.unlink()  # .part is longer than the file: it cannot be resumed
                         raise _Transient(f"server refused to resume at byte {have}; starting over")
@@ -613,10 +618,9 @@ def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float 
                             raise _Transient(f"server resumed at byte {start}, not {have}")
                         mode = "ab"
                     else:  # 200: the whole file (the server ignored or was not sent a Range)
-                        cl = r.headers.get("Content-Length")
-                        total = int(cl) if cl and cl.isdigit() else None
+                        total = _int_or_none(r.headers.get("Content-Length"))
                         mode, have = "wb", 0
-                    expected = int(linked_size) if linked_size else total
+                    expected = linked_size if linked_size is not None else total
                     with open(part, mode) as f, tqdm(total=expected, initial=have, unit="B",
                                                      unit_scale=True, unit_divisor=1024,
                                                      desc=dest.name, leave=False) as bar:
@@ -628,14 +632,18 @@ def download_file(url: str, dest: Path, *, max_retries: int = 8, backoff: float 
                     requests.exceptions.ChunkedEncodingError, _Transient) as e:
                 failures += 1
                 got = part.stat().st_size if part.exists() else 0
+                reason = str(e).split("Caused by ")[-1].strip("()")[:160]  # urllib3's own cause
                 if failures > max_retries:
+                    kept = (f"{got} bytes kept in {part}, run the same command again to resume"
+                            if got else "nothing downloaded yet")
                     raise DataError(f"{url}: download failed after {max_retries} retries "
-                                    f"({type(e).__name__}); {got} bytes kept in {part}, run the "
-                                    "same command again to resume") from None
+                                    f"({type(e).__name__}: {reason}); {kept}") from None
                 wait = min(backoff * 2 ** (failures - 1), 60.0)
-                print(f"download: {type(e).__name__}: {str(e)[:120]}; have {got} bytes, "
+                print(f"download: {type(e).__name__}: {reason}; have {got} bytes, "
                       f"retry {failures}/{max_retries} in {wait:.1f}s", file=sys.stderr)
                 time.sleep(wait)
+            except requests.RequestException as e:  # a bad URL or the like: retrying cannot help
+                raise DataError(f"{url}: {type(e).__name__}: {e}") from None
     size = part.stat().st_size
     if expected is not None and size != expected:
         if size > expected:
