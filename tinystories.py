@@ -825,6 +825,8 @@ def check_vocab_size(n: int) -> None:
 
 def source_files(cfg: SourceConfig) -> tuple[Path, list[Path]]:
     """The folder the stories come from and its data files; DataError with a hint if none."""
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"--val_fraction={cfg.val_fraction}: must be in [0, 1)")
     if cfg.data_dir:
         folder, hint = Path(cfg.data_dir), "give --data_dir a folder of .jsonl, .json or .txt files"
     else:

@@ -530,3 +530,27 @@ def test_shard_header_bytes(tmp_path):
     assert int.from_bytes(raw[24:32], "little") == 1
     assert raw[32:256] == bytes(224)
     assert list(np.frombuffer(raw[256:], "<u2")) == [1, 65534, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4), T=st.integers(1, 40),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_batches_windows_always_in_bounds(tmp_path_factory, sizes, T, seed):
+    d = tmp_path_factory.mktemp("win")
+    for i, n in enumerate(sizes):  # shard i holds 1000*i + 0, 1, 2, ...: contiguity is visible
+        ts.write_shard(d / f"train_{i:03d}.bin", np.arange(n) + 1000 * i, vocab_size=5000,
+                       tokenizer_hash=1, n_stories=1)
+    if max(sizes) < T + 1:
+        with pytest.raises(ts.DataError, match="fewer than one window"):
+            ts.TokenBatches(d, "train", 1, T, seed=seed)
+        return
+    tb = ts.TokenBatches(d, "train", 1, T, seed=seed)
+    W = tb.n_windows
+    assert W == sum(max((n - T) // T, 1) for n in sizes if n >= T + 1)
+    for epoch in range(2):
+        starts = []
+        for j in range(epoch * W, (epoch + 1) * W):
+            w = tb.window(j)
+            assert len(w) == T + 1 and np.all(np.diff(w) == 1), (j, w)
+            starts.append(int(w[0]))
+        assert len(set(starts)) == W  # each window once per epoch
