@@ -1087,8 +1087,14 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
 _SP_CACHE: dict = {}
 
 
+ENCODE_BATCH = 4096  # stories per sentencepiece call: bounds a worker's memory on huge files
+
+
 def _encode_file(job: dict) -> dict:
-    """Worker: one source file -> a train shard in job['out'] and the val tokens returned."""
+    """Worker: one source file -> a train shard in job['out'] and the val tokens returned.
+
+    Stories stream through in batches and the shard is written as it grows (header last), so a
+    single huge file needs memory for one batch, not for the whole file."""
     import sentencepiece as spm
 
     key = job["model"]
@@ -1096,14 +1102,10 @@ def _encode_file(job: dict) -> dict:
     if sp is None:
         sp = _SP_CACHE[key] = spm.SentencePieceProcessor(model_file=key)
     problems = ProblemLog(job["strict"])
-    train: list[str] = []
-    val: list[str] = []
-    for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"], problems=problems):
-        (val if is_val_story(story, job["val_fraction"]) else train).append(story)
 
     def pack(stories: list[str]) -> np.ndarray:
-        ids = sp.encode(stories, num_threads=job["threads"]) if stories else []
-        out = np.empty(sum(len(x) + 2 for x in ids), dtype=np.uint16)
+        ids = sp.encode(stories, num_threads=job["threads"])
+        out = np.empty(sum(len(x) + 2 for x in ids), dtype="<u2")
         pos = 0
         for x in ids:  # BOS, story, EOS
             out[pos] = job["bos"]
@@ -1112,13 +1114,54 @@ def _encode_file(job: dict) -> dict:
             pos += len(x) + 2
         return out
 
-    train_tokens = pack(train)
-    if train_tokens.size:
-        write_shard(Path(job["out"]), train_tokens, vocab_size=job["vocab_size"],
-                    tokenizer_hash=job["hash"], n_stories=len(train))
-    return {"train_stories": len(train), "train_tokens": int(train_tokens.size),
-            "train_chars": sum(len(s) for s in train), "val_stories": len(val),
-            "val": pack(val), "problems": problems.items, "problem_count": problems.count}
+    out_path = Path(job["out"])
+    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
+    train: list[str] = []
+    val: list[str] = []
+    val_parts: list[np.ndarray] = []
+    n_train = n_val = n_tokens = n_chars = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(HEADER_BYTES))  # the real header once the counts are known
+
+            def flush_train():
+                nonlocal n_train, n_tokens, n_chars
+                tokens = pack(train)
+                f.write(tokens.tobytes())
+                n_train += len(train)
+                n_tokens += tokens.size
+                n_chars += sum(len(t) for t in train)
+                train.clear()
+
+            for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"],
+                                           problems=problems):
+                if is_val_story(story, job["val_fraction"]):
+                    val.append(story)
+                    if len(val) >= ENCODE_BATCH:
+                        val_parts.append(pack(val))
+                        n_val += len(val)
+                        val.clear()
+                else:
+                    train.append(story)
+                    if len(train) >= ENCODE_BATCH:
+                        flush_train()
+            if train:
+                flush_train()
+            if val:
+                val_parts.append(pack(val))
+                n_val += len(val)
+            f.seek(0)
+            f.write(shard_header(vocab_size=job["vocab_size"], tokenizer_hash=job["hash"],
+                                 n_tokens=n_tokens, n_stories=n_train))
+        if n_train:
+            os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"train_stories": n_train, "train_tokens": n_tokens, "train_chars": n_chars,
+            "val_stories": n_val,
+            "val": np.concatenate(val_parts) if val_parts else np.zeros(0, dtype="<u2"),
+            "problems": problems.items, "problem_count": problems.count}
 
 
 def cmd_pretokenize(cfg: PretokenizeConfig) -> None:

@@ -305,6 +305,27 @@ def test_custom_jsonl_autodetect_and_text_key(tmp_path, small_tok):
     assert sorted(_decoded_train(out, small_tok)) == sorted(s.strip() for s in STORIES)
 
 
+def test_batched_encoding_matches_source(tmp_path, small_tok, monkeypatch):
+    """Stories stream through the encoder in batches; tiny batches must change nothing."""
+    monkeypatch.setattr(ts, "ENCODE_BATCH", 3)
+    d = tmp_path / "b"
+    d.mkdir()
+    stories = list(storygen.generate_stories(40, 11))
+    (d / "a.jsonl").write_text("".join(json.dumps({"story": s}, ensure_ascii=False) + "\n"
+                                       for s in stories), "utf-8")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / small_tok.name).write_bytes(small_tok.read_bytes())
+    assert ts.main(["pretokenize", f"--data_root={root}", f"--data_dir={d}",
+                    f"--vocab_size={VOCAB}", "--workers=1", "--val_fraction=0.5"]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(small_tok))
+    _, train = stories_in_shard(root / f"tok{VOCAB}" / "train_000.bin", sp)
+    _, val = stories_in_shard(root / f"tok{VOCAB}" / "val.bin", sp)
+    assert train == [s for s in stories if not ts.is_val_story(s, 0.5)]
+    assert val == [s for s in stories if ts.is_val_story(s, 0.5)]
+    assert len(train) > 6 and len(val) > 6  # several batches each
+
+
 def test_custom_json_array_and_txt(tmp_path, small_tok):
     d = tmp_path / "mixed"
     d.mkdir()
