@@ -375,6 +375,12 @@ class RunLog:
         self.enabled = enabled
         self.path = out_dir / "log.jsonl"
         self.wandb_run = wandb_run
+        if enabled and self.path.is_file() and self.path.stat().st_size:
+            # A run killed mid-write leaves a torn last line; start ours on a fresh one.
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def record(self, rec: dict, line: str) -> None:
         if not self.enabled:

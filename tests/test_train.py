@@ -85,7 +85,8 @@ def read_log(out_dir: Path) -> list[dict]:
 
 
 def train_losses(out_dir: Path) -> dict[int, float]:
-    return {r["iter"]: r["loss"] for r in read_log(out_dir) if r["type"] == "train"}
+    """Per-step losses; train.read_log skips a torn last line and lets a re-logged step's later record win."""
+    return {r["iter"]: r["loss"] for r in train.read_log(out_dir / "log.jsonl") if r["type"] == "train"}
 
 
 def run_train(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -468,3 +469,16 @@ def test_wandb_only_when_asked_and_installed(capsys, tmp_path):
     assert train.main(["--wandb_log=true", f"--out_dir={tmp_path}"]) == 1
     assert "--wandb_log=true but wandb is not installed" in capsys.readouterr().err
     assert "wandb" not in sys.modules  # never imported unless asked
+
+
+def test_log_survives_a_torn_last_line_and_resumed_steps(tmp_path, capsys):
+    rec = {"type": "train", "iter": 0, "tokens": 64, "loss": 5.0, "lr": 1e-3, "ms": 1.0, "tok_per_s": 64.0}
+    (tmp_path / "log.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "iter": 1})[:30])
+    log = train.RunLog(tmp_path, enabled=True)
+    log.record({**rec, "iter": 1, "loss": 4.0}, "iter 1")  # the resumed run logs step 1 again
+    log.record({**rec, "iter": 0, "loss": 4.5}, "iter 0")
+    assert capsys.readouterr().out == "iter 1\niter 0\n"
+    recs = train.read_log(tmp_path / "log.jsonl")
+    assert [(r["iter"], r["loss"]) for r in recs] == [(0, 4.5), (1, 4.0)]
+    assert train.main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
