@@ -198,6 +198,7 @@ def _atomic_write(path: str, write_body) -> None:
     _make_folder(path, folder)
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
     except OSError as e:
         raise ExportError(f"{path}: cannot write here ({e.strerror})") from None
     try:
@@ -229,6 +230,12 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optional[str] = None,

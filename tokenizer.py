@@ -323,6 +323,9 @@ def legacy_tokenizer_bytes(model_path: str) -> bytes:
 def write_atomic(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".bin")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; give the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
