@@ -62,7 +62,7 @@ test: venv
 	$(PY) -m pytest tests -q
 
 # Engine benchmarks; writes BENCHMARKS.md.
-bench: venv runomp
+bench: venv
 	$(PY) bench.py
 
 # Remove everything this Makefile builds (not data/ or out/).

@@ -34,10 +34,6 @@
 #else
 #define OMP_PARALLEL_FOR /* single-threaded build */
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define HAVE_AVX512_VNNI 1
-#endif
 
 /* ----------------------------------------------------------------------------------------------
    utilities */
@@ -149,6 +145,7 @@ typedef struct {
     float *logits;     /* (vocab_size) of the last token of the last call */
     int8_t *xq;        /* (BLOCK_MAX, max(dim, hidden_dim)) int8 activations (quantized models) */
     float *xs;         /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) their scales */
+    int32_t *xsum;     /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) sums of each group's int8 */
     float *key_cache;  /* (n_layers, max_seq_len, kv_dim) */
     float *value_cache;/* (n_layers, max_seq_len, kv_dim) */
     float *rope_cos;   /* (max_seq_len, head_size / 2) */
@@ -421,7 +418,9 @@ static void run_state_init(RunState *s, const Config *c) {
     s->att = xmalloc_aligned(B * (size_t)c->n_heads * (size_t)c->max_seq_len * sizeof(float));
     s->logits = xmalloc_aligned((size_t)c->vocab_size * sizeof(float));
     s->xq = xmalloc_aligned(B * wide);
-    s->xs = xmalloc_aligned(B * (c->quantized ? wide / (size_t)c->group_size : 1) * sizeof(float));
+    size_t n_groups = B * (c->quantized ? wide / (size_t)c->group_size : 1);
+    s->xs = xmalloc_aligned(n_groups * sizeof(float));
+    s->xsum = xmalloc_aligned(n_groups * sizeof(int32_t));
     s->key_cache = xmalloc_aligned(cache * sizeof(float));
     s->value_cache = xmalloc_aligned(cache * sizeof(float));
     memset(s->key_cache, 0, cache * sizeof(float));
@@ -447,6 +446,7 @@ static void run_state_free(RunState *s) {
     free(s->rope_cos);
     free(s->value_cache);
     free(s->key_cache);
+    free(s->xsum);
     free(s->xs);
     free(s->xq);
     free(s->logits);
@@ -479,7 +479,11 @@ static void transformer_init(Transformer *t, const char *path) {
         got += (size_t)r;
     }
     config_read(&t->config, path, header, t->file_size);
-    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int flags = MAP_PRIVATE;
+#ifdef MAP_POPULATE
+    flags |= MAP_POPULATE; /* fault the pages in now rather than during the first forward pass */
+#endif
+    t->data = mmap(NULL, t->file_size, PROT_READ, flags, fd, 0);
     if (t->data == MAP_FAILED) fatal("%s: mmap failed (%s)", path, strerror(errno));
     close(fd);
     weights_map(t);
@@ -497,11 +501,14 @@ static void transformer_free(Transformer *t) {
 /* ----------------------------------------------------------------------------------------------
    kernels
 
-   Every dot product sums in 16 interleaved partial sums combined in a fixed tree, so the result
-   does not depend on vector width or on how rows and tokens are split across threads: prefill of
-   a block and token-by-token decoding give bit-identical logits. */
+   Every fp32 dot product sums in 16 interleaved partial sums (element i goes to sum i % 16) that
+   are combined in a fixed tree at the end, so the result does not depend on how rows and tokens
+   are split across threads or tiles: within one build, prompt prefill of a block and
+   token-by-token decoding give bit-identical logits. Each fast kernel has a plain-C reference
+   (the *_ref functions) that tests/engine_kernels.c compares it with on odd sizes; the int8 fast
+   path gives bit-identical results to its reference, the fp32 one differs only by FMA rounding. */
 
-static float dot_f32(const float *a, const float *b, int n) {
+static float dot_f32_ref(const float *a, const float *b, int n) {
     float acc[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
@@ -512,19 +519,98 @@ static float dot_f32(const float *a, const float *b, int n) {
     return acc[0];
 }
 
-/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32. */
-static void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m) {
+/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32: the plain reference. Not static: builds whose fast
+   kernel replaces it still keep it for tests/engine_kernels.c. */
+void matmul_f32_ref(float *out, const float *x, const float *w, int n, int d, int m) {
     int i;
-OMP_PARALLEL_FOR
+    OMP_PARALLEL_FOR
     for (i = 0; i < d; i++) {
         const float *row = w + (size_t)i * m;
-        for (int t = 0; t < n; t++) out[(size_t)t * d + i] = dot_f32(x + (size_t)t * m, row, m);
+        for (int t = 0; t < n; t++) out[(size_t)t * d + i] = dot_f32_ref(x + (size_t)t * m, row, m);
     }
 }
 
+#if defined(__AVX512F__)
+#define HAVE_AVX512 1
+#include <immintrin.h>
+
+/* The 16 partial sums combined in dot_f32_ref's tree order: k += k+8, k += k+4, k += k+2, k += k+1. */
+static inline float hsum16_ps(__m512 v) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+/* A tile of R rows x T tokens (R, T <= 4, compile-time constants after inlining): R*T register
+   accumulators, each W and x vector loaded once per 16 columns. */
+static inline __attribute__((always_inline)) void tile_f32(float *out, const float *x, const float *w,
+                                                           int d, int m, int R, int T) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= m; i += 16) {
+        __m512 wv[4], xv[4];
+        /* The next block's rows (the next 4 rows; past the end only a harmless hint): the
+           hardware prefetcher alone does not keep enough lines in flight to stream at bandwidth. */
+        if (T == 1)
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + (size_t)(r + 4) * m + i), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + (size_t)r * m + i);
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * m + i);
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
+    }
+    if (i < m) { /* the last m % 16 columns land in partial sums 0 .. m%16-1, as in the reference */
+        __mmask16 k = (__mmask16)((1u << (m - i)) - 1);
+        __m512 wv[4], xv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(k, w + (size_t)r * m + i);
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(k, x + (size_t)t * m + i);
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_mask3_fmadd_ps(wv[r], xv[t], acc[r][t], k);
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[(size_t)t * d + r] = hsum16_ps(acc[r][t]);
+}
+
+/* Rows [i0, i0+4) (or fewer at the end) against all n tokens, 4 tokens at a time. */
+static void rows_f32(float *out, const float *x, const float *w, int n, int d, int m, int i0) {
+    const float *wr = w + (size_t)i0 * m;
+    float *o = out + i0;
+    int R = d - i0 < 4 ? d - i0 : 4;
+    int t = 0;
+    if (R == 4) {
+        for (; t + 4 <= n; t += 4) tile_f32(o + (size_t)t * d, x + (size_t)t * m, wr, d, m, 4, 4);
+        for (; t < n; t++) tile_f32(o + (size_t)t * d, x + (size_t)t * m, wr, d, m, 4, 1);
+    } else {
+        for (int r = 0; r < R; r++) {
+            for (t = 0; t + 4 <= n; t += 4)
+                tile_f32(o + (size_t)t * d + r, x + (size_t)t * m, wr + (size_t)r * m, d, m, 1, 4);
+            for (; t < n; t++) tile_f32(o + (size_t)t * d + r, x + (size_t)t * m, wr + (size_t)r * m, d, m, 1, 1);
+        }
+    }
+}
+#endif
+
+/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32. Threads split the rows in blocks of 4; the n tokens
+   reuse each block of W while it is in cache, so prefill reads the weights once per block of
+   tokens and decoding (n = 1) streams them once. */
+static void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m) {
+#if HAVE_AVX512
+    int blocks = (d + 3) / 4, b;
+    OMP_PARALLEL_FOR
+    for (b = 0; b < blocks; b++) rows_f32(out, x, w, n, d, m, 4 * b);
+#else
+    matmul_f32_ref(out, x, w, n, d, m);
+#endif
+}
+
 /* Q8_0 activations: each group of gs values becomes int8 q with x ~= q * scale, scale = max|x|/127
-   (the weights' scheme). x (n, m) -> xq (n, m), xs (n, m / gs). */
-static void quantize_rows(int8_t *xq, float *xs, const float *x, int n, int m, int gs) {
+   (the weights' scheme), rounded half to even. x (n, m) -> xq (n, m), xs (n, m / gs), and
+   xsum (n, m / gs) the sum of each group's q (the VNNI kernel needs it). */
+static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
     int64_t groups = (int64_t)n * (m / gs);
     for (int64_t g = 0; g < groups; g++) {
         const float *v = x + g * gs;
@@ -533,11 +619,16 @@ static void quantize_rows(int8_t *xq, float *xs, const float *x, int n, int m, i
         float scale = amax / 127.0f;
         xs[g] = scale;
         int8_t *q = xq + g * gs;
+        int32_t sum = 0;
         if (scale == 0.0f) {
             memset(q, 0, (size_t)gs);
-            continue;
+        } else {
+            for (int i = 0; i < gs; i++) {
+                q[i] = (int8_t)lrintf(v[i] / scale);
+                sum += q[i];
+            }
         }
-        for (int i = 0; i < gs; i++) q[i] = (int8_t)lrintf(v[i] / scale);
+        xsum[g] = sum;
     }
 }
 
@@ -548,31 +639,154 @@ static int32_t dot_i8(const int8_t *a, const int8_t *b, int n) {
     return sum;
 }
 
-/* out (n, d) = dequant(xq) (n, m) @ dequant(W)^T: int8 x int8 -> int32 per group, then scaled. */
-static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Matrix *w, int n, int d,
-                      int m, int gs) {
+/* out (n, d) = dequant(xq) (n, m) @ dequant(W)^T: int8 x int8 -> int32 per group, then scaled
+   and summed over groups in order in fp32. The plain reference. */
+void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+                          int n, int d, int m, int gs) {
     int groups = m / gs;
     int i;
-OMP_PARALLEL_FOR
+    OMP_PARALLEL_FOR
     for (i = 0; i < d; i++) {
-        const int8_t *wq = w->q + (size_t)i * m;
-        const float *ws = w->s + (size_t)i * groups;
+        const int8_t *wr = wq + (size_t)i * m;
+        const float *sr = ws + (size_t)i * groups;
         for (int t = 0; t < n; t++) {
             const int8_t *aq = xq + (size_t)t * m;
             const float *as = xs + (size_t)t * groups;
             float acc = 0.0f;
-            for (int g = 0; g < groups; g++)
-                acc += (float)dot_i8(aq + (size_t)g * gs, wq + (size_t)g * gs, gs) * ws[g] * as[g];
+            for (int g = 0; g < groups; g++) {
+                /* separate statements: no compiler may fuse these into an FMA (clang would within
+                   one expression), so the VNNI path's separate multiplies match bit for bit */
+                float v = (float)dot_i8(aq + (size_t)g * gs, wr + (size_t)g * gs, gs) * sr[g];
+                v = v * as[g];
+                acc = acc + v;
+            }
             out[(size_t)t * d + i] = acc;
         }
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI 1
+/* vpdpbusd multiplies unsigned by signed bytes, so the weights go in shifted: (w + 128) is w ^ 0x80
+   as an unsigned byte, and sum (w + 128) x = sum w x + 128 sum x, with sum x precomputed per group
+   (xsum). Integer sums are exact, so each group's int32 equals dot_i8's, and the fp32 part below
+   is the reference's expression in the reference's order: bit-identical results. */
+/* One row's group: 16 int32 lanes whose total is sum (w + 128) x over the group's gs bytes
+   (gs % 16 == 0; a masked tail covers gs % 64; masked-off bytes contribute 0 * 0). */
+static inline __m512i group_vnni(const int8_t *w, const int8_t *x, int gs) {
+    __m512i acc = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int i = 0;
+    for (; i + 64 <= gs; i += 64) {
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
+        acc = _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512((const void *)(x + i)));
+    }
+    if (i < gs) {
+        __mmask64 k = (__mmask64)(~0ull >> (64 - (gs - i)));
+        __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w + i), flip);
+        acc = _mm512_dpbusd_epi32(acc, wv, _mm512_maskz_loadu_epi8(k, x + i));
+    }
+    return acc;
+}
+
+/* The totals of four rows' lane vectors, [v0, v1, v2, v3], in one pass of pairwise shuffles. */
+static inline __m128i hsum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+    __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+    __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+    __m256i c = _mm256_add_epi32(_mm512_castsi512_si256(b), _mm512_extracti64x4_epi64(b, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+}
+
+/* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
+   the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. */
+static void rows4_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
+                          const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i0) {
+    int groups = m / gs;
+    const int8_t *w0 = wq + (size_t)i0 * m, *w1 = w0 + m, *w2 = w1 + m, *w3 = w2 + m;
+    const float *s0 = ws + (size_t)i0 * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
+    for (int t = 0; t < n; t++) {
+        const int8_t *aq = xq + (size_t)t * m;
+        const float *as = xs + (size_t)t * groups;
+        const int32_t *asum = xsum + (size_t)t * groups;
+        __m128 acc = _mm_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            size_t off = (size_t)g * gs;
+            const int8_t *a = aq + off;
+            if (n == 1) /* the next block's rows, as in tile_f32 */
+                for (int k = 0; k < gs; k += 64) {
+                    _mm_prefetch((const char *)(w3 + m + off + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w3 + 2 * (size_t)m + off + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w3 + 3 * (size_t)m + off + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w3 + 4 * (size_t)m + off + k), _MM_HINT_T0);
+                }
+            __m128i isum = hsum4_epi32(group_vnni(w0 + off, a, gs), group_vnni(w1 + off, a, gs),
+                                       group_vnni(w2 + off, a, gs), group_vnni(w3 + off, a, gs));
+            isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * asum[g]));
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set_ps(s3[g], s2[g], s1[g], s0[g]));
+            v = _mm_mul_ps(v, _mm_set1_ps(as[g]));
+            acc = _mm_add_ps(acc, v);
+        }
+        float r[4];
+        _mm_storeu_ps(r, acc);
+        float *o = out + (size_t)t * d + i0;
+        o[0] = r[0];
+        o[1] = r[1];
+        o[2] = r[2];
+        o[3] = r[3];
+    }
+}
+
+/* Rows that do not fill a block of four, one at a time. */
+static void row_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
+                        const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i) {
+    int groups = m / gs;
+    const int8_t *wr = wq + (size_t)i * m;
+    const float *sr = ws + (size_t)i * groups;
+    for (int t = 0; t < n; t++) {
+        const int8_t *aq = xq + (size_t)t * m;
+        const float *as = xs + (size_t)t * groups;
+        const int32_t *asum = xsum + (size_t)t * groups;
+        float acc = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            int32_t isum = _mm512_reduce_add_epi32(group_vnni(wr + (size_t)g * gs, aq + (size_t)g * gs, gs));
+            isum -= 128 * asum[g];
+            float v = (float)isum * sr[g];
+            v = v * as[g];
+            acc = acc + v;
+        }
+        out[(size_t)t * d + i] = acc;
+    }
+}
+
+static void matmul_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
+                           const int8_t *wq, const float *ws, int n, int d, int m, int gs) {
+    int blocks = d / 4, b;
+    OMP_PARALLEL_FOR
+    for (b = 0; b < blocks; b++) rows4_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, 4 * b);
+    for (int i = 4 * blocks; i < d; i++) row_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i);
+}
+#endif
+
+static void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
+                      const float *ws, int n, int d, int m, int gs) {
+#if HAVE_VNNI
+    if (gs % 16 == 0) {
+        matmul_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs);
+        return;
+    }
+#endif
+    (void)xsum;
+    matmul_q8_ref(out, xq, xs, wq, ws, n, d, m, gs);
+}
+
 /* out (n, d) = x (n, m) @ W^T for either weight type. For int8 weights, x must already be
-   quantized into s->xq / s->xs (quantize_rows), so several matrices can share one quantization. */
+   quantized into s->xq / s->xs / s->xsum (quantize_rows), so matrices sharing an input share one
+   quantization. */
 static void matmul(Transformer *t, float *out, const float *x, const Matrix *w, int n, int d, int m) {
+    RunState *s = &t->state;
     if (w->w) matmul_f32(out, x, w->w, n, d, m);
-    else matmul_q8(out, t->state.xq, t->state.xs, w, n, d, m, t->config.group_size);
+    else matmul_q8(out, s->xq, s->xs, s->xsum, w->q, w->s, n, d, m, t->config.group_size);
 }
 
 static void rmsnorm(float *out, const float *x, const float *gain, int n, float eps) {
@@ -646,7 +860,7 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
         /* attention: q, k, v of the block; k and v go straight into the cache rows */
         for (int i = 0; i < n; i++)
             rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_att, d, c->norm_eps);
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         matmul(t, s->q, s->xb, &lw->wq, n, d, d);
         matmul(t, kc + (size_t)pos * kv, s->xb, &lw->wk, n, kv, d);
         matmul(t, vc + (size_t)pos * kv, s->xb, &lw->wv, n, kv, d);
@@ -666,7 +880,7 @@ OMP_PARALLEL_FOR
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
             float *att = s->att + (size_t)job * c->max_seq_len;
             size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
-            for (int p = 0; p < len; p++) att[p] = dot_f32(qh, kc + (size_t)p * kv + kv_off, hs) * att_scale;
+            for (int p = 0; p < len; p++) att[p] = dot_f32_ref(qh, kc + (size_t)p * kv + kv_off, hs) * att_scale;
             softmax(att, len);
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
             for (int k = 0; k < hs; k++) out[k] = 0.0f;
@@ -676,21 +890,21 @@ OMP_PARALLEL_FOR
                 for (int k = 0; k < hs; k++) out[k] += a * vp[k];
             }
         }
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
         for (int i = 0; i < n; i++)
             rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_ffn, d, c->norm_eps);
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xb, n, d, gs);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         matmul(t, s->hb, s->xb, &lw->w1, n, hd, d);
         matmul(t, s->hb2, s->xb, &lw->w3, n, hd, d);
         for (size_t i = 0; i < (size_t)n * hd; i++) {
             float g = s->hb[i];
             s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
         }
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->hb, n, hd, gs);
+        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->hb, n, hd, gs);
         matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
     }
@@ -700,7 +914,7 @@ OMP_PARALLEL_FOR
     for (int i = first; i < n; i++)
         rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, w->rms_final, d, c->norm_eps);
     const float *xin = s->xb + (size_t)first * d;
-    if (c->quantized) quantize_rows(s->xq, s->xs, xin, rows, d, gs);
+    if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, xin, rows, d, gs);
     float *dst = all_logits ? all_logits : s->logits;
     matmul(t, dst, xin, &w->wcls, rows, c->vocab_size, d);
     if (all_logits)

@@ -10,6 +10,7 @@
    IDS: token ids separated by spaces, the first one usually BOS.
    Build: make run BIN=tests/engine_logits SRC=tests/engine_logits.c (or runsan, runomp). */
 #define TESTING
+#pragma GCC diagnostic ignored "-Wunused-function" /* main()'s helpers are not all used */
 #include "../run.c"
 
 static int *parse_ids(const char *s, int vocab_size, int *n_out) {
@@ -38,7 +39,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: engine_logits step|block|greedy MODEL \"IDS\" OUT.f32|N\n");
         return 2;
     }
-    (void)generate; /* the CLI's text wrapper; the tests reach it through ./run */
     const char *mode = argv[1];
     Transformer t;
     transformer_init(&t, argv[2]);

@@ -1,6 +1,9 @@
 """Tests for the C engine (run.c): logits parity with model.py, greedy generation, the CLI, and
-one-line errors on bad files. Every test runs against two builds: the plain -O3 build and the
-address+undefined sanitizer build (leak detection on), where any sanitizer report fails the test.
+one-line errors on bad files. Every test runs against three builds: the plain -O3 build, the
+address+undefined sanitizer build (leak detection on; any sanitizer report fails the test), and
+the native build users run (`make runomp`: -march=native, OpenMP, the AVX-512/VNNI kernels where
+the CPU has them). tests/engine_kernels.c checks those fast kernels against their plain-C
+references on odd sizes.
 
     .venv/bin/python -m pytest tests/test_engine.py -q
     .venv/bin/python -m pytest tests/test_engine.py -q -k plain      # only the plain build
@@ -43,7 +46,7 @@ INT8_EMULATION_RTOL = 1e-4
 INT8_EMULATION_MIN_CLOSE = 0.75
 
 VERSIONS = [(0, "fp32"), (1, "fp32"), (3, "fp32"), (2, "int8"), (3, "int8")]
-BUILDS = {"plain": "run", "san": "runsan"}
+BUILDS = {"plain": "run", "san": "runsan", "native": "runomp"}
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
 SAN_MARKERS = ("Sanitizer", "runtime error", "Segmentation", "core dumped", "AddressSanitizer")
@@ -65,6 +68,9 @@ class Engine:
     def __init__(self, name: str, run: Path, harness: Path):
         self.name, self.run_path, self.harness_path = name, run, harness
         self.env = dict(os.environ, **(SAN_ENV if name == "san" else {}))
+        # Two threads exercise the OpenMP split; a passive wait policy keeps a busy CI box from
+        # turning every barrier into a spin against a descheduled thread.
+        self.env.update(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="passive")
 
     def _call(self, argv, *, stdin=None, timeout=60) -> subprocess.CompletedProcess:
         p = subprocess.run([str(a) for a in argv], input=stdin, capture_output=True, env=self.env,
@@ -87,12 +93,15 @@ class Engine:
 def engine(request, tmp_path_factory) -> Engine:
     out = tmp_path_factory.mktemp(f"build_{request.param}")
     target = BUILDS[request.param]
-    for binary, src in ((out / "run", "run.c"), (out / "engine_logits", "tests/engine_logits.c")):
+    for binary, src in ((out / "run", "run.c"), (out / "engine_logits", "tests/engine_logits.c"),
+                        (out / "engine_kernels", "tests/engine_kernels.c")):
         p = subprocess.run(["make", "-s", target, f"BIN={binary}", f"SRC={src}"], cwd=ROOT,
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "warning" not in p.stderr, p.stderr
-    return Engine(request.param, out / "run", out / "engine_logits")
+    engine = Engine(request.param, out / "run", out / "engine_logits")
+    engine.kernels_path = out / "engine_kernels"
+    return engine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +244,15 @@ def describe_diff(got: np.ndarray, want: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# logits parity
+# kernels and logits parity
+
+def test_fast_kernels_match_reference(engine):
+    # fp32 within an FMA-rounding bound, int8 bit for bit, on odd sizes and group sizes (in the
+    # plain and sanitizer builds the "fast" kernels are the references themselves).
+    p = engine._call([engine.kernels_path, "check"], timeout=120)
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    assert b"ok: 0 failure(s)" in p.stdout
+
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("version,dtype", VERSIONS, ids=[f"v{v}-{d}" for v, d in VERSIONS])
@@ -546,3 +563,21 @@ def test_mismatched_tokenizer(engine, models, story_model, tok_files, tmp_path):
 def test_story_model_trained(story_model):
     # The fixture's model must have learned something, or the greedy-text tests compare noise.
     assert story_model["loss"] < 3.0
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed (CI needs only cc)")
+def test_clang_build_agrees(models, tmp_path):
+    """run.c is plain C99: clang builds it without warnings and computes the same logits."""
+    path = models["odd_gqa"][(3, "int8")]
+    ids = [1, 7, 99, 300, 5, 42]
+    outs = []
+    for cc, target in (("cc", "run"), ("clang", "run"), ("clang", "runomp")):
+        binary = tmp_path / f"el_{cc}_{target}"
+        p = subprocess.run(["make", "-s", target, f"CC={cc}", f"BIN={binary}", "SRC=tests/engine_logits.c"],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
+        out = tmp_path / f"{cc}_{target}.f32"
+        subprocess.run([binary, "step", path, " ".join(map(str, ids)), out], check=True)
+        outs.append(np.fromfile(out, dtype=np.float32))
+    for o in outs[1:]:
+        assert np.abs(o - outs[0]).max() <= 1e-4

@@ -1,0 +1,460 @@
+"""Benchmarks of the C engine (run.c): decode and prefill speed against this machine's limits.
+
+    make bench                                       # everything, ~5-10 minutes on 2 cores
+    python bench.py --models=zh15M --runs=5 --write=false    # a quick look, tables on stdout only
+    python bench.py --help                           # all options
+
+What it does, all inside one temporary folder:
+  1. builds ./run with `make runomp` (native instructions + OpenMP) and two probes, tiny C programs
+     compiled with the same flags: a memory-bandwidth probe (streaming read of a 1 GiB buffer) and
+     an FMA-throughput probe (independent fused multiply-adds on registers);
+  2. writes random-weight models of the zh15M (dim 288, 6 layers, 6 heads, seq 256), zh42M
+     (512, 8, 8, 1024) and zh110M (768, 12, 12, 1024) shapes, vocab 5000, as version 3 fp32 and
+     int8 files, with a 5000-piece llama2.c-format tokenizer (the BOS/EOS embedding rows are zero,
+     so greedy decoding of random weights never stops early);
+  3. times `./run model -t 0 -n 256` (decode, empty prompt) and a 200-token prompt (prefill) with
+     OMP_NUM_THREADS=1 and 2, several runs each, from the engine's own stderr timing line;
+  4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
+     sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
+  5. prints the tables and writes them to BENCHMARKS.md between `<!-- bench:begin -->` and
+     `<!-- bench:end -->` (the rest of the file is kept; the markers are added if absent).
+
+Numbers depend on what else the machine runs: the load average is recorded next to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# name: (dim, n_layers, n_heads, max_seq_len); n_kv_heads = n_heads, hidden_dim from model.py's rule.
+SHAPES = {"zh15M": (288, 6, 6, 256), "zh42M": (512, 8, 8, 1024), "zh110M": (768, 12, 12, 1024)}
+VOCAB = 5000
+
+
+@dataclass
+class BenchConfig:
+    models: str = "zh15M,zh42M,zh110M"  # comma-separated names from SHAPES
+    dtypes: str = "fp32,int8"
+    threads: str = "1,2"  # OMP_NUM_THREADS values
+    runs: int = 5  # timed runs per configuration (median and min-max reported)
+    decode_tokens: int = 256
+    prompt_tokens: int = 200  # prefill length, BOS included
+    tokenizer_chars: int = 10000
+    output: str = "BENCHMARKS.md"
+    write: bool = True  # false: print the tables only
+
+
+class BenchError(Exception):
+    pass
+
+
+def parse_bool(key: str, s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise BenchError(f"--{key} expects true/false/1/0/yes/no, got {s!r}")
+
+
+def parse_config(argv: list[str]) -> BenchConfig:
+    cfg = BenchConfig()
+    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise BenchError(f"expected --key=value, got {arg!r}; valid keys: {', '.join(fields)}")
+        key, value = arg[2:].split("=", 1)
+        if key not in fields:
+            raise BenchError(f"unknown key {key!r}; valid keys: {', '.join(fields)}")
+        kind = type(getattr(cfg, key))
+        try:
+            parsed = parse_bool(key, value) if kind is bool else kind(value)
+        except ValueError:
+            raise BenchError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+        setattr(cfg, key, parsed)
+    unknown = [m for m in cfg.models.split(",") if m not in SHAPES]
+    if unknown:
+        raise BenchError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
+    if cfg.runs < 1 or cfg.decode_tokens < 2 or cfg.prompt_tokens < 2:
+        raise BenchError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# probes
+
+MEMBW_C = r"""
+/* Streaming read bandwidth: sums a 1 GiB float buffer (16 partial sums per thread, so the loop
+   vectorizes without -ffast-math); best of 5 passes. usage: membw THREADS */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <omp.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(int argc, char **argv) {
+    int threads = atoi(argv[1]);
+    size_t n = (size_t)1 << 28; /* floats: 1 GiB */
+    float *a = aligned_alloc(64, n * sizeof(float));
+    if (!a) return 1;
+    omp_set_num_threads(threads);
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = (float)(i & 7);
+    double best = 1e30, total = 0;
+    for (int pass = 0; pass < 5; pass++) {
+        double t0 = now();
+        #pragma omp parallel reduction(+:total)
+        {
+            float acc[16] = {0};
+            #pragma omp for schedule(static)
+            for (size_t i = 0; i < n; i += 16)
+                for (int k = 0; k < 16; k++) acc[k] += a[i + k];
+            for (int k = 0; k < 16; k++) total += acc[k];
+        }
+        double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    printf("%.3f %g\n", n * sizeof(float) / best / 1e9, total);
+    return 0;
+}
+"""
+
+FMA_C = r"""
+/* Peak fp32 FMA throughput: 12 independent accumulator registers per thread (enough to cover the
+   FMA latency on two units). usage: fma THREADS; prints GFLOP/s (an FMA counts as 2 FLOPs). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <omp.h>
+#include <immintrin.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define W 16
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define SET1 _mm512_set1_ps
+#define STORE _mm512_storeu_ps
+#else
+typedef __m256 vec;
+#define W 8
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define SET1 _mm256_set1_ps
+#define STORE _mm256_storeu_ps
+#endif
+int main(int argc, char **argv) {
+    int threads = atoi(argv[1]);
+    long iters = 50000000;
+    omp_set_num_threads(threads);
+    double best = 1e30, sink = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        double t0 = now();
+        #pragma omp parallel reduction(+:sink)
+        {
+            vec a = SET1(0.999999f), b = SET1(1e-7f);
+            vec c0 = SET1(0), c1 = SET1(1), c2 = SET1(2), c3 = SET1(3), c4 = SET1(4), c5 = SET1(5);
+            vec c6 = SET1(6), c7 = SET1(7), c8 = SET1(8), c9 = SET1(9), c10 = SET1(10), c11 = SET1(11);
+            for (long i = 0; i < iters; i++) {
+                c0 = FMA(c0, a, b); c1 = FMA(c1, a, b); c2 = FMA(c2, a, b); c3 = FMA(c3, a, b);
+                c4 = FMA(c4, a, b); c5 = FMA(c5, a, b); c6 = FMA(c6, a, b); c7 = FMA(c7, a, b);
+                c8 = FMA(c8, a, b); c9 = FMA(c9, a, b); c10 = FMA(c10, a, b); c11 = FMA(c11, a, b);
+            }
+            float out[W];
+            vec s = c0;
+            vec rest[11] = {c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
+            for (int k = 0; k < 11; k++) s = FMA(s, a, rest[k]);
+            STORE(out, s);
+            for (int k = 0; k < W; k++) sink += out[k];
+        }
+        double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    printf("%.3f %g\n", (double)iters * 12 * W * 2 * threads / best / 1e9, sink);
+    return 0;
+}
+"""
+
+
+def sh(argv, *, env=None, cwd=None, timeout=900) -> str:
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, argv))} failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    return p.stdout + p.stderr
+
+
+def build(folder: Path) -> dict:
+    """The engine (make runomp), the tokenizer harness and the probes, same compiler and flags."""
+    cc = os.environ.get("CC", "cc")
+    run = folder / "run"
+    sh(["make", "-s", "runomp", f"BIN={run}"], cwd=ROOT)
+    flags = ["-O3", "-march=native"]
+    tok = folder / "tok_harness"
+    sh([cc, *flags, "-o", tok, ROOT / "tests" / "tok_harness.c", "-lm"])
+    out = {"run": run, "tok_harness": tok, "cc": sh([cc, "--version"]).splitlines()[0]}
+    for name, src in (("membw", MEMBW_C), ("fma", FMA_C)):
+        (folder / f"{name}.c").write_text(src)
+        sh([cc, *flags, "-fopenmp", "-o", folder / name, folder / f"{name}.c"])
+        out[name] = folder / name
+    return out
+
+
+def probe(binary: Path, threads: int) -> float:
+    return float(sh([binary, threads]).split()[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+def write_models(folder: Path, names: list[str], dtypes: list[str]) -> dict:
+    import torch
+
+    from export import write_model_bin
+    from model import ModelArgs, Transformer
+
+    files = {}
+    for name in names:
+        dim, n_layers, n_heads, seq = SHAPES[name]
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                                      vocab_size=VOCAB, max_seq_len=seq)).eval()
+        with torch.no_grad():
+            model.tok_embeddings.weight[1:3] = 0.0  # BOS/EOS logits stay 0 < the best random logit
+        n_matrix = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
+        for dtype in dtypes:
+            path = folder / f"{name}_{dtype}.bin"
+            write_model_bin(model, path, version=3, dtype=dtype)
+            files[(name, dtype)] = {"path": path, "bytes": path.stat().st_size, "n_matrix": n_matrix,
+                                    "args": model.params}
+    return files
+
+
+def write_legacy_tokenizer(path: Path) -> None:
+    """A 5000-piece llama2.c tokenizer: <unk>, BOS, EOS, the 256 byte pieces, a space, then single
+    CJK characters (no merges, so n characters encode to n tokens)."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{b:02X}>".encode() for b in range(256)] + [b" "]
+    c = 0x4E00
+    while len(pieces) < VOCAB:
+        pieces.append(chr(c).encode())
+        c += 1
+    out = [struct.pack("<I", max(len(p) for p in pieces))]
+    for i, p in enumerate(pieces):
+        out.append(struct.pack("<fI", -float(i), len(p)) + p)
+    path.write_bytes(b"".join(out))
+
+
+def prompt_of(run: Path, tok: Path, n_tokens: int) -> str:
+    """CJK text that encodes to exactly n_tokens with BOS (checked with ./run -m encode)."""
+    text = "".join(chr(0x4E00 + i % 4000) for i in range(n_tokens - 2))  # + dummy-prefix space + BOS
+    n = len(sh([run, "-m", "encode", "-z", tok, "-i", text]).split()) + 1
+    if n != n_tokens:
+        raise BenchError(f"prompt encodes to {n} tokens, expected {n_tokens}")
+    return text
+
+
+TIMING = re.compile(r"prefill: (\d+) tokens in ([\d.]+) ms .*decode: (\d+) tokens in ([\d.]+) ms")
+
+
+def timed_run(run: Path, model: Path, tok: Path, threads: int, args: list[str]) -> tuple:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = sh([run, model, "-z", tok, "-t", "0", *args], env=env)
+    m = TIMING.search(out)
+    if not m:
+        raise BenchError(f"no timing line in the output of {model}: {out[-300:]}")
+    n_pre, ms_pre, n_dec, ms_dec = int(m[1]), float(m[2]), int(m[3]), float(m[4])
+    return n_pre / ms_pre * 1e3, (n_dec / ms_dec * 1e3 if n_dec else 0.0)
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer benchmark
+
+def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
+    import sentencepiece as spm
+
+    import storygen
+    from tokenizer import export_tokenizer
+
+    stories = list(storygen.generate_stories(600, seed=0))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stories), model_prefix=str(folder / "zh"), vocab_size=2000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    model = str(folder / "zh.model")
+    tok_bin = export_tokenizer(model, str(folder / "zh.bin"))
+    text = ""
+    for s in storygen.generate_stories(10_000, seed=1):
+        text += s
+        if len(text) >= n_chars:
+            break
+    text = text[:n_chars]
+    (folder / "zh.txt").write_text(text, encoding="utf-8")
+    out = sh([bins["tok_harness"], "bench", tok_bin, folder / "zh.txt", 20])
+    c_ms = float(re.search(r"([\d.]+)", out)[1])
+    sp = spm.SentencePieceProcessor(model_file=model)
+    best = 1e30
+    for _ in range(20):
+        t0 = time.perf_counter()
+        ids = sp.encode(text)
+        best = min(best, time.perf_counter() - t0)
+    return {"chars": len(text), "tokens": len(ids) + 1, "c_ms": c_ms, "sp_ms": best * 1e3}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+def fmt(s: dict, digits: int = 1) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict, tok: dict) -> str:
+    threads = [int(t) for t in cfg.threads.split(",")]
+    lines = [
+        f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores), {env['cc']}, "
+        f"`{env['command']}`. Load average before/after: {env['load_before']} / {env['load_after']} "
+        "(other work on the machine slows the runs, threaded ones most).",
+        "",
+        "Machine limits from the probes (same compiler flags): "
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth, "
+                    f"{probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in threads) + ".",
+        "",
+        f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
+        f"over {cfg.runs} runs; GB/s = model bytes streamed per token x tok/s, % of the probe's bandwidth. "
+        f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
+        "GFLOP/s = 2 x matrix parameters x tokens / time, % of the FMA peak.",
+        "",
+        "| model | weights | MB | threads | decode tok/s | decode GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (name, dtype), f in files.items():
+        for t in threads:
+            r = results[(name, dtype, t)]
+            dec, pre = r["decode"], r["prefill"]
+            gbs = f["bytes"] * dec["median"] / 1e9
+            gflops = 2 * f["n_matrix"] * pre["median"] / 1e9
+            lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {fmt(dec)} | {gbs:.1f} | "
+                         f"{100 * gbs / probes['bw'][t]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
+                         f"{100 * gflops / probes['fma'][t]:.0f}% |")
+    lines += ["", "Ratios (medians): int8 / fp32 decode; prefill speed-up = prefill tok/s / decode tok/s "
+              f"(time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill); "
+              "2 threads / 1 thread decode.", "",
+              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | prefill speed-up int8 | 2t/1t fp32 | 2t/1t int8 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    names = list(dict.fromkeys(n for n, _ in files))
+    dtypes = list(dict.fromkeys(d for _, d in files))
+
+    def med(n, d, t, k):
+        r = results.get((n, d, t))
+        return r[k]["median"] if r else float("nan")
+
+    for n in names:
+        for t in threads:
+            q = med(n, "int8", t, "decode") / med(n, "fp32", t, "decode") if {"int8", "fp32"} <= set(dtypes) else float("nan")
+            pf = med(n, "fp32", t, "prefill") / med(n, "fp32", t, "decode")
+            pq = med(n, "int8", t, "prefill") / med(n, "int8", t, "decode")
+            s = [med(n, d, 2, "decode") / med(n, d, 1, "decode") if {1, 2} <= set(threads) else float("nan")
+                 for d in ("fp32", "int8")]
+            lines.append(f"| {n} | {t} | {q:.2f}x | {pf:.1f}x | {pq:.1f}x | {s[0]:.2f}x | {s[1]:.2f}x |")
+    if tok:
+        lines += ["", f"Tokenizer: encoding {tok['chars']} Chinese characters ({tok['tokens']} tokens with BOS, "
+                  "storygen.py text, a 2000-piece byte-fallback BPE trained on the spot), best of 20: "
+                  f"run.c's encoder {tok['c_ms']:.2f} ms ({tok['chars'] / tok['c_ms'] * 1e3 / 1e6:.2f} M chars/s), "
+                  f"sentencepiece {tok['sp_ms']:.2f} ms."]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    section = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+        new = old[:old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("options (--key=value):", ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(BenchConfig)))
+        return 0
+    try:
+        cfg = parse_config(argv)
+    except BenchError as e:
+        print(f"bench.py: {e}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    names = cfg.models.split(",")
+    dtypes = cfg.dtypes.split(",")
+    threads = [int(t) for t in cfg.threads.split(",")]
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "cpu": cpu_name(), "cores": os.cpu_count(), "load_before": "%.2f" % os.getloadavg()[0],
+           "command": "make bench" if not argv else "python bench.py " + " ".join(argv)}
+    t_start = time.time()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+            folder = Path(tmp)
+            bins = build(folder)
+            env["cc"] = bins["cc"]
+            probes = {"bw": {t: probe(bins["membw"], t) for t in threads},
+                      "fma": {t: probe(bins["fma"], t) for t in threads}}
+            print("probes:", probes, flush=True)
+            tok_path = folder / f"tok{VOCAB}.bin"
+            write_legacy_tokenizer(tok_path)
+            files = write_models(folder, names, dtypes)
+            prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
+            results = {}
+            for (name, dtype), f in files.items():
+                for t in threads:
+                    dec, pre = [], []
+                    for _ in range(cfg.runs):
+                        dec.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
+                        pre.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", "1", "-i", prompt])[0])
+                    results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre)}
+                    print(f"{name} {dtype} threads={t}: decode {fmt(stats(dec))} tok/s, "
+                          f"prefill {fmt(stats(pre))} tok/s", flush=True)
+            tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars)
+    except (BenchError, subprocess.TimeoutExpired) as e:
+        print(f"bench.py: {e}", file=sys.stderr)
+        return 1
+    env["load_after"] = "%.2f" % os.getloadavg()[0]
+    body = render(cfg, env, probes, results, files, tok)
+    print()
+    print(body)
+    print(f"\n(bench took {time.time() - t_start:.0f} s)")
+    if cfg.write:
+        write_section(ROOT / cfg.output, body)
+        print(f"wrote {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,132 @@
+/* Checks run.c's fast kernels against their plain-C references on odd sizes, and times them.
+
+     engine_kernels check          fp32 matmul within a rounding bound of matmul_f32_ref, int8
+                                   matmul bit-identical to matmul_q8_ref, over many odd shapes;
+                                   prints one line per failure and exits 1 if there is any
+     engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
+   tests/test_engine.py builds it with the plain, sanitizer and native (-march=native -fopenmp)
+   flags: make runomp BIN=tests/engine_kernels SRC=tests/engine_kernels.c */
+#define TESTING
+#pragma GCC diagnostic ignored "-Wunused-function" /* main()'s helpers are not all used */
+#include "../run.c"
+
+static uint64_t rng = 88172645463325252ull;
+
+static float frand(void) { /* uniform in [-1, 1) */
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+static void fill(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = frand();
+}
+
+/* Quantizes a (d, m) matrix the way export.py does. */
+static void quantize_matrix(int8_t *q, float *s, const float *w, int d, int m, int gs) {
+    int32_t *sums = xmalloc((size_t)d * (m / gs) * sizeof(int32_t));
+    quantize_rows(q, s, sums, w, d, m, gs);
+    free(sums);
+}
+
+static int check(void) {
+    int failures = 0;
+    const int ds[] = {1, 3, 4, 5, 17, 64, 301};
+    const int ms[] = {1, 2, 15, 16, 17, 36, 100, 256, 301};
+    const int ns[] = {1, 2, 3, 4, 5, 9, 64};
+    for (size_t a = 0; a < sizeof ds / sizeof *ds; a++)
+        for (size_t b = 0; b < sizeof ms / sizeof *ms; b++)
+            for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
+                int d = ds[a], m = ms[b], n = ns[c];
+                float *w = xmalloc((size_t)d * m * sizeof(float));
+                float *x = xmalloc((size_t)n * m * sizeof(float));
+                float *fast = xmalloc((size_t)n * d * sizeof(float));
+                float *ref = xmalloc((size_t)n * d * sizeof(float));
+                fill(w, (size_t)d * m);
+                fill(x, (size_t)n * m);
+                matmul_f32(fast, x, w, n, d, m);
+                matmul_f32_ref(ref, x, w, n, d, m);
+                for (int i = 0; i < n * d; i++) {
+                    /* FMA vs separate multiply-add: each of m terms (|term| <= 1) may round
+                       differently, by at most 2^-24 of the running sum's magnitude (<= m). */
+                    float tol = 4.0f * (float)m * (float)m * 5.97e-8f + 1e-7f;
+                    if (!(fabsf(fast[i] - ref[i]) <= tol)) {
+                        printf("fp32 d=%d m=%d n=%d: out[%d] fast %.9g ref %.9g\n", d, m, n, i, fast[i], ref[i]);
+                        failures++;
+                        break;
+                    }
+                }
+                /* int8: every group size that divides m (the file format's constraint) */
+                for (int gs = 1; gs <= m; gs++) {
+                    if (m % gs || (gs & (gs - 1) && gs % 16)) continue; /* powers of two and x16 */
+                    int groups = m / gs;
+                    int8_t *wq = xmalloc((size_t)d * m), *xq = xmalloc((size_t)n * m);
+                    float *ws = xmalloc((size_t)d * groups * sizeof(float));
+                    float *xs = xmalloc((size_t)n * groups * sizeof(float));
+                    int32_t *xsum = xmalloc((size_t)n * groups * sizeof(int32_t));
+                    quantize_matrix(wq, ws, w, d, m, gs);
+                    quantize_rows(xq, xs, xsum, x, n, m, gs);
+                    matmul_q8(fast, xq, xs, xsum, wq, ws, n, d, m, gs);
+                    matmul_q8_ref(ref, xq, xs, wq, ws, n, d, m, gs);
+                    if (memcmp(fast, ref, (size_t)n * d * sizeof(float)) != 0) {
+                        printf("int8 d=%d m=%d n=%d gs=%d: fast and reference differ\n", d, m, n, gs);
+                        failures++;
+                    }
+                    free(xsum);
+                    free(xs);
+                    free(ws);
+                    free(xq);
+                    free(wq);
+                }
+                free(ref);
+                free(fast);
+                free(x);
+                free(w);
+            }
+    printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
+    return failures ? 1 : 0;
+}
+
+static void time_kernels(int d, int m, int n) {
+    int gs = m % 64 == 0 ? 64 : 32;
+    float *w = xmalloc_aligned((size_t)d * m * sizeof(float));
+    float *x = xmalloc_aligned((size_t)n * m * sizeof(float));
+    float *out = xmalloc_aligned((size_t)n * d * sizeof(float));
+    int8_t *wq = xmalloc_aligned((size_t)d * m), *xq = xmalloc_aligned((size_t)n * m);
+    float *ws = xmalloc_aligned((size_t)d * (m / gs) * sizeof(float));
+    float *xs = xmalloc_aligned((size_t)n * (m / gs) * sizeof(float));
+    int32_t *xsum = xmalloc_aligned((size_t)n * (m / gs) * sizeof(int32_t));
+    fill(w, (size_t)d * m);
+    fill(x, (size_t)n * m);
+    quantize_matrix(wq, ws, w, d, m, gs);
+    quantize_rows(xq, xs, xsum, x, n, m, gs);
+    for (int k = 0; k < 4; k++) {
+        const char *name[4] = {"f32", "f32_ref", "q8", "q8_ref"};
+        int reps = 0;
+        double t0 = time_now_s(), t1;
+        do {
+            if (k == 0) matmul_f32(out, x, w, n, d, m);
+            if (k == 1) matmul_f32_ref(out, x, w, n, d, m);
+            if (k == 2) matmul_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs);
+            if (k == 3) matmul_q8_ref(out, xq, xs, wq, ws, n, d, m, gs);
+            reps++;
+            t1 = time_now_s();
+        } while (t1 - t0 < 0.3);
+        double ms = (t1 - t0) / reps * 1e3;
+        double bytes = k < 2 ? 4.0 * d * m : (double)d * m * (1.0 + 4.0 / gs);
+        printf("%-8s d=%d m=%d n=%d: %8.3f ms  %6.1f GB/s  %6.1f GFLOP/s\n", name[k], d, m, n, ms,
+               bytes / ms * 1e-6, 2.0 * d * m * n / ms * 1e-6);
+    }
+    free(xsum); free(xs); free(ws); free(xq); free(wq); free(out); free(x); free(w);
+}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "check") == 0) return check();
+    if (argc == 5 && strcmp(argv[1], "time") == 0) {
+        time_kernels(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+        return 0;
+    }
+    fprintf(stderr, "usage: engine_kernels check | time D M N\n");
+    return 2;
+}
