@@ -127,7 +127,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelArgs))
 # tinyllamas runs (4 GPUs); "tiny" and "micro" fit a 2-core CPU (the demo and the tests).
 TRAIN_PRESETS: dict[str, dict] = {
     "stories260K": dict(batch_size=128, gradient_accumulation_steps=1, learning_rate=5e-4,
-                        max_iters=100000, warmup_iters=1000, eval_interval=2000, dropout=0.05),
+                        max_iters=100000, warmup_iters=1000, eval_interval=2000),
     "stories15M": dict(batch_size=128, gradient_accumulation_steps=4, learning_rate=5e-4,
                        max_iters=100000, warmup_iters=1000, eval_interval=2000),
     "stories42M": dict(batch_size=128, gradient_accumulation_steps=4, learning_rate=5e-4,
