@@ -99,8 +99,8 @@ def parse_config(argv: list[str]) -> BenchConfig:
 # probes
 
 MEMBW_C = r"""
-/* Streaming read bandwidth: sums a 1 GiB float buffer (16 partial sums per thread, so the loop
-   vectorizes without -ffast-math); best of 5 passes. usage: membw THREADS */
+/* Streaming read bandwidth: sums a float buffer of MB megabytes (16 partial sums per thread, so
+   the loop vectorizes without -ffast-math); best of 5 passes. usage: membw THREADS MB */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,7 +109,7 @@ MEMBW_C = r"""
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 int main(int argc, char **argv) {
     int threads = atoi(argv[1]);
-    size_t n = (size_t)1 << 28; /* floats: 1 GiB */
+    size_t n = ((size_t)atoi(argv[2]) << 20) / sizeof(float) / 16 * 16;
     float *a = aligned_alloc(64, n * sizeof(float));
     if (!a) return 1;
     omp_set_num_threads(threads);
@@ -213,8 +213,8 @@ def build(folder: Path) -> dict:
     return out
 
 
-def probe(binary: Path, threads: int) -> float:
-    return float(sh([binary, threads]).split()[0])
+def probe(binary: Path, *args) -> float:
+    return float(sh([binary, *args]).split()[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
             break
     text = text[:n_chars]
     (folder / "zh.txt").write_text(text, encoding="utf-8")
-    out = sh([bins["tok_harness"], "bench", tok_bin, folder / "zh.txt", 20])
-    c_ms = float(re.search(r"([\d.]+)", out)[1])
+    out = sh([bins["tok_harness"], "bench", tok_bin, folder / "zh.txt", 20])  # "n_ids best_ms"
+    c_ms = float(out.split()[1])
     sp = spm.SentencePieceProcessor(model_file=model)
     best = 1e30
     for _ in range(20):
@@ -331,16 +331,17 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
         "(other work on the machine slows the runs, threaded ones most).",
         "",
         "Machine limits from the probes (same compiler flags): "
-        + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth, "
-                    f"{probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in threads) + ".",
+        + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth from "
+                    f"a 1 GiB buffer, {probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in threads) + ".",
         "",
         f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
-        f"over {cfg.runs} runs; GB/s = model bytes streamed per token x tok/s, % of the probe's bandwidth. "
+        f"over {cfg.runs} runs; GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
+        "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
         "GFLOP/s = 2 x matrix parameters x tokens / time, % of the FMA peak.",
         "",
-        "| model | weights | MB | threads | decode tok/s | decode GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | weights | MB | threads | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, dtype), f in files.items():
         for t in threads:
@@ -349,7 +350,7 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
             gbs = f["bytes"] * dec["median"] / 1e9
             gflops = 2 * f["n_matrix"] * pre["median"] / 1e9
             lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {fmt(dec)} | {gbs:.1f} | "
-                         f"{100 * gbs / probes['bw'][t]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
+                         f"{f['bw'][t]:.1f} | {100 * gbs / f['bw'][t]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
                          f"{100 * gflops / probes['fma'][t]:.0f}% |")
     lines += ["", "Ratios (medians): int8 / fp32 decode; prefill speed-up = prefill tok/s / decode tok/s "
               f"(time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill); "
@@ -424,12 +425,17 @@ def main(argv: list[str]) -> int:
             folder = Path(tmp)
             bins = build(folder)
             env["cc"] = bins["cc"]
-            probes = {"bw": {t: probe(bins["membw"], t) for t in threads},
+            probes = {"bw": {t: probe(bins["membw"], t, 1024) for t in threads},
                       "fma": {t: probe(bins["fma"], t) for t in threads}}
-            print("probes:", probes, flush=True)
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
             files = write_models(folder, names, dtypes)
+            # This CPU's caches may hold a whole model (lscpu reports the L3), so each model's
+            # decode is compared with the read bandwidth of a buffer of its own size.
+            for f in files.values():
+                mb = max(1, round(f["bytes"] / 2**20))
+                f["bw"] = {t: probe(bins["membw"], t, mb) for t in threads}
+            print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
             prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
             results = {}
             for (name, dtype), f in files.items():

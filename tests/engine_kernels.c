@@ -4,6 +4,10 @@
                                    matmul bit-identical to matmul_q8_ref, over many odd shapes;
                                    prints one line per failure and exits 1 if there is any
      engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
+     engine_kernels sample T K P DRAWS L0 L1 ...
+                                   draws DRAWS tokens from logits L0 L1 ... with temperature T,
+                                   top-k K, top-p P (the CLI's sampler, seed 1); prints the count
+                                   of each token
    tests/test_engine.py builds it with the plain, sanitizer and native (-march=native -fopenmp)
    flags: make runomp BIN=tests/engine_kernels SRC=tests/engine_kernels.c */
 #define TESTING
@@ -123,10 +127,29 @@ static void time_kernels(int d, int m, int n) {
 
 int main(int argc, char **argv) {
     if (argc == 2 && strcmp(argv[1], "check") == 0) return check();
+    if (argc >= 7 && strcmp(argv[1], "sample") == 0) {
+        int n = argc - 6, draws = atoi(argv[5]);
+        float *logits = xmalloc((size_t)n * sizeof(float)), *scratch = xmalloc((size_t)n * sizeof(float));
+        int *counts = xcalloc((size_t)n, sizeof(int));
+        for (int i = 0; i < n; i++) logits[i] = strtof(argv[6 + i], NULL);
+        Sampler sampler;
+        sampler_init(&sampler, n, strtof(argv[2], NULL), strtof(argv[4], NULL), atoi(argv[3]), 1);
+        for (int r = 0; r < draws; r++) {
+            memcpy(scratch, logits, (size_t)n * sizeof(float));
+            counts[sampler_sample(&sampler, scratch)]++;
+        }
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", counts[i]);
+        printf("\n");
+        sampler_free(&sampler);
+        free(counts);
+        free(scratch);
+        free(logits);
+        return 0;
+    }
     if (argc == 5 && strcmp(argv[1], "time") == 0) {
         time_kernels(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
         return 0;
     }
-    fprintf(stderr, "usage: engine_kernels check | time D M N\n");
+    fprintf(stderr, "usage: engine_kernels check | time D M N | sample T K P DRAWS LOGITS...\n");
     return 2;
 }

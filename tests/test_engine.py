@@ -187,6 +187,8 @@ def story_model(tmp_path_factory, tok_files):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     T = 48
     g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add waiting, worst on a busy box
     for _ in range(60):
         starts = torch.randint(0, len(data) - T - 1, (8,), generator=g)
         x = torch.stack([data[s:s + T] for s in starts])
@@ -195,6 +197,7 @@ def story_model(tmp_path_factory, tok_files):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.eval()
     folder = tmp_path_factory.mktemp("story")
     fp32 = folder / "story.bin"
@@ -321,6 +324,36 @@ def test_greedy_matches_pytorch(engine, models, shape, version, dtype):
     assert [int(t) for t in got] == want
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 4, 1.0),
+                                                     (1.3, 0, 0.8), (1.0, 6, 0.7), (2.0, 0, 0.3)])
+def test_sampler_distribution(engine, temperature, top_k, top_p):
+    """run.c's sampler draws from the distribution model.sample_next defines (chi-square test)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(12, generator=g) * 1.5
+    logits[3] = logits[7]  # a tie: both keep equal shares
+    draws = 40000 if engine.name != "san" else 20000
+    p = engine._call([engine.kernels_path, "sample", temperature, top_k, top_p, draws,
+                      *[f"{v:.9g}" for v in logits.tolist()]])
+    counts = np.array([int(c) for c in p.stdout.split()])
+    # The exact distribution: sample_next's masking, as probabilities.
+    scaled = logits / temperature
+    if top_k:
+        kth = torch.topk(scaled, top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, -1)
+    if top_p < 1.0:
+        sp, order = torch.sort(probs, descending=True)
+        sp = sp.masked_fill(torch.cumsum(sp, -1) - sp >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sp)
+        probs = probs / probs.sum()
+    expected = probs.double().numpy() * draws
+    assert (counts[expected == 0] == 0).all(), (counts, expected)
+    seen = expected > 0
+    chi2 = (((counts[seen] - expected[seen]) ** 2) / expected[seen]).sum()
+    # 11 degrees of freedom at most: chi2 > 40 has probability < 1e-4 under the null.
+    assert chi2 < 40, (chi2, counts, expected.round(1))
+
+
 # ----------------------------------------------------------------------------------------------
 # generation through the CLI
 
@@ -392,6 +425,10 @@ def test_cli_sampling_options(engine, story_model, tok_files):
     assert others - {s1}, "different seeds all produced the same sample"
     for out in others | {s1}:
         assert out.startswith(b"Once") and is_utf8(out)
+    # top-k and top-p together and apart: valid text, the same for the same seed.
+    for flags in (["-k", "3"], ["-p", "0.5"], ["-k", "20", "-p", "0.8"]):
+        runs = [engine.run(*base, "-t", "1.5", *flags, "-s", "9").stdout for _ in range(2)]
+        assert runs[0] == runs[1] and runs[0].startswith(b"Once") and is_utf8(runs[0])
 
 
 def test_cli_stops_at_steps_and_max_seq_len(engine, story_model, tok_files):
