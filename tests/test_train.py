@@ -482,3 +482,20 @@ def test_log_survives_a_torn_last_line_and_resumed_steps(tmp_path, capsys):
     assert [(r["iter"], r["loss"]) for r in recs] == [(0, 4.5), (1, 4.0)]
     assert train.main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages for a machine without a GPU")
+@pytest.mark.parametrize("argv, message", [
+    (["--device=cuda"], "--device=cuda: no CUDA GPU is available"),
+    (["--dtype=float16", "--device=cpu"], "--dtype=float16 is not supported on cpu"),
+    (["--device=tpu"], "--device=tpu: must be auto, cpu, cuda, cuda:N or mps"),
+])
+def test_device_and_dtype_errors_on_cpu(argv, message, shards, tmp_path, capsys):
+    assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_foreign_checkpoint_is_rejected(tmp_path, capsys):
+    torch.save({"model": {}, "model_args": {}, "iter_num": 0}, tmp_path / "ckpt.pt")  # e.g. nanoGPT's layout
+    assert train.main(["--init_from=resume", f"--out_dir={tmp_path}"]) == 1
+    assert "ckpt.pt: not a train.py checkpoint" in capsys.readouterr().err
