@@ -594,17 +594,26 @@ static void rows_f32(float *out, const float *x, const float *w, int n, int d, i
 }
 #endif
 
-/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32. Threads split the rows in blocks of 4; the n tokens
-   reuse each block of W while it is in cache, so prefill reads the weights once per block of
-   tokens and decoding (n = 1) streams them once. */
-static void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m) {
+/* Rows [i0, i0+4) (fewer at the end) of out (n, d) = x (n, m) @ W^T, W (d, m) fp32: the unit
+   of work threads share. The n tokens reuse the block of W while it is in cache, so prefill reads
+   the weights once per block of tokens and decoding (n = 1) streams them once. */
+static void block_f32(float *out, const float *x, const float *w, int n, int d, int m, int i0) {
 #if HAVE_AVX512
+    rows_f32(out, x, w, n, d, m, i0);
+#else
+    int i1 = i0 + 4 < d ? i0 + 4 : d;
+    for (int i = i0; i < i1; i++)
+        for (int t = 0; t < n; t++) out[(size_t)t * d + i] = dot_f32_ref(x + (size_t)t * m, w + (size_t)i * m, m);
+#endif
+}
+
+/* out (n, d) = x (n, m) @ W^T, W (d, m) fp32, threads splitting the rows in blocks of 4. The engine
+   goes through matmul_jobs; this whole-matrix form (not static, so unused builds keep it quietly)
+   is what tests/engine_kernels.c compares with matmul_f32_ref. */
+void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m) {
     int blocks = (d + 3) / 4, b;
     OMP_PARALLEL_FOR
-    for (b = 0; b < blocks; b++) rows_f32(out, x, w, n, d, m, 4 * b);
-#else
-    matmul_f32_ref(out, x, w, n, d, m);
-#endif
+    for (b = 0; b < blocks; b++) block_f32(out, x, w, n, d, m, 4 * b);
 }
 
 /* Q8_0 activations: each group of gs values becomes int8 q with x ~= q * scale, scale = max|x|/127
@@ -639,30 +648,34 @@ static int32_t dot_i8(const int8_t *a, const int8_t *b, int n) {
     return sum;
 }
 
-/* out (n, d) = dequant(xq) (n, m) @ dequant(W)^T: int8 x int8 -> int32 per group, then scaled
-   and summed over groups in order in fp32. The plain reference. */
-void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
-                          int n, int d, int m, int gs) {
+/* Row i of out (n, d) = dequant(xq) (n, m) @ dequant(W)^T: int8 x int8 -> int32 per group, then
+   scaled and summed over groups in order in fp32. */
+static void row_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+                       int n, int d, int m, int gs, int i) {
     int groups = m / gs;
+    const int8_t *wr = wq + (size_t)i * m;
+    const float *sr = ws + (size_t)i * groups;
+    for (int t = 0; t < n; t++) {
+        const int8_t *aq = xq + (size_t)t * m;
+        const float *as = xs + (size_t)t * groups;
+        float acc = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            /* separate statements: no compiler may fuse these into an FMA (clang would within
+               one expression), so the VNNI path's separate multiplies match bit for bit */
+            float v = (float)dot_i8(aq + (size_t)g * gs, wr + (size_t)g * gs, gs) * sr[g];
+            v = v * as[g];
+            acc = acc + v;
+        }
+        out[(size_t)t * d + i] = acc;
+    }
+}
+
+/* The whole product with the plain kernel: the reference the fast path is tested against. */
+void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+                   int n, int d, int m, int gs) {
     int i;
     OMP_PARALLEL_FOR
-    for (i = 0; i < d; i++) {
-        const int8_t *wr = wq + (size_t)i * m;
-        const float *sr = ws + (size_t)i * groups;
-        for (int t = 0; t < n; t++) {
-            const int8_t *aq = xq + (size_t)t * m;
-            const float *as = xs + (size_t)t * groups;
-            float acc = 0.0f;
-            for (int g = 0; g < groups; g++) {
-                /* separate statements: no compiler may fuse these into an FMA (clang would within
-                   one expression), so the VNNI path's separate multiplies match bit for bit */
-                float v = (float)dot_i8(aq + (size_t)g * gs, wr + (size_t)g * gs, gs) * sr[g];
-                v = v * as[g];
-                acc = acc + v;
-            }
-            out[(size_t)t * d + i] = acc;
-        }
-    }
+    for (i = 0; i < d; i++) row_q8_ref(out, xq, xs, wq, ws, n, d, m, gs, i);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -820,40 +833,71 @@ static void tile4x4_q8_vnni(float *out, const int8_t *xq, const float *xs, const
     for (int t = 0; t < 4; t++) memcpy(out + (size_t)(t0 + t) * d + i0, r + 4 * t, 4 * sizeof(float));
 }
 
-static void matmul_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
-                           const int8_t *wq, const float *ws, int n, int d, int m, int gs) {
-    int blocks = d / 4, b;
-    int n4 = n / 4 * 4;
-    OMP_PARALLEL_FOR
-    for (b = 0; b < blocks; b++) {
-        for (int t = 0; t < n4; t += 4) tile4x4_q8_vnni(out, xq, xs, xsum, wq, ws, d, m, gs, 4 * b, t);
-        if (n4 < n)
-            rows4_q8_vnni(out + (size_t)n4 * d, xq + (size_t)n4 * m, xs + (size_t)n4 * (m / gs), xsum + (size_t)n4 * (m / gs),
-                          wq, ws, n - n4, d, m, gs, 4 * b, n4 == 0);
-    }
-    for (int i = 4 * blocks; i < d; i++) row_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i);
-}
 #endif
 
-static void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
-                      const float *ws, int n, int d, int m, int gs) {
+/* Rows [i0, i0+4) (fewer at the end) of the int8 product, with the VNNI kernels where the CPU
+   has them and the group size suits them (a multiple of 16, small enough that no int32 lane can
+   overflow), else the plain kernel; both give the same bits. */
+static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
+                     const float *ws, int n, int d, int m, int gs, int i0) {
+    int i1 = i0 + 4 < d ? i0 + 4 : d;
 #if HAVE_VNNI
-    if (gs % 16 == 0) {
-        matmul_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs);
+    if (gs % 16 == 0 && gs <= 4096) {
+        if (i1 - i0 == 4) {
+            int n4 = n / 4 * 4, groups = m / gs;
+            for (int t = 0; t < n4; t += 4) tile4x4_q8_vnni(out, xq, xs, xsum, wq, ws, d, m, gs, i0, t);
+            if (n4 < n)
+                rows4_q8_vnni(out + (size_t)n4 * d, xq + (size_t)n4 * m, xs + (size_t)n4 * groups,
+                              xsum + (size_t)n4 * groups, wq, ws, n - n4, d, m, gs, i0, n == 1);
+        } else {
+            for (int i = i0; i < i1; i++) row_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i);
+        }
         return;
     }
 #endif
     (void)xsum;
-    matmul_q8_ref(out, xq, xs, wq, ws, n, d, m, gs);
+    for (int i = i0; i < i1; i++) row_q8_ref(out, xq, xs, wq, ws, n, d, m, gs, i);
 }
 
-/* out (n, d) = x (n, m) @ W^T for either weight type. For int8 weights, x must already be
-   quantized into s->xq / s->xs / s->xsum (quantize_rows), so matrices sharing an input share one
-   quantization. */
-static void matmul(Transformer *t, float *out, const float *x, const Matrix *w, int n, int d, int m) {
+/* out (n, d) = int8 product, threads splitting the rows in blocks of 4 (tested against
+   matmul_q8_ref by tests/engine_kernels.c, like matmul_f32). */
+void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
+                      const float *ws, int n, int d, int m, int gs) {
+    int blocks = (d + 3) / 4, b;
+    OMP_PARALLEL_FOR
+    for (b = 0; b < blocks; b++) block_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs, 4 * b);
+}
+
+/* One product of a group that shares its input: out (n, d) = x @ W^T. */
+typedef struct {
+    float *out;
+    const Matrix *w;
+    int d;
+} MatJob;
+
+/* Several products of the same input x (n, m) (q, k, v; or w1, w3) in one parallel loop over all
+   their blocks of 4 rows: one fork and one barrier instead of one per matrix. For int8 weights,
+   x must already be quantized into s->xq / s->xs / s->xsum (quantize_rows). */
+static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const float *x, int n, int m) {
     RunState *s = &t->state;
-    if (w->w) matmul_f32(out, x, w->w, n, d, m);
-    else matmul_q8(out, s->xq, s->xs, s->xsum, w->q, w->s, n, d, m, t->config.group_size);
+    int gs = t->config.group_size;
+    int start[4] = {0, 0, 0, 0};
+    for (int j = 0; j < n_jobs; j++) start[j + 1] = start[j] + (jobs[j].d + 3) / 4;
+    int total = start[n_jobs], b;
+    OMP_PARALLEL_FOR
+    for (b = 0; b < total; b++) {
+        int j = 0;
+        while (b >= start[j + 1]) j++;
+        const MatJob *job = &jobs[j];
+        int i0 = 4 * (b - start[j]);
+        if (job->w->w) block_f32(job->out, x, job->w->w, n, job->d, m, i0);
+        else block_q8(job->out, s->xq, s->xs, s->xsum, job->w->q, job->w->s, n, job->d, m, gs, i0);
+    }
+}
+
+static void matmul(Transformer *t, float *out, const float *x, const Matrix *w, int n, int d, int m) {
+    MatJob job = {out, w, d};
+    matmul_jobs(t, &job, 1, x, n, m);
 }
 
 static void rmsnorm(float *out, const float *x, const float *gain, int n, float eps) {
@@ -928,9 +972,9 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
         for (int i = 0; i < n; i++)
             rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_att, d, c->norm_eps);
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
-        matmul(t, s->q, s->xb, &lw->wq, n, d, d);
-        matmul(t, kc + (size_t)pos * kv, s->xb, &lw->wk, n, kv, d);
-        matmul(t, vc + (size_t)pos * kv, s->xb, &lw->wv, n, kv, d);
+        MatJob qkv[3] = {{s->q, &lw->wq, d}, {kc + (size_t)pos * kv, &lw->wk, kv},
+                         {vc + (size_t)pos * kv, &lw->wv, kv}};
+        matmul_jobs(t, qkv, 3, s->xb, n, d);
         for (int i = 0; i < n; i++) {
             const float *cs = s->rope_cos + (size_t)(pos + i) * half;
             const float *sn = s->rope_sin + (size_t)(pos + i) * half;
@@ -965,8 +1009,8 @@ OMP_PARALLEL_FOR
         for (int i = 0; i < n; i++)
             rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_ffn, d, c->norm_eps);
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
-        matmul(t, s->hb, s->xb, &lw->w1, n, hd, d);
-        matmul(t, s->hb2, s->xb, &lw->w3, n, hd, d);
+        MatJob up[2] = {{s->hb, &lw->w1, hd}, {s->hb2, &lw->w3, hd}};
+        matmul_jobs(t, up, 2, s->xb, n, d);
         for (size_t i = 0; i < (size_t)n * hd; i++) {
             float g = s->hb[i];
             s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
