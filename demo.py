@@ -1,0 +1,143 @@
+"""The whole pipeline on the built-in corpus, on a laptop CPU: what `make demo` runs.
+
+    python demo.py                    # synth -> vocab -> shards -> train -> export -> C engine stories
+    python demo.py --train_seconds=60 # a shorter training run (stories get worse)
+
+Each step is the same command a user would type (printed before it runs), and each one skips work
+that is already done, so running the demo again reuses the corpus, the tokenizer, the shards and
+the trained checkpoint, and only prints new stories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class DemoConfig:
+    n_stories: int = 60000  # built-in stories to generate
+    vocab_size: int = 2000  # the synthetic corpus uses about 1,400 distinct characters
+    preset: str = "tiny"  # model.PRESETS name; about 1M parameters
+    max_iters: int = 1500  # optimizer steps; the step count, not the clock, decides when it is done
+    train_seconds: int = 420  # safety stop for slow machines (a checkpoint is saved either way)
+    out_dir: str = "out/demo"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    steps: int = 256
+    seed: int = 42
+
+
+PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
+
+
+def parse_args(argv: list[str]) -> DemoConfig:
+    cfg = DemoConfig()
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            print("options:", ", ".join(f"--{k}={getattr(cfg, k)}" for k in fields))
+            sys.exit(0)
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep or key not in fields:
+            sys.exit(f"demo.py: unknown option {arg!r}; valid: {', '.join('--' + k for k in fields)}")
+        kind = type(getattr(cfg, key))
+        try:
+            setattr(cfg, key, kind(value))
+        except ValueError:
+            sys.exit(f"demo.py: --{key} needs a {kind.__name__}, got {value!r}")
+    return cfg
+
+
+def step(title: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print(f"\n==> {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    result = subprocess.run(cmd, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"demo.py: step '{title}' failed (exit {result.returncode}); see the output above")
+    print(f"    ({time.time() - t0:.0f} s)", flush=True)
+    return result
+
+
+def trained_iters(ckpt: Path) -> int:
+    """The step a checkpoint reached, or -1 when there is none."""
+    if not ckpt.exists():
+        return -1
+    import torch
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("iter_num", -1))
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
+    py = sys.executable
+    t_start = time.time()
+    V = cfg.vocab_size
+    out = Path(cfg.out_dir)
+    tok_model, tok_bin = Path(f"data/tok{V}.model"), Path(f"data/tok{V}.bin")
+
+    step("1/7 generate the built-in story corpus",
+         [py, "tinystories.py", "synth", f"--n_stories={cfg.n_stories}"])
+    step("2/7 train a sentencepiece vocabulary",
+         [py, "tinystories.py", "train_vocab", "--dataset=synth", f"--vocab_size={V}"])
+    if not (ROOT / tok_bin).exists():
+        step("    export the tokenizer for the C engine",
+             [py, "tokenizer.py", f"--tokenizer-model={tok_model}"])
+    step("3/7 pretokenize into uint16 shards",
+         [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}"])
+
+    ckpt = ROOT / out / "ckpt.pt"
+    done = trained_iters(ckpt)
+    train_cmd = [py, "train.py", f"--preset={cfg.preset}", "--vocab_source=custom", f"--vocab_size={V}",
+                 f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--max_seconds={cfg.train_seconds}"]
+    if done >= cfg.max_iters:
+        print(f"\n==> 4/7 train: {ckpt.relative_to(ROOT)} already reached step {done}; skipping", flush=True)
+    else:
+        if done >= 0:
+            train_cmd.append("--init_from=resume")
+        step("4/7 train the model on the CPU", train_cmd)
+    step("    draw the loss curve", [py, "train.py", "plot", str(out)])
+
+    model_bin, model_q8 = out / "model.bin", out / "model_q8.bin"
+    step("5/7 export for the C engine (fp32 and int8)",
+         [py, "export.py", str(model_bin), f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
+    step("    int8", [py, "export.py", str(model_q8), "--version=3", "--dtype=int8",
+                      f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
+    step("6/7 build the C engine", ["make", "-s", "runomp"])
+
+    print("\n==> 7/7 stories from the C engine", flush=True)
+    for i, prompt in enumerate(PROMPTS):
+        cmd = ["./run", str(model_bin), "-z", str(tok_bin), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
+               "-s", str(cfg.seed + i), "-n", str(cfg.steps), "-i", prompt]
+        print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if r.returncode != 0:
+            sys.exit(f"demo.py: ./run failed (exit {r.returncode})")
+
+    print(f"""
+Done in {time.time() - t_start:.0f} s. What is where:
+  data/synth/           the built-in corpus (jsonl)        data/tok{V}.model, .bin   the tokenizer
+  data/tok{V}/          pretokenized shards                 {out}/ckpt.pt             the checkpoint
+  {out}/model.bin       fp32 model for ./run                {out}/model_q8.bin        int8 model
+  {out}/loss.png        loss curves                         {out}/log.jsonl           training log
+Next:
+  ./run {model_q8} -z {tok_bin} -i '从前，'            # the int8 model, faster
+  python sample.py --checkpoint={out}/ckpt.pt --prompt='从前，'
+  python tinystories.py download && python tinystories.py train_vocab --vocab_size=5000 \\
+      && python tinystories.py pretokenize --vocab_size=5000           # the real TinyStoriesChinese
+  python train.py --preset=stories15M                                   # one GPU
+  torchrun --standalone --nproc_per_node=4 train.py --preset=stories110M  # a GPU server
+""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
