@@ -50,7 +50,8 @@ VOCAB = 5000
 class BenchConfig:
     models: str = "zh15M,zh42M,zh110M"  # comma-separated names from SHAPES
     dtypes: str = "fp32,int8"
-    threads: str = "1,2"  # OMP_NUM_THREADS values
+    threads: str = "1,2"  # OMP_NUM_THREADS values; "2p" = 2 threads with OMP_WAIT_POLICY=passive
+    max_seconds: float = 40.0  # per configuration: fewer runs than `runs` once this is spent
     runs: int = 5  # timed runs per configuration (median and min-max reported)
     decode_tokens: int = 256
     prompt_tokens: int = 200  # prefill length, BOS included
@@ -90,6 +91,13 @@ def parse_config(argv: list[str]) -> BenchConfig:
     unknown = [m for m in cfg.models.split(",") if m not in SHAPES]
     if unknown:
         raise BenchError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
+    for t in cfg.threads.split(","):
+        try:
+            ok = thread_setting(t)[0] >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BenchError(f"--threads: {t!r} is not a thread count (like 1, 2, or 2p for passive waiting)")
     if cfg.runs < 1 or cfg.decode_tokens < 2 or cfg.prompt_tokens < 2:
         raise BenchError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
     return cfg
@@ -99,8 +107,9 @@ def parse_config(argv: list[str]) -> BenchConfig:
 # probes
 
 MEMBW_C = r"""
-/* Streaming read bandwidth: sums a float buffer of MB megabytes (16 partial sums per thread, so
-   the loop vectorizes without -ffast-math); best of 5 passes. usage: membw THREADS MB */
+/* Streaming read bandwidth: sums a float buffer of MB megabytes (64 partial sums per thread, so
+   the loop vectorizes into independent chains without -ffast-math, and software prefetch 2 KiB
+   ahead as run.c's kernels do); best of 5 passes. usage: membw THREADS MB */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,7 +118,7 @@ MEMBW_C = r"""
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 int main(int argc, char **argv) {
     int threads = atoi(argv[1]);
-    size_t n = ((size_t)atoi(argv[2]) << 20) / sizeof(float) / 16 * 16;
+    size_t n = ((size_t)atoi(argv[2]) << 20) / sizeof(float) / 64 * 64;
     float *a = aligned_alloc(64, n * sizeof(float));
     if (!a) return 1;
     omp_set_num_threads(threads);
@@ -120,11 +129,13 @@ int main(int argc, char **argv) {
         double t0 = now();
         #pragma omp parallel reduction(+:total)
         {
-            float acc[16] = {0};
+            float acc[64] = {0};
             #pragma omp for schedule(static)
-            for (size_t i = 0; i < n; i += 16)
-                for (int k = 0; k < 16; k++) acc[k] += a[i + k];
-            for (int k = 0; k < 16; k++) total += acc[k];
+            for (size_t i = 0; i < n; i += 64) {
+                for (int k = 0; k < 64; k += 16) __builtin_prefetch(a + i + 512 + k);
+                for (int k = 0; k < 64; k++) acc[k] += a[i + k];
+            }
+            for (int k = 0; k < 64; k++) total += acc[k];
         }
         double dt = now() - t0;
         if (dt < best) best = dt;
@@ -269,8 +280,16 @@ def prompt_of(run: Path, tok: Path, n_tokens: int) -> str:
 TIMING = re.compile(r"prefill: (\d+) tokens in ([\d.]+) ms .*decode: (\d+) tokens in ([\d.]+) ms")
 
 
-def timed_run(run: Path, model: Path, tok: Path, threads: int, args: list[str]) -> tuple:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def thread_setting(setting: str) -> tuple[int, dict]:
+    """"2" -> (2, {}); "2p" -> (2, {"OMP_WAIT_POLICY": "passive"})."""
+    passive = setting.endswith("p")
+    n = int(setting[:-1] if passive else setting)
+    return n, ({"OMP_WAIT_POLICY": "passive"} if passive else {})
+
+
+def timed_run(run: Path, model: Path, tok: Path, setting: str, args: list[str]) -> tuple:
+    n, extra = thread_setting(setting)
+    env = dict(os.environ, OMP_NUM_THREADS=str(n), **extra)
     out = sh([run, model, "-z", tok, "-t", "0", *args], env=env)
     m = TIMING.search(out)
     if not m:
@@ -324,7 +343,8 @@ def fmt(s: dict, digits: int = 1) -> str:
 
 
 def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict, tok: dict) -> str:
-    threads = [int(t) for t in cfg.threads.split(",")]
+    threads = cfg.threads.split(",")
+    counts = sorted({thread_setting(t)[0] for t in threads})
     lines = [
         f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores), {env['cc']}, "
         f"`{env['command']}`. Load average before/after: {env['load_before']} / {env['load_after']} "
@@ -332,33 +352,34 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
         "",
         "Machine limits from the probes (same compiler flags): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth from "
-                    f"a 1 GiB buffer, {probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in threads) + ".",
+                    f"a 1 GiB buffer, {probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in counts) + ".",
         "",
         f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
-        f"over {cfg.runs} runs; GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
+        f"over {cfg.runs} runs (fewer where n says so: a configuration stops repeating after "
+        f"{cfg.max_seconds:.0f} s); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
         "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
         "GFLOP/s = 2 x matrix parameters x tokens / time, % of the FMA peak.",
         "",
-        "| model | weights | MB | threads | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | weights | MB | threads | n | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, dtype), f in files.items():
         for t in threads:
             r = results[(name, dtype, t)]
             dec, pre = r["decode"], r["prefill"]
+            k = thread_setting(t)[0]
             gbs = f["bytes"] * dec["median"] / 1e9
             gflops = 2 * f["n_matrix"] * pre["median"] / 1e9
-            lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {fmt(dec)} | {gbs:.1f} | "
-                         f"{f['bw'][t]:.1f} | {100 * gbs / f['bw'][t]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
-                         f"{100 * gflops / probes['fma'][t]:.0f}% |")
-    lines += ["", "Ratios (medians): int8 / fp32 decode; prefill speed-up = prefill tok/s / decode tok/s "
-              f"(time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill); "
-              "2 threads / 1 thread decode.", "",
-              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | prefill speed-up int8 | 2t/1t fp32 | 2t/1t int8 |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+            lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {dec['n']} | {fmt(dec)} | {gbs:.1f} | "
+                         f"{f['bw'][k]:.1f} | {100 * gbs / f['bw'][k]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
+                         f"{100 * gflops / probes['fma'][k]:.0f}% |")
+    lines += ["", "Ratios of medians. int8/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
+              f"i.e. the time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill. "
+              "2t/1t: 2 threads over 1 thread.", "",
+              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | prefill speed-up int8 |",
+              "|---|---:|---:|---:|---:|"]
     names = list(dict.fromkeys(n for n, _ in files))
-    dtypes = list(dict.fromkeys(d for _, d in files))
 
     def med(n, d, t, k):
         r = results.get((n, d, t))
@@ -366,12 +387,18 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
 
     for n in names:
         for t in threads:
-            q = med(n, "int8", t, "decode") / med(n, "fp32", t, "decode") if {"int8", "fp32"} <= set(dtypes) else float("nan")
-            pf = med(n, "fp32", t, "prefill") / med(n, "fp32", t, "decode")
-            pq = med(n, "int8", t, "prefill") / med(n, "int8", t, "decode")
-            s = [med(n, d, 2, "decode") / med(n, d, 1, "decode") if {1, 2} <= set(threads) else float("nan")
-                 for d in ("fp32", "int8")]
-            lines.append(f"| {n} | {t} | {q:.2f}x | {pf:.1f}x | {pq:.1f}x | {s[0]:.2f}x | {s[1]:.2f}x |")
+            lines.append(f"| {n} | {t} | {med(n, 'int8', t, 'decode') / med(n, 'fp32', t, 'decode'):.2f}x | "
+                         f"{med(n, 'fp32', t, 'prefill') / med(n, 'fp32', t, 'decode'):.1f}x | "
+                         f"{med(n, 'int8', t, 'prefill') / med(n, 'int8', t, 'decode'):.1f}x |")
+    multi = [t for t in threads if thread_setting(t)[0] > 1]
+    if "1" in threads and multi:
+        lines += ["", "| model | weights | " + " | ".join(f"{t}/1 decode | {t}/1 prefill" for t in multi) + " |",
+                  "|---|---|" + "---:|---:|" * len(multi)]
+        for n in names:
+            for d in dict.fromkeys(d for _, d in files):
+                cells = [f"{med(n, d, t, 'decode') / med(n, d, '1', 'decode'):.2f}x | "
+                         f"{med(n, d, t, 'prefill') / med(n, d, '1', 'prefill'):.2f}x" for t in multi]
+                lines.append(f"| {n} | {d} | " + " | ".join(cells) + " |")
     if tok:
         lines += ["", f"Tokenizer: encoding {tok['chars']} Chinese characters ({tok['tokens']} tokens with BOS, "
                   "storygen.py text, a 2000-piece byte-fallback BPE trained on the spot), best of 20: "
@@ -415,7 +442,8 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     names = cfg.models.split(",")
     dtypes = cfg.dtypes.split(",")
-    threads = [int(t) for t in cfg.threads.split(",")]
+    threads = cfg.threads.split(",")
+    counts = sorted({thread_setting(t)[0] for t in threads})
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "cpu": cpu_name(), "cores": os.cpu_count(), "load_before": "%.2f" % os.getloadavg()[0],
            "command": "make bench" if not argv else "python bench.py " + " ".join(argv)}
@@ -425,8 +453,8 @@ def main(argv: list[str]) -> int:
             folder = Path(tmp)
             bins = build(folder)
             env["cc"] = bins["cc"]
-            probes = {"bw": {t: probe(bins["membw"], t, 1024) for t in threads},
-                      "fma": {t: probe(bins["fma"], t) for t in threads}}
+            probes = {"bw": {t: probe(bins["membw"], t, 1024) for t in counts},
+                      "fma": {t: probe(bins["fma"], t) for t in counts}}
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
             files = write_models(folder, names, dtypes)
@@ -434,14 +462,15 @@ def main(argv: list[str]) -> int:
             # decode is compared with the read bandwidth of a buffer of its own size.
             for f in files.values():
                 mb = max(1, round(f["bytes"] / 2**20))
-                f["bw"] = {t: probe(bins["membw"], t, mb) for t in threads}
+                f["bw"] = {t: probe(bins["membw"], t, mb) for t in counts}
             print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
             prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
             results = {}
             for (name, dtype), f in files.items():
                 for t in threads:
                     dec, pre = [], []
-                    for _ in range(cfg.runs):
+                    t0 = time.time()
+                    while len(dec) < cfg.runs and (not dec or time.time() - t0 < cfg.max_seconds):
                         dec.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
                         pre.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", "1", "-i", prompt])[0])
                     results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre)}

@@ -618,16 +618,16 @@ void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m)
 
 /* Q8_0 activations: each group of gs values becomes int8 q with x ~= q * scale, scale = max|x|/127
    (the weights' scheme), rounded half to even. x (n, m) -> xq (n, m), xs (n, m / gs), and
-   xsum (n, m / gs) the sum of each group's q (the VNNI kernel needs it). */
-static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
+   xsum (n, m / gs) the sum of each group's q (the VNNI kernel needs it). The plain reference. */
+void quantize_rows_ref(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
     int64_t groups = (int64_t)n * (m / gs);
     for (int64_t g = 0; g < groups; g++) {
         const float *v = x + g * gs;
+        int8_t *q = xq + g * gs;
         float amax = 0.0f;
         for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(v[i]));
         float scale = amax / 127.0f;
         xs[g] = scale;
-        int8_t *q = xq + g * gs;
         int32_t sum = 0;
         if (scale == 0.0f) {
             memset(q, 0, (size_t)gs);
@@ -639,6 +639,39 @@ static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, 
         }
         xsum[g] = sum;
     }
+}
+
+/* quantize_rows_ref, 16 values at a time where AVX-512 is available: max is exact, the division
+   is IEEE, and the conversion rounds half to even like lrintf, so the bytes are identical. */
+static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
+#if HAVE_AVX512
+    if (gs % 16 == 0) {
+        int64_t groups = (int64_t)n * (m / gs);
+        for (int64_t g = 0; g < groups; g++) {
+            const float *v = x + g * gs;
+            int8_t *q = xq + g * gs;
+            __m512 vmax = _mm512_setzero_ps();
+            for (int i = 0; i < gs; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+            float scale = _mm512_reduce_max_ps(vmax) / 127.0f;
+            xs[g] = scale;
+            xsum[g] = 0;
+            if (scale == 0.0f) {
+                memset(q, 0, (size_t)gs);
+                continue;
+            }
+            __m512 vs = _mm512_set1_ps(scale);
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < gs; i += 16) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(v + i), vs));
+                _mm_storeu_si128((__m128i *)(void *)(q + i), _mm512_cvtepi32_epi8(qi));
+                sum = _mm512_add_epi32(sum, qi);
+            }
+            xsum[g] = _mm512_reduce_add_epi32(sum);
+        }
+        return;
+    }
+#endif
+    quantize_rows_ref(xq, xs, xsum, x, n, m, gs);
 }
 
 /* Integer dot product of one group, exact in int32 (|sum| <= 127 * 127 * gs). */

@@ -71,6 +71,20 @@ static int check(void) {
                     int32_t *xsum = xmalloc((size_t)n * groups * sizeof(int32_t));
                     quantize_matrix(wq, ws, w, d, m, gs);
                     quantize_rows(xq, xs, xsum, x, n, m, gs);
+                    {   /* the fast quantizer gives the reference's bytes, scales and sums */
+                        int8_t *rq = xmalloc((size_t)n * m);
+                        float *rs = xmalloc((size_t)n * groups * sizeof(float));
+                        int32_t *rsum = xmalloc((size_t)n * groups * sizeof(int32_t));
+                        quantize_rows_ref(rq, rs, rsum, x, n, m, gs);
+                        if (memcmp(rq, xq, (size_t)n * m) || memcmp(rs, xs, (size_t)n * groups * sizeof(float)) ||
+                            memcmp(rsum, xsum, (size_t)n * groups * sizeof(int32_t))) {
+                            printf("quantize n=%d m=%d gs=%d: fast and reference differ\n", n, m, gs);
+                            failures++;
+                        }
+                        free(rsum);
+                        free(rs);
+                        free(rq);
+                    }
                     matmul_q8(fast, xq, xs, xsum, wq, ws, n, d, m, gs);
                     matmul_q8_ref(ref, xq, xs, wq, ws, n, d, m, gs);
                     if (memcmp(fast, ref, (size_t)n * d * sizeof(float)) != 0) {
