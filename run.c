@@ -746,40 +746,56 @@ static inline __m128i hsum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3
 
 /* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
    the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. */
+/* One group g for four rows: acc[r] += ((float)isum_r * w_scale_r) * x_scale, with the four rows'
+   weight scales in wsc. */
+static inline __m128 group4_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, int gs,
+                                    size_t off, __m128 wsc, float x_scale, int32_t x_sum, int prefetch) {
+    if (prefetch) /* decoding: the next block's rows, as in tile_f32 */
+        for (int k = 0; k < gs; k += 64) {
+            _mm_prefetch((const char *)(w0 + 4 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 5 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 6 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 7 * m + off + k), _MM_HINT_T0);
+        }
+    __m128i isum = hsum4_epi32(group_vnni(w0 + off, a, gs), group_vnni(w0 + m + off, a, gs),
+                               group_vnni(w0 + 2 * m + off, a, gs), group_vnni(w0 + 3 * m + off, a, gs));
+    isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * x_sum));
+    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), wsc);
+    v = _mm_mul_ps(v, _mm_set1_ps(x_scale));
+    return _mm_add_ps(acc, v);
+}
+
+/* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
+   the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. The rows'
+   scales are read four groups at a time and transposed (fewer shuffle-port operations than
+   assembling each group's four scales one by one). */
 static void rows4_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
                           const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i0, int prefetch) {
     int groups = m / gs;
-    const int8_t *w0 = wq + (size_t)i0 * m, *w1 = w0 + m, *w2 = w1 + m, *w3 = w2 + m;
+    const int8_t *w0 = wq + (size_t)i0 * m;
     const float *s0 = ws + (size_t)i0 * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
     for (int t = 0; t < n; t++) {
         const int8_t *aq = xq + (size_t)t * m;
         const float *as = xs + (size_t)t * groups;
         const int32_t *asum = xsum + (size_t)t * groups;
         __m128 acc = _mm_setzero_ps();
-        for (int g = 0; g < groups; g++) {
-            size_t off = (size_t)g * gs;
-            const int8_t *a = aq + off;
-            if (prefetch) /* decoding: the next block's rows, as in tile_f32 */
-                for (int k = 0; k < gs; k += 64) {
-                    _mm_prefetch((const char *)(w3 + m + off + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w3 + 2 * (size_t)m + off + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w3 + 3 * (size_t)m + off + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w3 + 4 * (size_t)m + off + k), _MM_HINT_T0);
-                }
-            __m128i isum = hsum4_epi32(group_vnni(w0 + off, a, gs), group_vnni(w1 + off, a, gs),
-                                       group_vnni(w2 + off, a, gs), group_vnni(w3 + off, a, gs));
-            isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * asum[g]));
-            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set_ps(s3[g], s2[g], s1[g], s0[g]));
-            v = _mm_mul_ps(v, _mm_set1_ps(as[g]));
-            acc = _mm_add_ps(acc, v);
+        int g = 0;
+        for (; g + 4 <= groups; g += 4) {
+            __m128 c0 = _mm_loadu_ps(s0 + g), c1 = _mm_loadu_ps(s1 + g);
+            __m128 c2 = _mm_loadu_ps(s2 + g), c3 = _mm_loadu_ps(s3 + g);
+            _MM_TRANSPOSE4_PS(c0, c1, c2, c3); /* c_k = the four rows' scales of group g+k */
+            __m128 sc[4] = {c0, c1, c2, c3};
+            for (int k = 0; k < 4; k++) {
+                size_t off = (size_t)(g + k) * gs;
+                acc = group4_q8_vnni(acc, w0, (size_t)m, aq + off, gs, off, sc[k], as[g + k], asum[g + k], prefetch);
+            }
         }
-        float r[4];
-        _mm_storeu_ps(r, acc);
-        float *o = out + (size_t)t * d + i0;
-        o[0] = r[0];
-        o[1] = r[1];
-        o[2] = r[2];
-        o[3] = r[3];
+        for (; g < groups; g++) {
+            size_t off = (size_t)g * gs;
+            acc = group4_q8_vnni(acc, w0, (size_t)m, aq + off, gs, off, _mm_set_ps(s3[g], s2[g], s1[g], s0[g]),
+                                 as[g], asum[g], prefetch);
+        }
+        _mm_storeu_ps(out + (size_t)t * d + i0, acc);
     }
 }
 
@@ -977,6 +993,43 @@ static void embedding_lookup(const Transformer *t, float *x, int token) {
     }
 }
 
+/* One head of one token: out (hs) = softmax(q . k_p * scale over p < len) weighted sum of v_p, where
+   key/value p of this head start at k + p * stride, v + p * stride. att (len) is scratch. */
+static void attention_head(float *out, const float *q, const float *k, const float *v, float *att, int len,
+                           int stride, int hs, float scale) {
+#if HAVE_AVX512
+    if (hs % 16 == 0 && hs <= 128) {
+        /* q and the output stay in registers (hs / 16 vectors each) */
+        int nv = hs / 16;
+        __m512 qv[8], ov[8];
+        for (int j = 0; j < nv; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
+        for (int p = 0; p < len; p++) {
+            const float *kp = k + (size_t)p * stride;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+            for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
+            att[p] = hsum16_ps(acc) * scale;
+        }
+        softmax(att, len);
+        for (int j = 0; j < nv; j++) ov[j] = _mm512_setzero_ps();
+        for (int p = 0; p < len; p++) {
+            const float *vp = v + (size_t)p * stride;
+            __m512 a = _mm512_set1_ps(att[p]);
+            for (int j = 0; j < nv; j++) ov[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vp + 16 * j), ov[j]);
+        }
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + 16 * j, ov[j]);
+        return;
+    }
+#endif
+    for (int p = 0; p < len; p++) att[p] = dot_f32_ref(q, k + (size_t)p * stride, hs) * scale;
+    softmax(att, len);
+    for (int j = 0; j < hs; j++) out[j] = 0.0f;
+    for (int p = 0; p < len; p++) {
+        const float *vp = v + (size_t)p * stride;
+        float a = att[p];
+        for (int j = 0; j < hs; j++) out[j] += a * vp[j];
+    }
+}
+
 /* ----------------------------------------------------------------------------------------------
    forward pass */
 
@@ -1023,16 +1076,9 @@ OMP_PARALLEL_FOR
             int len = pos + i + 1;
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
             float *att = s->att + (size_t)job * c->max_seq_len;
-            size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
-            for (int p = 0; p < len; p++) att[p] = dot_f32_ref(qh, kc + (size_t)p * kv + kv_off, hs) * att_scale;
-            softmax(att, len);
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
-            for (int k = 0; k < hs; k++) out[k] = 0.0f;
-            for (int p = 0; p < len; p++) {
-                const float *vp = vc + (size_t)p * kv + kv_off;
-                float a = att[p];
-                for (int k = 0; k < hs; k++) out[k] += a * vp[k];
-            }
+            size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
+            attention_head(out, qh, kc + kv_off, vc + kv_off, att, len, kv, hs, att_scale);
         }
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
