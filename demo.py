@@ -97,7 +97,8 @@ def main(argv: list[str]) -> int:
     ckpt = ROOT / out / "ckpt.pt"
     done = trained_iters(ckpt)
     train_cmd = [py, "train.py", f"--preset={cfg.preset}", "--vocab_source=custom", f"--vocab_size={V}",
-                 f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--max_seconds={cfg.train_seconds}"]
+                 f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--lr_decay_iters={cfg.max_iters}",
+                 f"--max_seconds={cfg.train_seconds}", "--log_interval=50"]
     if done >= cfg.max_iters:
         print(f"\n==> 4/7 train: {ckpt.relative_to(ROOT)} already reached step {done}; skipping", flush=True)
     else:
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> int:
         cmd = ["./run", str(model_bin), "-z", str(tok_bin), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
                "-s", str(cfg.seed + i), "-n", str(cfg.steps), "-i", prompt]
         print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-        r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        r = subprocess.run(cmd, cwd=ROOT)
         if r.returncode != 0:
             sys.exit(f"demo.py: ./run failed (exit {r.returncode})")
 
