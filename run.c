@@ -1396,6 +1396,24 @@ static long parse_int(const char *flag, const char *s) {
     return v;
 }
 
+/* Threads when OMP_NUM_THREADS is not set: the cores the load average leaves idle (at least one).
+   OpenMP threads meet at several barriers per layer, and a thread that has to share its core with
+   another busy process makes every barrier wait for the scheduler: on a busy machine, fewer
+   threads are much faster than one per core. */
+#ifdef _OPENMP
+static int default_threads(void) {
+    int cores = omp_get_num_procs();
+    double load = 0.0;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &load) != 1) load = 0.0;
+        fclose(f);
+    }
+    int idle = cores - (int)(load + 0.5);
+    return idle < 1 ? 1 : (idle > cores ? cores : idle);
+}
+#endif
+
 /* Default tokenizer: tok<vocab>.bin, then tokenizer.bin, in the model's folder. Returns a malloc'd
    path, or NULL when neither exists (the names tried are written to `tried`). */
 static char *default_tokenizer_path(const char *model_path, int vocab_size, char *tried, size_t n_tried) {
@@ -1561,6 +1579,12 @@ int main(int argc, char **argv) {
         printf("\n");
         free(ids);
     } else {
+#ifdef _OPENMP
+        if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(default_threads());
+        int n_threads = omp_get_max_threads();
+#else
+        int n_threads = 1;
+#endif
         uint64_t rng_seed = seed > 0 ? (uint64_t)seed : (uint64_t)time(NULL);
         Sampler sampler;
         sampler_init(&sampler, transformer.config.vocab_size, temperature, top_p, (int)top_k, rng_seed);
@@ -1571,9 +1595,10 @@ int main(int argc, char **argv) {
             fputc('\n', stdout);
             fflush(stdout);
             int decoded = st.n_generated > 0 ? st.n_generated - 1 : 0; /* forward passes after prefill */
-            fprintf(stderr, "prefill: %d tokens in %.1f ms (%.1f tok/s); decode: %d tokens in %.1f ms (%.1f tok/s)\n",
-                    st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
-                    decoded, st.decode_s * 1e3, st.decode_s > 0 ? decoded / st.decode_s : 0.0);
+            fprintf(stderr, "prefill: %d tokens in %.1f ms (%.1f tok/s); decode: %d tokens in %.1f ms (%.1f tok/s); "
+                    "%d thread%s\n", st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
+                    decoded, st.decode_s * 1e3, st.decode_s > 0 ? decoded / st.decode_s : 0.0, n_threads,
+                    n_threads == 1 ? "" : "s");
         }
         sampler_free(&sampler);
     }
