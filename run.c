@@ -744,6 +744,41 @@ static inline __m128i hsum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3
     return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
 }
 
+/* gs == 32: two groups g, g+1 for four rows from full 64-byte vectors (lanes 0-7 of each row's
+   vector hold group g, lanes 8-15 group g+1), reduced together, then the reference's float
+   updates for g and then g+1. Half the vector work and reductions of one group at a time. */
+static inline __m128 pair32_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, size_t off,
+                                    __m128 wsc_a, __m128 wsc_b, const float *x_scale, const int32_t *x_sum,
+                                    int prefetch) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    if (prefetch) {
+        _mm_prefetch((const char *)(w0 + 4 * m + off), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w0 + 5 * m + off), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w0 + 6 * m + off), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w0 + 7 * m + off), _MM_HINT_T0);
+    }
+    __m512i xv = _mm512_loadu_si512((const void *)a);
+    __m512i v[4];
+    for (int r = 0; r < 4; r++) {
+        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + (size_t)r * m + off)), flip);
+        v[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+    }
+    __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+    __m256i lo = _mm512_castsi512_si256(b), hi = _mm512_extracti64x4_epi64(b, 1);
+    __m128i ga = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+    __m128i gb = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    ga = _mm_sub_epi32(ga, _mm_set1_epi32(128 * x_sum[0]));
+    gb = _mm_sub_epi32(gb, _mm_set1_epi32(128 * x_sum[1]));
+    __m128 va = _mm_mul_ps(_mm_cvtepi32_ps(ga), wsc_a);
+    va = _mm_mul_ps(va, _mm_set1_ps(x_scale[0]));
+    acc = _mm_add_ps(acc, va);
+    __m128 vb = _mm_mul_ps(_mm_cvtepi32_ps(gb), wsc_b);
+    vb = _mm_mul_ps(vb, _mm_set1_ps(x_scale[1]));
+    return _mm_add_ps(acc, vb);
+}
+
 /* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
    the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. */
 /* One group g for four rows: acc[r] += ((float)isum_r * w_scale_r) * x_scale, with the four rows'
@@ -785,6 +820,13 @@ static void rows4_q8_vnni(float *out, const int8_t *xq, const float *xs, const i
             __m128 c2 = _mm_loadu_ps(s2 + g), c3 = _mm_loadu_ps(s3 + g);
             _MM_TRANSPOSE4_PS(c0, c1, c2, c3); /* c_k = the four rows' scales of group g+k */
             __m128 sc[4] = {c0, c1, c2, c3};
+            if (gs == 32) {
+                size_t off = (size_t)g * gs;
+                acc = pair32_q8_vnni(acc, w0, (size_t)m, aq + off, off, c0, c1, as + g, asum + g, prefetch);
+                acc = pair32_q8_vnni(acc, w0, (size_t)m, aq + off + 64, off + 64, c2, c3, as + g + 2, asum + g + 2,
+                                     prefetch);
+                continue;
+            }
             for (int k = 0; k < 4; k++) {
                 size_t off = (size_t)(g + k) * gs;
                 acc = group4_q8_vnni(acc, w0, (size_t)m, aq + off, gs, off, sc[k], as[g + k], asum[g + k], prefetch);
@@ -839,7 +881,46 @@ static void tile4x4_q8_vnni(float *out, const int8_t *xq, const float *xs, const
     const float *as0 = xs + (size_t)t0 * groups;
     const int32_t *sum0 = xsum + (size_t)t0 * groups;
     __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < groups; g++) {
+    int g = 0;
+#define TILE_SCALE(Y, grp)                                                                                  \
+    do {                                                                                                    \
+        __m512i tsum_ = _mm512_permutexvar_epi32(                                                           \
+            by_token, _mm512_castsi128_si512(_mm_i32gather_epi32(sum0 + (grp), row_idx, 4)));                \
+        __m512i y_ = _mm512_sub_epi32((Y), _mm512_slli_epi32(tsum_, 7)); /* - 128 * xsum */                  \
+        __m512 wsc_ = _mm512_broadcast_f32x4(_mm_i32gather_ps(s0 + (grp), row_idx, 4));                       \
+        __m512 xsc_ = _mm512_permutexvar_ps(by_token, _mm512_castps128_ps512(_mm_i32gather_ps(as0 + (grp), row_idx, 4))); \
+        __m512 f_ = _mm512_mul_ps(_mm512_cvtepi32_ps(y_), wsc_);                                             \
+        f_ = _mm512_mul_ps(f_, xsc_);                                                                        \
+        acc = _mm512_add_ps(acc, f_);                                                                        \
+    } while (0)
+    /* gs == 32: groups g and g+1 share each 64-byte vector (lanes 0-7 and 8-15); the reduction
+       keeps the two halves apart, and the float updates run for g, then g+1 */
+    for (; gs == 32 && g + 2 <= groups; g += 2) {
+        size_t off = (size_t)g * gs;
+        __m512i wv[4], xv[4], v[4][4], X[4];
+        wv[0] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + off)), flip);
+        wv[1] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w1 + off)), flip);
+        wv[2] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w2 + off)), flip);
+        wv[3] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w3 + off)), flip);
+        xv[0] = _mm512_loadu_si512((const void *)(x0 + off));
+        xv[1] = _mm512_loadu_si512((const void *)(x1 + off));
+        xv[2] = _mm512_loadu_si512((const void *)(x2 + off));
+        xv[3] = _mm512_loadu_si512((const void *)(x3 + off));
+        for (int r = 0; r < 4; r++)
+            for (int t = 0; t < 4; t++) v[r][t] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv[t]);
+        for (int t = 0; t < 4; t++) {
+            __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0][t], v[1][t]), _mm512_unpackhi_epi32(v[0][t], v[1][t]));
+            __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2][t], v[3][t]), _mm512_unpackhi_epi32(v[2][t], v[3][t]));
+            X[t] = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+        }
+        __m512i P01 = _mm512_shuffle_i32x4(X[0], X[1], 0x44), Q01 = _mm512_shuffle_i32x4(X[0], X[1], 0xee);
+        __m512i P23 = _mm512_shuffle_i32x4(X[2], X[3], 0x44), Q23 = _mm512_shuffle_i32x4(X[2], X[3], 0xee);
+        __m512i Ya = _mm512_add_epi32(_mm512_shuffle_i32x4(P01, P23, 0x88), _mm512_shuffle_i32x4(P01, P23, 0xdd));
+        __m512i Yb = _mm512_add_epi32(_mm512_shuffle_i32x4(Q01, Q23, 0x88), _mm512_shuffle_i32x4(Q01, Q23, 0xdd));
+        TILE_SCALE(Ya, g);
+        TILE_SCALE(Yb, g + 1);
+    }
+    for (; g < groups; g++) {
         size_t off = (size_t)g * gs;
         __m512i v[4][4]; /* [row][token] */
         for (int r = 0; r < 4; r++)
@@ -869,14 +950,9 @@ static void tile4x4_q8_vnni(float *out, const int8_t *xq, const float *xs, const
         __m512i T01 = _mm512_add_epi32(_mm512_shuffle_i32x4(X[0], X[1], 0x44), _mm512_shuffle_i32x4(X[0], X[1], 0xee));
         __m512i T23 = _mm512_add_epi32(_mm512_shuffle_i32x4(X[2], X[3], 0x44), _mm512_shuffle_i32x4(X[2], X[3], 0xee));
         __m512i Y = _mm512_add_epi32(_mm512_shuffle_i32x4(T01, T23, 0x88), _mm512_shuffle_i32x4(T01, T23, 0xdd));
-        __m512i tsum = _mm512_permutexvar_epi32(by_token, _mm512_castsi128_si512(_mm_i32gather_epi32(sum0 + g, row_idx, 4)));
-        Y = _mm512_sub_epi32(Y, _mm512_slli_epi32(tsum, 7)); /* - 128 * xsum */
-        __m512 wsc = _mm512_broadcast_f32x4(_mm_i32gather_ps(s0 + g, row_idx, 4));
-        __m512 xsc = _mm512_permutexvar_ps(by_token, _mm512_castps128_ps512(_mm_i32gather_ps(as0 + g, row_idx, 4)));
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(Y), wsc);
-        f = _mm512_mul_ps(f, xsc);
-        acc = _mm512_add_ps(acc, f);
+        TILE_SCALE(Y, g);
     }
+#undef TILE_SCALE
     float r[16];
     _mm512_storeu_ps(r, acc);
     for (int t = 0; t < 4; t++) memcpy(out + (size_t)(t0 + t) * d + i0, r + 4 * t, 4 * sizeof(float));
