@@ -356,13 +356,15 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
         "",
         f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
         f"over {cfg.runs} runs (fewer where n says so: a configuration stops repeating after "
-        f"{cfg.max_seconds:.0f} s); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
+        f"{cfg.max_seconds:.0f} s); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; load = the "
+        "1-minute load average when the configuration started (above ~0.5 on 2 cores, another process "
+        "competes for the second core and 2-thread runs collapse); GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
         "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
         "GFLOP/s = 2 x matrix parameters x tokens / time, % of the FMA peak.",
         "",
-        "| model | weights | MB | threads | n | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | weights | MB | threads | load | n | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, dtype), f in files.items():
         for t in threads:
@@ -371,7 +373,7 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
             k = thread_setting(t)[0]
             gbs = f["bytes"] * dec["median"] / 1e9
             gflops = 2 * f["n_matrix"] * pre["median"] / 1e9
-            lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {dec['n']} | {fmt(dec)} | {gbs:.1f} | "
+            lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {r['load']:.1f} | {dec['n']} | {fmt(dec)} | {gbs:.1f} | "
                          f"{f['bw'][k]:.1f} | {100 * gbs / f['bw'][k]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
                          f"{100 * gflops / probes['fma'][k]:.0f}% |")
     lines += ["", "Ratios of medians. int8/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
@@ -469,11 +471,12 @@ def main(argv: list[str]) -> int:
             for (name, dtype), f in files.items():
                 for t in threads:
                     dec, pre = [], []
+                    load = os.getloadavg()[0]  # the machine's state when this configuration starts
                     t0 = time.time()
                     while len(dec) < cfg.runs and (not dec or time.time() - t0 < cfg.max_seconds):
                         dec.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
                         pre.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", "1", "-i", prompt])[0])
-                    results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre)}
+                    results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre), "load": load}
                     print(f"{name} {dtype} threads={t}: decode {fmt(stats(dec))} tok/s, "
                           f"prefill {fmt(stats(pre))} tok/s", flush=True)
             tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars)
