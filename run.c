@@ -1472,20 +1472,22 @@ static long parse_int(const char *flag, const char *s) {
     return v;
 }
 
-/* Threads when OMP_NUM_THREADS is not set: the cores the load average leaves idle (at least one).
-   OpenMP threads meet at several barriers per layer, and a thread that has to share its core with
-   another busy process makes every barrier wait for the scheduler: on a busy machine, fewer
-   threads are much faster than one per core. */
+/* Threads when OMP_NUM_THREADS is not set: the cores that no other runnable process is using
+   right now (at least one), from the kernel's count of runnable tasks (/proc/loadavg's fourth
+   field; this process is one of them). OpenMP threads meet at several barriers per layer, and a
+   thread that has to share its core with another busy process makes every barrier wait for the
+   scheduler: on a busy machine, fewer threads are much faster than one per core. */
 #ifdef _OPENMP
 static int default_threads(void) {
     int cores = omp_get_num_procs();
-    double load = 0.0;
+    double l1, l5, l15;
+    int running = 1, total = 0;
     FILE *f = fopen("/proc/loadavg", "r");
     if (f) {
-        if (fscanf(f, "%lf", &load) != 1) load = 0.0;
+        if (fscanf(f, "%lf %lf %lf %d/%d", &l1, &l5, &l15, &running, &total) != 5) running = 1;
         fclose(f);
     }
-    int idle = cores - (int)(load + 0.5);
+    int idle = cores - (running - 1);
     return idle < 1 ? 1 : (idle > cores ? cores : idle);
 }
 #endif
