@@ -3,13 +3,16 @@
    What it does: loads a model file (llama2.c legacy version 0, versions 1 and 2, and our version 3
    which holds fp32 or int8 weights) through mmap after checking every header field and the exact
    file size, runs the transformer (RMSNorm, rotary embeddings, grouped-query attention with a KV
-   cache, SwiGLU), samples (greedy, temperature, top-k, top-p) and streams UTF-8 text.
+   cache, SwiGLU; the prompt in blocks of up to 64 tokens as matrix-matrix products, then one
+   token at a time), samples (greedy, temperature, top-k, top-p) and streams UTF-8 text. The
+   kernels have AVX-512 / AVX512-VNNI paths, each beside the plain-C loop it is tested against.
    What it does not do: training, batching several prompts, GPUs, or any format conversion
    (export.py writes every format this reads).
 
-   Build:  make run        (portable -O3; what the tests use)
-           make runomp     (OpenMP threads and -march=native; the fast build)
+   Build:  make run        (portable -O3, plain loops, no threads)
+           make runomp     (OpenMP threads and -march=native: the fast build)
            make runsan     (address and undefined-behaviour sanitizers)
+   tests/test_engine.py runs all three against model.py.
    Use:    ./run out/model.bin -i "从前" -n 200 -t 0.8
            ./run -m encode -z data/tok5000.bin -i "从前"      (token ids, no model needed)
    A test harness can `#define TESTING` and `#include "run.c"` to reach everything but main(). */
