@@ -1,8 +1,8 @@
 """Tests for the C engine (run.c): logits parity with model.py, greedy generation, the CLI, and
-one-line errors on bad files. Every test runs against three builds: the plain -O3 build, the
-address+undefined sanitizer build (leak detection on; any sanitizer report fails the test), and
-the native build users run (`make runomp`: -march=native, OpenMP, the AVX-512/VNNI kernels where
-the CPU has them). tests/engine_kernels.c checks those fast kernels against their plain-C
+one-line errors on bad files. Every test runs against four builds: the plain -O3 build, the
+address+undefined sanitizer build (leak detection on; any sanitizer report fails the test), the
+native build users run (`make runomp`: -march=native, OpenMP, the AVX-512/VNNI kernels where
+the CPU has them), and the sanitizers on the native kernels. tests/engine_kernels.c checks those fast kernels against their plain-C
 references on odd sizes.
 
     .venv/bin/python -m pytest tests/test_engine.py -q
@@ -46,7 +46,10 @@ INT8_EMULATION_RTOL = 1e-4
 INT8_EMULATION_MIN_CLOSE = 0.75
 
 VERSIONS = [(0, "fp32"), (1, "fp32"), (3, "fp32"), (2, "int8"), (3, "int8")]
-BUILDS = {"plain": "run", "san": "runsan", "native": "runomp"}
+SANFLAGS = "-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+# name: make target and variable overrides. "nativesan" puts the sanitizers on the SIMD kernels.
+BUILDS = {"plain": ("run", []), "san": ("runsan", []), "native": ("runomp", []),
+          "nativesan": ("runsan", [f"SANFLAGS={SANFLAGS} -march=native"])}
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
 SAN_MARKERS = ("Sanitizer", "runtime error", "Segmentation", "core dumped", "AddressSanitizer")
@@ -67,7 +70,7 @@ STORIES = [
 class Engine:
     def __init__(self, name: str, run: Path, harness: Path):
         self.name, self.run_path, self.harness_path = name, run, harness
-        self.env = dict(os.environ, **(SAN_ENV if name == "san" else {}))
+        self.env = dict(os.environ, **(SAN_ENV if name.endswith("san") else {}))
         # Two threads exercise the OpenMP split; a passive wait policy keeps a busy CI box from
         # turning every barrier into a spin against a descheduled thread.
         self.env.update(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="passive")
@@ -92,10 +95,10 @@ class Engine:
 @pytest.fixture(scope="session", params=list(BUILDS))
 def engine(request, tmp_path_factory) -> Engine:
     out = tmp_path_factory.mktemp(f"build_{request.param}")
-    target = BUILDS[request.param]
+    target, overrides = BUILDS[request.param]
     for binary, src in ((out / "run", "run.c"), (out / "engine_logits", "tests/engine_logits.c"),
                         (out / "engine_kernels", "tests/engine_kernels.c")):
-        p = subprocess.run(["make", "-s", target, f"BIN={binary}", f"SRC={src}"], cwd=ROOT,
+        p = subprocess.run(["make", "-s", target, f"BIN={binary}", f"SRC={src}", *overrides], cwd=ROOT,
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "warning" not in p.stderr, p.stderr
@@ -331,7 +334,7 @@ def test_sampler_distribution(engine, temperature, top_k, top_p):
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(12, generator=g) * 1.5
     logits[3] = logits[7]  # a tie: both keep equal shares
-    draws = 40000 if engine.name != "san" else 20000
+    draws = 20000 if engine.name.endswith("san") else 40000
     p = engine._call([engine.kernels_path, "sample", temperature, top_k, top_p, draws,
                       *[f"{v:.9g}" for v in logits.tolist()]])
     counts = np.array([int(c) for c in p.stdout.split()])
