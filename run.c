@@ -747,25 +747,38 @@ static inline __m128i hsum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3
     return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
 }
 
-/* gs == 32: two groups g, g+1 for four rows from full 64-byte vectors (lanes 0-7 of each row's
-   vector hold group g, lanes 8-15 group g+1), reduced together, then the reference's float
-   updates for g and then g+1. Half the vector work and reductions of one group at a time. */
-static inline __m128 pair32_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, size_t off,
-                                    __m128 wsc_a, __m128 wsc_b, const float *x_scale, const int32_t *x_sum,
-                                    int prefetch) {
+/* [p[0..32) | q[0..32)]: two 32-byte halves in one vector. */
+static inline __m512i load_halves(const int8_t *p, const int8_t *q) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)p)),
+                              _mm256_loadu_si256((const __m256i *)(const void *)q), 1);
+}
+
+/* Lane vector of groups g (lanes 0-7) and g+1 (lanes 8-15) for one row and one token, group size 32
+   or 64 (for 64, each group's halves go through two dot products into the same lanes), so the
+   two groups are reduced together: half the reductions of one group at a time. */
+static inline __m512i pair_dot(__m512i acc, const int8_t *w, const int8_t *x, int gs) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    if (prefetch) {
-        _mm_prefetch((const char *)(w0 + 4 * m + off), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w0 + 5 * m + off), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w0 + 6 * m + off), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w0 + 7 * m + off), _MM_HINT_T0);
-    }
-    __m512i xv = _mm512_loadu_si512((const void *)a);
+    if (gs == 32)
+        return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512((const void *)w), flip),
+                                   _mm512_loadu_si512((const void *)x));
+    acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(load_halves(w, w + 64), flip), load_halves(x, x + 64));
+    return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(load_halves(w + 32, w + 96), flip), load_halves(x + 32, x + 96));
+}
+
+/* gs == 32 or 64: groups g, g+1 for four rows (pair_dot), reduced together, then the reference's
+   float updates for g and then g+1. */
+static inline __m128 pair_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, size_t off, int gs,
+                                  __m128 wsc_a, __m128 wsc_b, const float *x_scale, const int32_t *x_sum,
+                                  int prefetch) {
+    if (prefetch)
+        for (int k = 0; k < 2 * gs; k += 64) {
+            _mm_prefetch((const char *)(w0 + 4 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 5 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 6 * m + off + k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + 7 * m + off + k), _MM_HINT_T0);
+        }
     __m512i v[4];
-    for (int r = 0; r < 4; r++) {
-        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + (size_t)r * m + off)), flip);
-        v[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-    }
+    for (int r = 0; r < 4; r++) v[r] = pair_dot(_mm512_setzero_si512(), w0 + (size_t)r * m + off, a, gs);
     __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
     __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
     __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
@@ -823,11 +836,10 @@ static void rows4_q8_vnni(float *out, const int8_t *xq, const float *xs, const i
             __m128 c2 = _mm_loadu_ps(s2 + g), c3 = _mm_loadu_ps(s3 + g);
             _MM_TRANSPOSE4_PS(c0, c1, c2, c3); /* c_k = the four rows' scales of group g+k */
             __m128 sc[4] = {c0, c1, c2, c3};
-            if (gs == 32) {
-                size_t off = (size_t)g * gs;
-                acc = pair32_q8_vnni(acc, w0, (size_t)m, aq + off, off, c0, c1, as + g, asum + g, prefetch);
-                acc = pair32_q8_vnni(acc, w0, (size_t)m, aq + off + 64, off + 64, c2, c3, as + g + 2, asum + g + 2,
-                                     prefetch);
+            if (gs == 32 || gs == 64) {
+                size_t off = (size_t)g * gs, off2 = off + 2 * (size_t)gs;
+                acc = pair_q8_vnni(acc, w0, (size_t)m, aq + off, off, gs, c0, c1, as + g, asum + g, prefetch);
+                acc = pair_q8_vnni(acc, w0, (size_t)m, aq + off2, off2, gs, c2, c3, as + g + 2, asum + g + 2, prefetch);
                 continue;
             }
             for (int k = 0; k < 4; k++) {
@@ -896,21 +908,27 @@ static void tile4x4_q8_vnni(float *out, const int8_t *xq, const float *xs, const
         f_ = _mm512_mul_ps(f_, xsc_);                                                                        \
         acc = _mm512_add_ps(acc, f_);                                                                        \
     } while (0)
-    /* gs == 32: groups g and g+1 share each 64-byte vector (lanes 0-7 and 8-15); the reduction
-       keeps the two halves apart, and the float updates run for g, then g+1 */
-    for (; gs == 32 && g + 2 <= groups; g += 2) {
+    /* gs == 32 or 64: groups g and g+1 share each lane vector (lanes 0-7 and 8-15, see pair_dot);
+       the reduction keeps the two halves apart, and the float updates run for g, then g+1 */
+    for (; (gs == 32 || gs == 64) && g + 2 <= groups; g += 2) {
         size_t off = (size_t)g * gs;
-        __m512i wv[4], xv[4], v[4][4], X[4];
-        wv[0] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w0 + off)), flip);
-        wv[1] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w1 + off)), flip);
-        wv[2] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w2 + off)), flip);
-        wv[3] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w3 + off)), flip);
-        xv[0] = _mm512_loadu_si512((const void *)(x0 + off));
-        xv[1] = _mm512_loadu_si512((const void *)(x1 + off));
-        xv[2] = _mm512_loadu_si512((const void *)(x2 + off));
-        xv[3] = _mm512_loadu_si512((const void *)(x3 + off));
+        const int8_t *wr[4] = {w0 + off, w1 + off, w2 + off, w3 + off};
+        const int8_t *xt[4] = {x0 + off, x1 + off, x2 + off, x3 + off};
+        __m512i v[4][4], X[4];
         for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) v[r][t] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv[t]);
+            for (int t = 0; t < 4; t++) v[r][t] = _mm512_setzero_si512();
+        /* as pair_dot, with each row's and token's vectors loaded once for the 16 products; for
+           gs == 64 the first halves of the two groups, then their second halves */
+        for (int h = 0; h < gs; h += 32) {
+            __m512i wv[4], xv[4];
+            for (int r = 0; r < 4; r++)
+                wv[r] = _mm512_xor_si512(gs == 32 ? _mm512_loadu_si512((const void *)wr[r])
+                                                  : load_halves(wr[r] + h, wr[r] + 64 + h), flip);
+            for (int t = 0; t < 4; t++)
+                xv[t] = gs == 32 ? _mm512_loadu_si512((const void *)xt[t]) : load_halves(xt[t] + h, xt[t] + 64 + h);
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4; t++) v[r][t] = _mm512_dpbusd_epi32(v[r][t], wv[r], xv[t]);
+        }
         for (int t = 0; t < 4; t++) {
             __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0][t], v[1][t]), _mm512_unpackhi_epi32(v[0][t], v[1][t]));
             __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2][t], v[3][t]), _mm512_unpackhi_epi32(v[2][t], v[3][t]));

@@ -37,7 +37,7 @@ static void quantize_matrix(int8_t *q, float *s, const float *w, int d, int m, i
 static int check(void) {
     int failures = 0;
     const int ds[] = {1, 3, 4, 5, 17, 64, 301};
-    const int ms[] = {1, 2, 15, 16, 17, 36, 96, 100, 256, 301};
+    const int ms[] = {1, 2, 15, 16, 17, 36, 96, 100, 192, 256, 301};
     const int ns[] = {1, 2, 3, 4, 5, 9, 64};
     for (size_t a = 0; a < sizeof ds / sizeof *ds; a++)
         for (size_t b = 0; b < sizeof ms / sizeof *ms; b++)
