@@ -26,7 +26,8 @@ SANFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 # Default: the portable optimized engine.
 all: run
 
-# Plain -O3 build (IEEE semantics, no native instructions: what the parity tests assume).
+# Plain -O3 build: IEEE semantics, portable plain loops, one thread (no -ffast-math anywhere:
+# the parity tolerances assume IEEE arithmetic).
 run:
 	$(CC) $(CFLAGS) -o $(BIN) $(SRC) $(LDLIBS)
 
