@@ -1091,7 +1091,21 @@ static void embedding_lookup(const Transformer *t, float *x, int token) {
 }
 
 /* One head of one token: out (hs) = softmax(q . k_p * scale over p < len) weighted sum of v_p, where
-   key/value p of this head start at k + p * stride, v + p * stride. att (len) is scratch. */
+   key/value p of this head start at k + p * stride, v + p * stride. att (len) is scratch. The plain
+   reference (not static: tests/engine_kernels.c compares attention_head with it). */
+void attention_head_ref(float *out, const float *q, const float *k, const float *v, float *att, int len,
+                        int stride, int hs, float scale) {
+    for (int p = 0; p < len; p++) att[p] = dot_f32_ref(q, k + (size_t)p * stride, hs) * scale;
+    softmax(att, len);
+    for (int j = 0; j < hs; j++) out[j] = 0.0f;
+    for (int p = 0; p < len; p++) {
+        const float *vp = v + (size_t)p * stride;
+        float a = att[p];
+        for (int j = 0; j < hs; j++) out[j] += a * vp[j];
+    }
+}
+
+/* attention_head_ref with q and the output kept in AVX-512 registers where available. */
 static void attention_head(float *out, const float *q, const float *k, const float *v, float *att, int len,
                            int stride, int hs, float scale) {
 #if HAVE_AVX512
@@ -1117,14 +1131,7 @@ static void attention_head(float *out, const float *q, const float *k, const flo
         return;
     }
 #endif
-    for (int p = 0; p < len; p++) att[p] = dot_f32_ref(q, k + (size_t)p * stride, hs) * scale;
-    softmax(att, len);
-    for (int j = 0; j < hs; j++) out[j] = 0.0f;
-    for (int p = 0; p < len; p++) {
-        const float *vp = v + (size_t)p * stride;
-        float a = att[p];
-        for (int j = 0; j < hs; j++) out[j] += a * vp[j];
-    }
+    attention_head_ref(out, q, k, v, att, len, stride, hs, scale);
 }
 
 /* ----------------------------------------------------------------------------------------------

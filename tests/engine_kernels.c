@@ -1,7 +1,8 @@
 /* Checks run.c's fast kernels against their plain-C references on odd sizes, and times them.
 
      engine_kernels check          fp32 matmul within a rounding bound of matmul_f32_ref, int8
-                                   matmul bit-identical to matmul_q8_ref, over many odd shapes;
+                                   matmul and the activation quantizer bit-identical to their
+                                   references, attention within 1e-5, over many odd shapes;
                                    prints one line per failure and exits 1 if there is any
      engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
      engine_kernels sample T K P DRAWS L0 L1 ...
@@ -102,6 +103,34 @@ static int check(void) {
                 free(x);
                 free(w);
             }
+    /* attention: head sizes with and without a SIMD path, cached keys/values strided as in the
+       KV cache (several heads per row) */
+    const int hss[] = {2, 6, 16, 32, 48, 64, 128};
+    const int lens[] = {1, 2, 5, 37, 200};
+    for (size_t a = 0; a < sizeof hss / sizeof *hss; a++)
+        for (size_t b = 0; b < sizeof lens / sizeof *lens; b++) {
+            int hs = hss[a], len = lens[b], stride = 3 * hs;
+            float *q = xmalloc((size_t)hs * sizeof(float));
+            float *k = xmalloc((size_t)len * stride * sizeof(float));
+            float *v = xmalloc((size_t)len * stride * sizeof(float));
+            float *att = xmalloc((size_t)len * sizeof(float));
+            float *fast = xmalloc((size_t)hs * sizeof(float)), *ref = xmalloc((size_t)hs * sizeof(float));
+            fill(q, (size_t)hs);
+            fill(k, (size_t)len * stride);
+            fill(v, (size_t)len * stride);
+            float scale = 1.0f / sqrtf((float)hs);
+            attention_head(fast, q, k + hs, v + hs, att, len, stride, hs, scale);
+            attention_head_ref(ref, q, k + hs, v + hs, att, len, stride, hs, scale);
+            for (int j = 0; j < hs; j++) {
+                /* |v| <= 1 and the weights sum to 1: FMA rounding differences stay ~1e-6 */
+                if (!(fabsf(fast[j] - ref[j]) <= 1e-5f)) {
+                    printf("attention hs=%d len=%d: out[%d] fast %.9g ref %.9g\n", hs, len, j, fast[j], ref[j]);
+                    failures++;
+                    break;
+                }
+            }
+            free(ref); free(fast); free(att); free(v); free(k); free(q);
+        }
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }
