@@ -1,6 +1,6 @@
 """Benchmarks of the C engine (run.c): decode and prefill speed against this machine's limits.
 
-    make bench                                       # everything, ~5-10 minutes on 2 cores
+    make bench                                       # everything: ~2 min on an idle 2-core box, <10 busy
     python bench.py --models=zh15M --runs=5 --write=false    # a quick look, tables on stdout only
     python bench.py --help                           # all options
 
