@@ -40,22 +40,15 @@ PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
 
 
 def parse_args(argv: list[str]) -> DemoConfig:
-    cfg = DemoConfig()
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            print("options:", ", ".join(f"--{k}={getattr(cfg, k)}" for k in fields))
-            sys.exit(0)
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in fields:
-            sys.exit(f"demo.py: unknown option {arg!r}; valid: {', '.join('--' + k for k in fields)}")
-        kind = type(getattr(cfg, key))
-        try:
-            setattr(cfg, key, kind(value))
-        except ValueError:
-            sys.exit(f"demo.py: --{key} needs a {kind.__name__}, got {value!r}")
-    return cfg
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        print("options:", ", ".join(f"--{f.name}={getattr(DemoConfig(), f.name)}" for f in dataclasses.fields(DemoConfig)))
+        sys.exit(0)
+    from export import ExportError, parse_config  # the same --key=value parsing as export.py and sample.py
+    try:
+        return parse_config(DemoConfig(), argv)
+    except ExportError as e:
+        sys.exit(f"demo.py: {e}")
 
 
 def step(title: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
