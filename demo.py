@@ -34,6 +34,8 @@ class DemoConfig:
     top_p: float = 0.9
     steps: int = 256
     seed: int = 42
+    data_root: str = "data"  # corpus, tokenizer and shards (the tests point this at a temporary folder)
+    run_bin: str = "run"  # where the C engine is built
 
 
 PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
@@ -75,25 +77,29 @@ def main(argv: list[str]) -> int:
     t_start = time.time()
     V = cfg.vocab_size
     out = Path(cfg.out_dir)
-    tok_model, tok_bin = Path(f"data/tok{V}.model"), Path(f"data/tok{V}.bin")
+    data = Path(cfg.data_root)
+    tok_model, tok_bin = data / f"tok{V}.model", data / f"tok{V}.bin"
+    # Only a non-default location shows up in the printed commands, which users copy.
+    where = [] if cfg.data_root == "data" else [f"--data_root={data}"]
 
     step("1/7 generate the built-in story corpus",
-         [py, "tinystories.py", "synth", f"--n_stories={cfg.n_stories}"])
+         [py, "tinystories.py", "synth", f"--n_stories={cfg.n_stories}", *where])
     step("2/7 train a sentencepiece vocabulary",
-         [py, "tinystories.py", "train_vocab", "--dataset=synth", f"--vocab_size={V}"])
+         [py, "tinystories.py", "train_vocab", "--dataset=synth", f"--vocab_size={V}", *where])
     if not (ROOT / tok_bin).exists():
         step("    export the tokenizer for the C engine",
              [py, "tokenizer.py", f"--tokenizer-model={tok_model}"])
     step("3/7 pretokenize into uint16 shards",
-         [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}"])
+         [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *where])
 
     ckpt = ROOT / out / "ckpt.pt"
     done = trained_iters(ckpt)
-    train_cmd = [py, "train.py", f"--preset={cfg.preset}", "--vocab_source=custom", f"--vocab_size={V}",
+    data_flag = "--vocab_source=custom" if not where else f"--data_dir={data / f'tok{V}'}"
+    train_cmd = [py, "train.py", f"--preset={cfg.preset}", data_flag, f"--vocab_size={V}",
                  f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--lr_decay_iters={cfg.max_iters}",
                  f"--max_seconds={cfg.train_seconds}", "--log_interval=50"]
     if done >= cfg.max_iters:
-        print(f"\n==> 4/7 train: {ckpt.relative_to(ROOT)} already reached step {done}; skipping", flush=True)
+        print(f"\n==> 4/7 train: {out / 'ckpt.pt'} already reached step {done}; skipping", flush=True)
     else:
         if done >= 0:
             train_cmd.append("--init_from=resume")
@@ -105,11 +111,12 @@ def main(argv: list[str]) -> int:
          [py, "export.py", str(model_bin), f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
     step("    int8", [py, "export.py", str(model_q8), "--version=3", "--dtype=int8",
                       f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
-    step("6/7 build the C engine", ["make", "-s", "runomp"])
+    run_bin = "./run" if cfg.run_bin == "run" else cfg.run_bin
+    step("6/7 build the C engine", ["make", "-s", "runomp", *([] if cfg.run_bin == "run" else [f"BIN={run_bin}"])])
 
     print("\n==> 7/7 stories from the C engine", flush=True)
     for i, prompt in enumerate(PROMPTS):
-        cmd = ["./run", str(model_bin), "-z", str(tok_bin), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
+        cmd = [run_bin, str(model_bin), "-z", str(tok_bin), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
                "-s", str(cfg.seed + i), "-n", str(cfg.steps), "-i", prompt]
         print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT)
@@ -118,10 +125,12 @@ def main(argv: list[str]) -> int:
 
     print(f"""
 Done in {time.time() - t_start:.0f} s. What is where:
-  data/synth/           the built-in corpus (jsonl)        data/tok{V}.model, .bin   the tokenizer
-  data/tok{V}/          pretokenized shards                 {out}/ckpt.pt             the checkpoint
-  {out}/model.bin       fp32 model for ./run                {out}/model_q8.bin        int8 model
-  {out}/loss.png        loss curves                         {out}/log.jsonl           training log
+  {data}/synth/            the built-in corpus (jsonl)
+  {tok_model}, .bin   the tokenizer (sentencepiece, and the C engine's file)
+  {data}/tok{V}/          pretokenized shards
+  {out}/ckpt.pt        the checkpoint; {out}/log.jsonl the training log
+  {out}/loss.png       the loss curves
+  {model_bin}, {model_q8}   the fp32 and int8 models for ./run
 Next:
   ./run {model_q8} -z {tok_bin} -i '从前，'            # the int8 model, faster
   python sample.py --checkpoint={out}/ckpt.pt --prompt='从前，'
