@@ -878,123 +878,182 @@ static void row_q8_vnni(float *out, const int8_t *xq, const float *xs, const int
     }
 }
 
-/* Four rows [i0, i0+4) x four tokens [t0, t0+4): 16 dot products per group, whose lane vectors
-   are summed together in one transposing reduction (45 shuffles and adds for 16 results instead
-   of 52 for four hsum4_epi32), then scaled 16 at a time. Lane 4t+r of the result is row i0+r,
-   token t0+t, computed with exactly the reference's arithmetic. */
-static void tile4x4_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
-                            const int8_t *wq, const float *ws, int d, int m, int gs, int i0, int t0) {
-    int groups = m / gs;
-    const int8_t *w0 = wq + (size_t)i0 * m, *w1 = w0 + m, *w2 = w1 + m, *w3 = w2 + m;
-    const int8_t *x0 = xq + (size_t)t0 * m, *x1 = x0 + m, *x2 = x1 + m, *x3 = x2 + m;
+/* Prefill: rows in the lanes of a vector, so no group sum needs a horizontal reduction. A block of
+   32 rows is first packed (pack32_q8): for each 4-byte column chunk c, two vectors (rows 0-15,
+   16-31) that hold each row's bytes [4c, 4c+4) shifted by 128 as one int32 lane, and each group's
+   32 row scales as two vectors. vpdpbusd of such a vector with one token's 4 bytes broadcast to
+   every lane adds to lane r row r's four products, so each group ends as 32 exact int32 sums per
+   token, converted and scaled 16 at a time. */
+#define PACK_ROWS 32
+
+/* out[c] = lane c of in[0..16) (a 16 x 16 transpose of int32): unpacks within 128-bit blocks, then
+   a 4 x 4 transpose of the blocks, 64 shuffles in all. */
+static inline void transpose16_epi32(__m512i *out, const __m512i *in) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);     /* per block: r0c0 r1c0 r0c1 r1c1 */
+        a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]); /* per block: r0c2 r1c2 r0c3 r1c3 */
+    }
+    for (int i = 0; i < 4; i++) { /* b[4i + k]: block L holds rows 4i..4i+3 of column 4L + k */
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512i c0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44);
+        __m512i c1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xee);
+        __m512i c2 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44);
+        __m512i c3 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xee);
+        out[k] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+        out[4 + k] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+        out[8 + k] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+        out[12 + k] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+    }
+}
+
+static void pack32_q8(int32_t *wp, float *sp, const int8_t *wq, const float *ws, int m, int gs, int i0, int R) {
+    int groups = m / gs, chunks = m / 4;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    /* strides of the 4 rows' scales and the 4 tokens' scales/sums, for the gathers below */
-    const __m128i row_idx = _mm_setr_epi32(0, groups, 2 * groups, 3 * groups);
-    /* lane 4t+r takes token t's value (xs, xsum) or row r's value (ws) */
-    const __m512i by_token = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const float *s0 = ws + (size_t)i0 * groups;
-    const float *as0 = xs + (size_t)t0 * groups;
-    const int32_t *sum0 = xsum + (size_t)t0 * groups;
-    __m512 acc = _mm512_setzero_ps();
-    int g = 0;
-#define TILE_SCALE(Y, grp)                                                                                  \
-    do {                                                                                                    \
-        __m512i tsum_ = _mm512_permutexvar_epi32(                                                           \
-            by_token, _mm512_castsi128_si512(_mm_i32gather_epi32(sum0 + (grp), row_idx, 4)));                \
-        __m512i y_ = _mm512_sub_epi32((Y), _mm512_slli_epi32(tsum_, 7)); /* - 128 * xsum */                  \
-        __m512 wsc_ = _mm512_broadcast_f32x4(_mm_i32gather_ps(s0 + (grp), row_idx, 4));                       \
-        __m512 xsc_ = _mm512_permutexvar_ps(by_token, _mm512_castps128_ps512(_mm_i32gather_ps(as0 + (grp), row_idx, 4))); \
-        __m512 f_ = _mm512_mul_ps(_mm512_cvtepi32_ps(y_), wsc_);                                             \
-        f_ = _mm512_mul_ps(f_, xsc_);                                                                        \
-        acc = _mm512_add_ps(acc, f_);                                                                        \
-    } while (0)
-    /* gs == 32 or 64: groups g and g+1 share each lane vector (lanes 0-7 and 8-15, see pair_dot);
-       the reduction keeps the two halves apart, and the float updates run for g, then g+1 */
-    for (; (gs == 32 || gs == 64) && g + 2 <= groups; g += 2) {
-        size_t off = (size_t)g * gs;
-        const int8_t *wr[4] = {w0 + off, w1 + off, w2 + off, w3 + off};
-        const int8_t *xt[4] = {x0 + off, x1 + off, x2 + off, x3 + off};
-        __m512i v[4][4], X[4];
-        for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) v[r][t] = _mm512_setzero_si512();
-        /* as pair_dot, with each row's and token's vectors loaded once for the 16 products; for
-           gs == 64 the first halves of the two groups, then their second halves */
-        for (int h = 0; h < gs; h += 32) {
-            __m512i wv[4], xv[4];
-            for (int r = 0; r < 4; r++)
-                wv[r] = _mm512_xor_si512(gs == 32 ? _mm512_loadu_si512((const void *)wr[r])
-                                                  : load_halves(wr[r] + h, wr[r] + 64 + h), flip);
-            for (int t = 0; t < 4; t++)
-                xv[t] = gs == 32 ? _mm512_loadu_si512((const void *)xt[t]) : load_halves(xt[t] + h, xt[t] + 64 + h);
-            for (int r = 0; r < 4; r++)
-                for (int t = 0; t < 4; t++) v[r][t] = _mm512_dpbusd_epi32(v[r][t], wv[r], xv[t]);
+    for (int h = 0; h < 2; h++) {
+        int r = R - 16 * h < 16 ? R - 16 * h : 16; /* rows in this half; lanes past them are never stored */
+        const int8_t *w0 = wq + (size_t)(i0 + (r > 0 ? 16 * h : 0)) * m;
+        const float *s0 = ws + (size_t)(i0 + (r > 0 ? 16 * h : 0)) * groups;
+        for (int c = 0; c < chunks; c += 16) { /* 16 chunks (64 bytes) of each row at a time */
+            int q = chunks - c < 16 ? chunks - c : 16;
+            __mmask16 k = (__mmask16)(q == 16 ? 0xffffu : (1u << q) - 1);
+            __m512i in[16], t[16];
+            for (int j = 0; j < 16; j++)
+                in[j] = j < r ? _mm512_maskz_loadu_epi32(k, w0 + (size_t)j * m + 4 * (size_t)c)
+                              : _mm512_setzero_si512();
+            transpose16_epi32(t, in);
+            for (int j = 0; j < q; j++)
+                _mm512_store_si512((void *)(wp + (size_t)(c + j) * 32 + 16 * h), _mm512_xor_si512(t[j], flip));
         }
-        for (int t = 0; t < 4; t++) {
-            __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0][t], v[1][t]), _mm512_unpackhi_epi32(v[0][t], v[1][t]));
-            __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2][t], v[3][t]), _mm512_unpackhi_epi32(v[2][t], v[3][t]));
-            X[t] = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+        for (int g = 0; g < groups; g += 16) { /* the scales the same way, 16 groups at a time */
+            int q = groups - g < 16 ? groups - g : 16;
+            __mmask16 k = (__mmask16)(q == 16 ? 0xffffu : (1u << q) - 1);
+            __m512i in[16], t[16];
+            for (int j = 0; j < 16; j++)
+                in[j] = j < r ? _mm512_maskz_loadu_epi32(k, s0 + (size_t)j * groups + g) : _mm512_setzero_si512();
+            transpose16_epi32(t, in);
+            for (int j = 0; j < q; j++) _mm512_store_si512((void *)(sp + (size_t)(g + j) * 32 + 16 * h), t[j]);
         }
-        __m512i P01 = _mm512_shuffle_i32x4(X[0], X[1], 0x44), Q01 = _mm512_shuffle_i32x4(X[0], X[1], 0xee);
-        __m512i P23 = _mm512_shuffle_i32x4(X[2], X[3], 0x44), Q23 = _mm512_shuffle_i32x4(X[2], X[3], 0xee);
-        __m512i Ya = _mm512_add_epi32(_mm512_shuffle_i32x4(P01, P23, 0x88), _mm512_shuffle_i32x4(P01, P23, 0xdd));
-        __m512i Yb = _mm512_add_epi32(_mm512_shuffle_i32x4(Q01, Q23, 0x88), _mm512_shuffle_i32x4(Q01, Q23, 0xdd));
-        TILE_SCALE(Ya, g);
-        TILE_SCALE(Yb, g + 1);
     }
-    for (; g < groups; g++) {
-        size_t off = (size_t)g * gs;
-        __m512i v[4][4]; /* [row][token] */
-        for (int r = 0; r < 4; r++)
-            for (int t = 0; t < 4; t++) v[r][t] = _mm512_setzero_si512();
-        for (int i = 0; i < gs; i += 64) {
-            __mmask64 k = gs - i >= 64 ? ~(__mmask64)0 : (__mmask64)(~0ull >> (64 - (gs - i)));
-            __m512i wv[4], xv[4];
-            wv[0] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w0 + off + i), flip);
-            wv[1] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w1 + off + i), flip);
-            wv[2] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w2 + off + i), flip);
-            wv[3] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w3 + off + i), flip);
-            xv[0] = _mm512_maskz_loadu_epi8(k, x0 + off + i);
-            xv[1] = _mm512_maskz_loadu_epi8(k, x1 + off + i);
-            xv[2] = _mm512_maskz_loadu_epi8(k, x2 + off + i);
-            xv[3] = _mm512_maskz_loadu_epi8(k, x3 + off + i);
-            for (int r = 0; r < 4; r++)
-                for (int t = 0; t < 4; t++) v[r][t] = _mm512_dpbusd_epi32(v[r][t], wv[r], xv[t]);
+}
+
+/* acc + vpdpbusd(w, b). GCC 12 copies the accumulator to a fresh register and back around every
+   vpdpbusd intrinsic in a loop (two extra moves per product), so GCC gets the instruction as
+   inline assembly. */
+static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i w, __m512i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(b));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, w, b);
+#endif
+}
+
+/* The 32 packed rows against T <= 6 tokens [t0, t0+T) (T a constant after inlining): 2T int32
+   sums per group (12 chains, enough to keep both vpdpbusd ports busy; two weight loads per T
+   broadcasts), started at -128 * xsum (the shift's correction, exact); then lane r adds
+   ((float)isum * w_scale_r) * x_scale: the reference's arithmetic, in group order. */
+static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, const int8_t *xq, const float *xs,
+                                                                 const int32_t *xsum, const int32_t *wp,
+                                                                 const float *sp, int d, int m, int gs, int i0,
+                                                                 int t0, __mmask16 rows0, __mmask16 rows1, int T) {
+    int groups = m / gs, chunks = gs / 4;
+    const int8_t *x = xq + (size_t)t0 * m;
+    const float *as = xs + (size_t)t0 * groups;
+    const int32_t *asum = xsum + (size_t)t0 * groups;
+    __m512 acc[6][2];
+    for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i v[6][2];
+        for (int t = 0; t < T; t++) v[t][0] = v[t][1] = _mm512_set1_epi32(-128 * asum[(size_t)t * groups + g]);
+        const int32_t *wg = wp + (size_t)g * chunks * 32;
+        const int8_t *xg = x + (size_t)g * gs;
+        for (int c = 0; c < chunks; c++) {
+            __m512i w0 = _mm512_load_si512((const void *)(wg + (size_t)c * 32));
+            __m512i w1 = _mm512_load_si512((const void *)(wg + (size_t)c * 32 + 16));
+            for (int t = 0; t < T; t++) {
+                int32_t b;
+                memcpy(&b, xg + (size_t)t * m + 4 * c, 4);
+                __m512i bv = _mm512_set1_epi32(b);
+                v[t][0] = dpbusd(v[t][0], w0, bv);
+                v[t][1] = dpbusd(v[t][1], w1, bv);
+            }
         }
-        /* per token: the four rows' partial sums side by side in every 128-bit block */
-        __m512i X[4];
-        for (int t = 0; t < 4; t++) {
-            __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0][t], v[1][t]), _mm512_unpackhi_epi32(v[0][t], v[1][t]));
-            __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2][t], v[3][t]), _mm512_unpackhi_epi32(v[2][t], v[3][t]));
-            X[t] = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+        __m512 wsc0 = _mm512_load_ps(sp + (size_t)g * 32), wsc1 = _mm512_load_ps(sp + (size_t)g * 32 + 16);
+        for (int t = 0; t < T; t++) {
+            __m512 xsc = _mm512_set1_ps(as[(size_t)t * groups + g]);
+            __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(v[t][0]), wsc0);
+            __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(v[t][1]), wsc1);
+            acc[t][0] = _mm512_add_ps(acc[t][0], _mm512_mul_ps(f0, xsc));
+            acc[t][1] = _mm512_add_ps(acc[t][1], _mm512_mul_ps(f1, xsc));
         }
-        /* sum the four blocks of each X[t] into block t of Y */
-        __m512i T01 = _mm512_add_epi32(_mm512_shuffle_i32x4(X[0], X[1], 0x44), _mm512_shuffle_i32x4(X[0], X[1], 0xee));
-        __m512i T23 = _mm512_add_epi32(_mm512_shuffle_i32x4(X[2], X[3], 0x44), _mm512_shuffle_i32x4(X[2], X[3], 0xee));
-        __m512i Y = _mm512_add_epi32(_mm512_shuffle_i32x4(T01, T23, 0x88), _mm512_shuffle_i32x4(T01, T23, 0xdd));
-        TILE_SCALE(Y, g);
     }
-#undef TILE_SCALE
-    float r[16];
-    _mm512_storeu_ps(r, acc);
-    for (int t = 0; t < 4; t++) memcpy(out + (size_t)(t0 + t) * d + i0, r + 4 * t, 4 * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        float *o = out + (size_t)(t0 + t) * d + i0;
+        _mm512_mask_storeu_ps(o, rows0, acc[t][0]);
+        if (rows1) _mm512_mask_storeu_ps(o + 16, rows1, acc[t][1]);
+    }
+}
+
+/* Rows [i0, i0+32) (fewer at the end) against all n tokens, 6 at a time. */
+static void block32_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
+                            const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i0) {
+    int32_t *wp = xmalloc_aligned((size_t)m / 4 * PACK_ROWS * sizeof(int32_t));
+    float *sp = xmalloc_aligned((size_t)(m / gs) * PACK_ROWS * sizeof(float));
+    int R = d - i0 < PACK_ROWS ? d - i0 : PACK_ROWS;
+    __mmask16 rows0 = (__mmask16)(R >= 16 ? 0xffffu : (1u << R) - 1);
+    __mmask16 rows1 = (__mmask16)(R >= 32 ? 0xffffu : R > 16 ? (1u << (R - 16)) - 1 : 0u);
+    pack32_q8(wp, sp, wq, ws, m, gs, i0, R);
+    int t = 0;
+    /* the common group sizes as constants, so that the chunk loop unrolls */
+    for (; t + 6 <= n; t += 6) {
+        if (gs == 32) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 32, i0, t, rows0, rows1, 6);
+        else if (gs == 64) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 64, i0, t, rows0, rows1, 6);
+        else tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 6);
+    }
+    switch (n - t) {
+    case 5: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 5); break;
+    case 4: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 4); break;
+    case 3: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 3); break;
+    case 2: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 2); break;
+    case 1: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 1); break;
+    default: break;
+    }
+    free(sp);
+    free(wp);
 }
 
 #endif
 
-/* Rows [i0, i0+4) (fewer at the end) of the int8 product, with the VNNI kernels where the CPU
-   has them and the group size suits them (a multiple of 16, small enough that no int32 lane can
-   overflow), else the plain kernel; both give the same bits. */
+/* Rows in one unit of work of an int8 product of n tokens: PACK_ROWS where block_q8 takes the
+   packed prefill kernel (VNNI, a group size it suits, 4 or more tokens), else 4. */
+static int q8_block_rows(int n, int gs) {
+#if HAVE_VNNI
+    if (n >= 4 && gs % 16 == 0 && gs <= 4096) return PACK_ROWS;
+#endif
+    (void)n, (void)gs;
+    return 4;
+}
+
+/* Rows [i0, i0+q8_block_rows) (fewer at the end) of the int8 product, with the VNNI kernels where
+   the CPU has them and the group size suits them (a multiple of 16, small enough that no int32 lane
+   can overflow), else the plain kernel; both give the same bits. */
 static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
                      const float *ws, int n, int d, int m, int gs, int i0) {
     int i1 = i0 + 4 < d ? i0 + 4 : d;
 #if HAVE_VNNI
-    if (gs % 16 == 0 && gs <= 4096) {
+    if (q8_block_rows(n, gs) == PACK_ROWS) {
+        block32_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i0);
+        return;
+    }
+    if (gs % 16 == 0 && gs <= 4096) { /* decoding, or fewer than 4 tokens */
         if (i1 - i0 == 4) {
-            int n4 = n / 4 * 4, groups = m / gs;
-            for (int t = 0; t < n4; t += 4) tile4x4_q8_vnni(out, xq, xs, xsum, wq, ws, d, m, gs, i0, t);
-            if (n4 < n)
-                rows4_q8_vnni(out + (size_t)n4 * d, xq + (size_t)n4 * m, xs + (size_t)n4 * groups,
-                              xsum + (size_t)n4 * groups, wq, ws, n - n4, d, m, gs, i0, n == 1);
+            rows4_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i0, n == 1);
         } else {
             for (int i = i0; i < i1; i++) row_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i);
         }
@@ -1009,9 +1068,9 @@ static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_
    matmul_q8_ref by tests/engine_kernels.c, like matmul_f32). */
 void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
                       const float *ws, int n, int d, int m, int gs) {
-    int blocks = (d + 3) / 4, b;
+    int rows = q8_block_rows(n, gs), blocks = (d + rows - 1) / rows, b;
     OMP_PARALLEL_FOR
-    for (b = 0; b < blocks; b++) block_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs, 4 * b);
+    for (b = 0; b < blocks; b++) block_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs, rows * b);
 }
 
 /* One product of a group that shares its input: out (n, d) = x @ W^T. */
@@ -1022,20 +1081,24 @@ typedef struct {
 } MatJob;
 
 /* Several products of the same input x (n, m) (q, k, v; or w1, w3) in one parallel loop over all
-   their blocks of 4 rows: one fork and one barrier instead of one per matrix. For int8 weights,
-   x must already be quantized into s->xq / s->xs / s->xsum (quantize_rows). */
+   their blocks of rows (4, or PACK_ROWS for int8 prefill): one fork and one barrier instead of one
+   per matrix. For int8 weights, x must already be quantized into s->xq / s->xs / s->xsum
+   (quantize_rows). */
 static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const float *x, int n, int m) {
     RunState *s = &t->state;
     int gs = t->config.group_size;
-    int start[4] = {0, 0, 0, 0};
-    for (int j = 0; j < n_jobs; j++) start[j + 1] = start[j] + (jobs[j].d + 3) / 4;
+    int start[4] = {0, 0, 0, 0}, rows[3];
+    for (int j = 0; j < n_jobs; j++) {
+        rows[j] = jobs[j].w->w ? 4 : q8_block_rows(n, gs);
+        start[j + 1] = start[j] + (jobs[j].d + rows[j] - 1) / rows[j];
+    }
     int total = start[n_jobs], b;
     OMP_PARALLEL_FOR
     for (b = 0; b < total; b++) {
         int j = 0;
         while (b >= start[j + 1]) j++;
         const MatJob *job = &jobs[j];
-        int i0 = 4 * (b - start[j]);
+        int i0 = rows[j] * (b - start[j]);
         if (job->w->w) block_f32(job->out, x, job->w->w, n, job->d, m, i0);
         else block_q8(job->out, s->xq, s->xs, s->xsum, job->w->q, job->w->s, n, job->d, m, gs, i0);
     }
