@@ -64,30 +64,13 @@ class BenchError(Exception):
     pass
 
 
-def parse_bool(key: str, s: str) -> bool:
-    v = s.strip().lower()
-    if v in ("1", "true", "yes"):
-        return True
-    if v in ("0", "false", "no"):
-        return False
-    raise BenchError(f"--{key} expects true/false/1/0/yes/no, got {s!r}")
-
-
 def parse_config(argv: list[str]) -> BenchConfig:
-    cfg = BenchConfig()
-    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise BenchError(f"expected --key=value, got {arg!r}; valid keys: {', '.join(fields)}")
-        key, value = arg[2:].split("=", 1)
-        if key not in fields:
-            raise BenchError(f"unknown key {key!r}; valid keys: {', '.join(fields)}")
-        kind = type(getattr(cfg, key))
-        try:
-            parsed = parse_bool(key, value) if kind is bool else kind(value)
-        except ValueError:
-            raise BenchError(f"--{key} expects {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
+    sys.path.insert(0, str(ROOT))
+    from export import ExportError, parse_config as parse_options  # the project's one --key=value parser
+    try:
+        cfg = parse_options(BenchConfig(), argv)
+    except ExportError as e:
+        raise BenchError(str(e)) from None
     unknown = [m for m in cfg.models.split(",") if m not in SHAPES]
     if unknown:
         raise BenchError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
