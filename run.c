@@ -41,14 +41,19 @@
 /* ----------------------------------------------------------------------------------------------
    utilities */
 
+/* One "run: ..." line on stderr; fatal and usage_error share it. */
+static void report_line(const char *fmt, va_list ap) {
+    fputs("run: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
 /* Prints one line to stderr and exits: every user-facing error goes through here. */
 static void fatal(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("run: ", stderr);
-    vfprintf(stderr, fmt, ap);
+    report_line(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     fflush(stdout);
     exit(EXIT_FAILURE);
 }
@@ -1538,10 +1543,8 @@ static void usage(FILE *f) {
 static void usage_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("run: ", stderr);
-    vfprintf(stderr, fmt, ap);
+    report_line(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     usage(stderr);
     exit(EXIT_FAILURE);
 }
