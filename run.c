@@ -114,9 +114,11 @@ typedef struct {
 /* One weight matrix (rows, cols), row-major like PyTorch's nn.Linear: fp32 in w, or int8 values
    in q with one fp32 scale per group_size consecutive values in s. */
 typedef struct {
-    const float *w;  /* (rows, cols) fp32, or NULL */
-    const int8_t *q; /* (rows, cols) int8, or NULL */
-    const float *s;  /* (rows * cols / group_size) scales, or NULL */
+    const float *w;    /* (rows, cols) fp32, or NULL */
+    const int8_t *q;   /* (rows, cols) int8, or NULL */
+    const float *s;    /* (rows * cols / group_size) scales, or NULL */
+    const int32_t *pw; /* int8 matrices on VNNI CPUs: q repacked at load time (q8_pack), else NULL */
+    const float *ps;   /* the scales repacked alongside pw */
 } Matrix;
 
 typedef struct {
@@ -168,6 +170,7 @@ typedef struct {
     void *data;          /* the mmap'd file */
     size_t file_size;
     float *owned;        /* scales copied out of the mapping when misaligned (else NULL) */
+    void *packed;        /* the int8 matrices repacked for the VNNI kernels (else NULL) */
 } Transformer;
 
 /* ----------------------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ static const float *take_scales(Cursor *cur, int64_t n) {
 }
 
 static Matrix take_matrix(Cursor *cur, const Config *c, int64_t rows, int64_t cols) {
-    Matrix m = {NULL, NULL, NULL};
+    Matrix m = {NULL, NULL, NULL, NULL, NULL};
     if (!c->quantized) {
         m.w = take_f32(cur, rows * cols);
     } else {
@@ -467,6 +470,8 @@ static void run_state_free(RunState *s) {
     free(s->x);
 }
 
+static void weights_pack(Transformer *t); /* with the kernels below */
+
 /* Opens, validates and maps a model file; exits with a one-line error on any problem. */
 static void transformer_init(Transformer *t, const char *path) {
     memset(t, 0, sizeof *t);
@@ -495,11 +500,13 @@ static void transformer_init(Transformer *t, const char *path) {
     if (t->data == MAP_FAILED) fatal("%s: mmap failed (%s)", path, strerror(errno));
     close(fd);
     weights_map(t);
+    weights_pack(t);
     run_state_init(&t->state, &t->config);
 }
 
 static void transformer_free(Transformer *t) {
     run_state_free(&t->state);
+    free(t->packed);
     free(t->owned);
     free(t->weights.layers);
     if (t->data && t->data != MAP_FAILED) munmap(t->data, t->file_size);
@@ -721,174 +728,17 @@ void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
-/* vpdpbusd multiplies unsigned by signed bytes, so the weights go in shifted: (w + 128) is w ^ 0x80
-   as an unsigned byte, and sum (w + 128) x = sum w x + 128 sum x, with sum x precomputed per group
-   (xsum). Integer sums are exact, so each group's int32 equals dot_i8's, and the fp32 part below
-   is the reference's expression in the reference's order: bit-identical results. */
-/* One row's group: 16 int32 lanes whose total is sum (w + 128) x over the group's gs bytes
-   (gs % 16 == 0; a masked tail covers gs % 64; masked-off bytes contribute 0 * 0). */
-static inline __m512i group_vnni(const int8_t *w, const int8_t *x, int gs) {
-    __m512i acc = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    int i = 0;
-    for (; i + 64 <= gs; i += 64) {
-        __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + i)), flip);
-        acc = _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512((const void *)(x + i)));
-    }
-    if (i < gs) {
-        __mmask64 k = (__mmask64)(~0ull >> (64 - (gs - i)));
-        __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w + i), flip);
-        acc = _mm512_dpbusd_epi32(acc, wv, _mm512_maskz_loadu_epi8(k, x + i));
-    }
-    return acc;
-}
-
-/* The totals of four rows' lane vectors, [v0, v1, v2, v3], in one pass of pairwise shuffles. */
-static inline __m128i hsum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
-    __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
-    __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
-    __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
-    __m256i c = _mm256_add_epi32(_mm512_castsi512_si256(b), _mm512_extracti64x4_epi64(b, 1));
-    return _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-}
-
-/* [p[0..32) | q[0..32)]: two 32-byte halves in one vector. */
-static inline __m512i load_halves(const int8_t *p, const int8_t *q) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)p)),
-                              _mm256_loadu_si256((const __m256i *)(const void *)q), 1);
-}
-
-/* Lane vector of groups g (lanes 0-7) and g+1 (lanes 8-15) for one row and one token, group size 32
-   or 64 (for 64, each group's halves go through two dot products into the same lanes), so the
-   two groups are reduced together: half the reductions of one group at a time. */
-static inline __m512i pair_dot(__m512i acc, const int8_t *w, const int8_t *x, int gs) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    if (gs == 32)
-        return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512((const void *)w), flip),
-                                   _mm512_loadu_si512((const void *)x));
-    acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(load_halves(w, w + 64), flip), load_halves(x, x + 64));
-    return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(load_halves(w + 32, w + 96), flip), load_halves(x + 32, x + 96));
-}
-
-/* gs == 32 or 64: groups g, g+1 for four rows (pair_dot), reduced together, then the reference's
-   float updates for g and then g+1. */
-static inline __m128 pair_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, size_t off, int gs,
-                                  __m128 wsc_a, __m128 wsc_b, const float *x_scale, const int32_t *x_sum,
-                                  int prefetch) {
-    if (prefetch)
-        for (int k = 0; k < 2 * gs; k += 64) {
-            _mm_prefetch((const char *)(w0 + 4 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 5 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 6 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 7 * m + off + k), _MM_HINT_T0);
-        }
-    __m512i v[4];
-    for (int r = 0; r < 4; r++) v[r] = pair_dot(_mm512_setzero_si512(), w0 + (size_t)r * m + off, a, gs);
-    __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
-    __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
-    __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
-    __m256i lo = _mm512_castsi512_si256(b), hi = _mm512_extracti64x4_epi64(b, 1);
-    __m128i ga = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
-    __m128i gb = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
-    ga = _mm_sub_epi32(ga, _mm_set1_epi32(128 * x_sum[0]));
-    gb = _mm_sub_epi32(gb, _mm_set1_epi32(128 * x_sum[1]));
-    __m128 va = _mm_mul_ps(_mm_cvtepi32_ps(ga), wsc_a);
-    va = _mm_mul_ps(va, _mm_set1_ps(x_scale[0]));
-    acc = _mm_add_ps(acc, va);
-    __m128 vb = _mm_mul_ps(_mm_cvtepi32_ps(gb), wsc_b);
-    vb = _mm_mul_ps(vb, _mm_set1_ps(x_scale[1]));
-    return _mm_add_ps(acc, vb);
-}
-
-/* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
-   the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. */
-/* One group g for four rows: acc[r] += ((float)isum_r * w_scale_r) * x_scale, with the four rows'
-   weight scales in wsc. */
-static inline __m128 group4_q8_vnni(__m128 acc, const int8_t *w0, size_t m, const int8_t *a, int gs,
-                                    size_t off, __m128 wsc, float x_scale, int32_t x_sum, int prefetch) {
-    if (prefetch) /* decoding: the next block's rows, as in tile_f32 */
-        for (int k = 0; k < gs; k += 64) {
-            _mm_prefetch((const char *)(w0 + 4 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 5 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 6 * m + off + k), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w0 + 7 * m + off + k), _MM_HINT_T0);
-        }
-    __m128i isum = hsum4_epi32(group_vnni(w0 + off, a, gs), group_vnni(w0 + m + off, a, gs),
-                               group_vnni(w0 + 2 * m + off, a, gs), group_vnni(w0 + 3 * m + off, a, gs));
-    isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * x_sum));
-    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), wsc);
-    v = _mm_mul_ps(v, _mm_set1_ps(x_scale));
-    return _mm_add_ps(acc, v);
-}
-
-/* Four rows [i0, i0+4) against n tokens; lane r of each vector is row i0+r, and computes exactly
-   the reference's ((float)isum * w_scale) * x_scale, added to its sum in group order. The rows'
-   scales are read four groups at a time and transposed (fewer shuffle-port operations than
-   assembling each group's four scales one by one). */
-static void rows4_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
-                          const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i0, int prefetch) {
-    int groups = m / gs;
-    const int8_t *w0 = wq + (size_t)i0 * m;
-    const float *s0 = ws + (size_t)i0 * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
-    for (int t = 0; t < n; t++) {
-        const int8_t *aq = xq + (size_t)t * m;
-        const float *as = xs + (size_t)t * groups;
-        const int32_t *asum = xsum + (size_t)t * groups;
-        __m128 acc = _mm_setzero_ps();
-        int g = 0;
-        for (; g + 4 <= groups; g += 4) {
-            __m128 c0 = _mm_loadu_ps(s0 + g), c1 = _mm_loadu_ps(s1 + g);
-            __m128 c2 = _mm_loadu_ps(s2 + g), c3 = _mm_loadu_ps(s3 + g);
-            _MM_TRANSPOSE4_PS(c0, c1, c2, c3); /* c_k = the four rows' scales of group g+k */
-            __m128 sc[4] = {c0, c1, c2, c3};
-            if (gs == 32 || gs == 64) {
-                size_t off = (size_t)g * gs, off2 = off + 2 * (size_t)gs;
-                acc = pair_q8_vnni(acc, w0, (size_t)m, aq + off, off, gs, c0, c1, as + g, asum + g, prefetch);
-                acc = pair_q8_vnni(acc, w0, (size_t)m, aq + off2, off2, gs, c2, c3, as + g + 2, asum + g + 2, prefetch);
-                continue;
-            }
-            for (int k = 0; k < 4; k++) {
-                size_t off = (size_t)(g + k) * gs;
-                acc = group4_q8_vnni(acc, w0, (size_t)m, aq + off, gs, off, sc[k], as[g + k], asum[g + k], prefetch);
-            }
-        }
-        for (; g < groups; g++) {
-            size_t off = (size_t)g * gs;
-            acc = group4_q8_vnni(acc, w0, (size_t)m, aq + off, gs, off, _mm_set_ps(s3[g], s2[g], s1[g], s0[g]),
-                                 as[g], asum[g], prefetch);
-        }
-        _mm_storeu_ps(out + (size_t)t * d + i0, acc);
-    }
-}
-
-/* Rows that do not fill a block of four, one at a time. */
-static void row_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
-                        const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i) {
-    int groups = m / gs;
-    const int8_t *wr = wq + (size_t)i * m;
-    const float *sr = ws + (size_t)i * groups;
-    for (int t = 0; t < n; t++) {
-        const int8_t *aq = xq + (size_t)t * m;
-        const float *as = xs + (size_t)t * groups;
-        const int32_t *asum = xsum + (size_t)t * groups;
-        float acc = 0.0f;
-        for (int g = 0; g < groups; g++) {
-            int32_t isum = _mm512_reduce_add_epi32(group_vnni(wr + (size_t)g * gs, aq + (size_t)g * gs, gs));
-            isum -= 128 * asum[g];
-            float v = (float)isum * sr[g];
-            v = v * as[g];
-            acc = acc + v;
-        }
-        out[(size_t)t * d + i] = acc;
-    }
-}
-
-/* Prefill: rows in the lanes of a vector, so no group sum needs a horizontal reduction. A block of
-   32 rows is first packed (pack32_q8): for each 4-byte column chunk c, two vectors (rows 0-15,
-   16-31) that hold each row's bytes [4c, 4c+4) shifted by 128 as one int32 lane, and each group's
-   32 row scales as two vectors. vpdpbusd of such a vector with one token's 4 bytes broadcast to
-   every lane adds to lane r row r's four products, so each group ends as 32 exact int32 sums per
-   token, converted and scaled 16 at a time. */
+/* The VNNI kernels keep rows in the lanes of a vector, so no group sum ever needs a horizontal
+   reduction. At load time (q8_pack) every int8 matrix is repacked in blocks of 32 rows: for each
+   4-byte column chunk c, two vectors (rows 0-15, 16-31) that hold each row's bytes [4c, 4c+4) as
+   one int32 lane, and for each group the 32 rows' scales as two vectors. vpdpbusd of such a vector
+   with one token's 4 bytes broadcast to every lane adds to lane r row r's four products. A block is
+   one contiguous stream (32 x cols bytes), which the prefetchers follow at full speed where four
+   separate short rows did not.
+   vpdpbusd multiplies unsigned by signed bytes, so the weights are stored shifted: (w + 128) is
+   w ^ 0x80 as an unsigned byte, and sum (w + 128) x = sum w x + 128 sum x, with sum x precomputed
+   per group (xsum). Integer sums are exact, so each group's int32 equals dot_i8's, and the fp32
+   part is the reference's expression in the reference's order: bit-identical results. */
 #define PACK_ROWS 32
 
 /* out[c] = lane c of in[0..16) (a 16 x 16 transpose of int32): unpacks within 128-bit blocks, then
@@ -917,11 +767,13 @@ static inline void transpose16_epi32(__m512i *out, const __m512i *in) {
     }
 }
 
+/* Packs rows [i0, i0+R) (R <= 32) of W into one block: wp (cols/4, 32) int32, sp (groups, 32)
+   scales; lanes past R hold zero weights and zero scales. */
 static void pack32_q8(int32_t *wp, float *sp, const int8_t *wq, const float *ws, int m, int gs, int i0, int R) {
     int groups = m / gs, chunks = m / 4;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int h = 0; h < 2; h++) {
-        int r = R - 16 * h < 16 ? R - 16 * h : 16; /* rows in this half; lanes past them are never stored */
+        int r = R - 16 * h < 16 ? R - 16 * h : 16; /* rows in this half */
         const int8_t *w0 = wq + (size_t)(i0 + (r > 0 ? 16 * h : 0)) * m;
         const float *s0 = ws + (size_t)(i0 + (r > 0 ? 16 * h : 0)) * groups;
         for (int c = 0; c < chunks; c += 16) { /* 16 chunks (64 bytes) of each row at a time */
@@ -930,7 +782,7 @@ static void pack32_q8(int32_t *wp, float *sp, const int8_t *wq, const float *ws,
             __m512i in[16], t[16];
             for (int j = 0; j < 16; j++)
                 in[j] = j < r ? _mm512_maskz_loadu_epi32(k, w0 + (size_t)j * m + 4 * (size_t)c)
-                              : _mm512_setzero_si512();
+                              : _mm512_set1_epi8((char)0x80); /* 0 once flipped */
             transpose16_epi32(t, in);
             for (int j = 0; j < q; j++)
                 _mm512_store_si512((void *)(wp + (size_t)(c + j) * 32 + 16 * h), _mm512_xor_si512(t[j], flip));
@@ -959,10 +811,11 @@ static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i
 #endif
 }
 
-/* The 32 packed rows against T <= 6 tokens [t0, t0+T) (T a constant after inlining): 2T int32
-   sums per group (12 chains, enough to keep both vpdpbusd ports busy; two weight loads per T
-   broadcasts), started at -128 * xsum (the shift's correction, exact); then lane r adds
-   ((float)isum * w_scale_r) * x_scale: the reference's arithmetic, in group order. */
+/* One packed block (32 rows from i0) against T <= 6 tokens [t0, t0+T) (T a constant after
+   inlining): 2T int32 sums per group, started at -128 * xsum (the shift's correction, exact); then
+   lane r adds ((float)isum * w_scale_r) * x_scale: the reference's arithmetic, in group order.
+   With T >= 3 there are enough independent chains to keep both vpdpbusd ports busy; decoding
+   (T = 1) is bound by memory instead, and prefetches the stream a few chunks ahead. */
 static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, const int8_t *xq, const float *xs,
                                                                  const int32_t *xsum, const int32_t *wp,
                                                                  const float *sp, int d, int m, int gs, int i0,
@@ -979,6 +832,7 @@ static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, con
         const int32_t *wg = wp + (size_t)g * chunks * 32;
         const int8_t *xg = x + (size_t)g * gs;
         for (int c = 0; c < chunks; c++) {
+            if (T == 1) _mm_prefetch((const char *)(wg + (size_t)c * 32 + 512), _MM_HINT_T0);
             __m512i w0 = _mm512_load_si512((const void *)(wg + (size_t)c * 32));
             __m512i w1 = _mm512_load_si512((const void *)(wg + (size_t)c * 32 + 16));
             for (int t = 0; t < T; t++) {
@@ -1005,77 +859,130 @@ static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, con
     }
 }
 
-/* Rows [i0, i0+32) (fewer at the end) against all n tokens, 6 at a time. */
+/* The packed block of rows [i0, i0+32) (fewer at the end) against all n tokens, 6 at a time. */
 static void block32_q8_vnni(float *out, const int8_t *xq, const float *xs, const int32_t *xsum,
-                            const int8_t *wq, const float *ws, int n, int d, int m, int gs, int i0) {
-    int32_t *wp = xmalloc_aligned((size_t)m / 4 * PACK_ROWS * sizeof(int32_t));
-    float *sp = xmalloc_aligned((size_t)(m / gs) * PACK_ROWS * sizeof(float));
+                            const int32_t *wp, const float *sp, int n, int d, int m, int gs, int i0) {
     int R = d - i0 < PACK_ROWS ? d - i0 : PACK_ROWS;
     __mmask16 rows0 = (__mmask16)(R >= 16 ? 0xffffu : (1u << R) - 1);
     __mmask16 rows1 = (__mmask16)(R >= 32 ? 0xffffu : R > 16 ? (1u << (R - 16)) - 1 : 0u);
-    pack32_q8(wp, sp, wq, ws, m, gs, i0, R);
     int t = 0;
     /* the common group sizes as constants, so that the chunk loop unrolls */
-    for (; t + 6 <= n; t += 6) {
-        if (gs == 32) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 32, i0, t, rows0, rows1, 6);
-        else if (gs == 64) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 64, i0, t, rows0, rows1, 6);
-        else tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 6);
-    }
+#define TILE(T)                                                                                          \
+    do {                                                                                                 \
+        if (gs == 32) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 32, i0, t, rows0, rows1, T);        \
+        else if (gs == 64) tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, 64, i0, t, rows0, rows1, T);   \
+        else tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, T);                 \
+    } while (0)
+    for (; t + 6 <= n; t += 6) TILE(6);
     switch (n - t) {
-    case 5: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 5); break;
-    case 4: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 4); break;
-    case 3: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 3); break;
-    case 2: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 2); break;
-    case 1: tile32_q8_vnni(out, xq, xs, xsum, wp, sp, d, m, gs, i0, t, rows0, rows1, 1); break;
+    case 5: TILE(5); break;
+    case 4: TILE(4); break;
+    case 3: TILE(3); break;
+    case 2: TILE(2); break;
+    case 1: TILE(1); break;
     default: break;
     }
-    free(sp);
-    free(wp);
+#undef TILE
 }
-
 #endif
 
-/* Rows in one unit of work of an int8 product of n tokens: PACK_ROWS where block_q8 takes the
-   packed prefill kernel (VNNI, a group size it suits, 4 or more tokens), else 4. */
-static int q8_block_rows(int n, int gs) {
+/* Whether W (d, m) with group size gs is kept packed for the VNNI kernels: a group size that is a
+   multiple of 16 (whole vectors) and small enough that no int32 lane can overflow
+   (255 * 127 * 4096 < 2^31). */
+static int q8_packable(int gs) {
 #if HAVE_VNNI
-    if (n >= 4 && gs % 16 == 0 && gs <= 4096) return PACK_ROWS;
+    return gs % 16 == 0 && gs <= 4096;
+#else
+    (void)gs;
+    return 0;
 #endif
-    (void)n, (void)gs;
-    return 4;
 }
 
-/* Rows [i0, i0+q8_block_rows) (fewer at the end) of the int8 product, with the VNNI kernels where
-   the CPU has them and the group size suits them (a multiple of 16, small enough that no int32 lane
-   can overflow), else the plain kernel; both give the same bits. */
-static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
-                     const float *ws, int n, int d, int m, int gs, int i0) {
-    int i1 = i0 + 4 < d ? i0 + 4 : d;
+/* Bytes of the packed form of a (d, m) matrix: 32-row blocks of m/4 int32 chunks and m/gs scales. */
+static size_t q8_packed_bytes(int d, int m, int gs) {
+    size_t blocks = ((size_t)d + 31) / 32;
+    return blocks * 32 * ((size_t)m + (size_t)(m / gs) * sizeof(float));
+}
+
+/* Fills mat->pw / mat->ps from mat->q / mat->s, in buf (64-byte aligned, q8_packed_bytes long). */
+static void q8_pack(Matrix *mat, void *buf, int d, int m, int gs) {
 #if HAVE_VNNI
-    if (q8_block_rows(n, gs) == PACK_ROWS) {
-        block32_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i0);
-        return;
+    size_t blocks = ((size_t)d + 31) / 32, wstride = (size_t)m / 4 * 32, sstride = (size_t)(m / gs) * 32;
+    int32_t *wp = buf;
+    float *sp = (float *)(void *)(wp + blocks * wstride);
+    int b, nb = (int)blocks;
+    OMP_PARALLEL_FOR
+    for (b = 0; b < nb; b++) {
+        int i0 = 32 * b, R = d - i0 < 32 ? d - i0 : 32;
+        pack32_q8(wp + (size_t)b * wstride, sp + (size_t)b * sstride, mat->q, mat->s, m, gs, i0, R);
     }
-    if (gs % 16 == 0 && gs <= 4096) { /* decoding, or fewer than 4 tokens */
-        if (i1 - i0 == 4) {
-            rows4_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i0, n == 1);
-        } else {
-            for (int i = i0; i < i1; i++) row_q8_vnni(out, xq, xs, xsum, wq, ws, n, d, m, gs, i);
-        }
+    mat->pw = wp;
+    mat->ps = sp;
+#else
+    (void)mat, (void)buf, (void)d, (void)m, (void)gs;
+#endif
+}
+
+/* Rows in one unit of work of an int8 product: a packed block, else 4 rows. */
+static int q8_block_rows(const Matrix *w) { return w->pw ? 32 : 4; }
+
+/* Rows [i0, i0+q8_block_rows) (fewer at the end) of the int8 product out (n, d), with the VNNI
+   kernel on packed weights, else the plain loop; both give the same bits. */
+static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const Matrix *w,
+                     int n, int d, int m, int gs, int i0) {
+#if HAVE_VNNI
+    if (w->pw) {
+        size_t b = (size_t)i0 / 32;
+        block32_q8_vnni(out, xq, xs, xsum, w->pw + b * ((size_t)m / 4 * 32), w->ps + b * ((size_t)(m / gs) * 32),
+                        n, d, m, gs, i0);
         return;
     }
 #endif
     (void)xsum;
-    for (int i = i0; i < i1; i++) row_q8_ref(out, xq, xs, wq, ws, n, d, m, gs, i);
+    int i1 = i0 + 4 < d ? i0 + 4 : d;
+    for (int i = i0; i < i1; i++) row_q8_ref(out, xq, xs, w->q, w->s, n, d, m, gs, i);
 }
 
-/* out (n, d) = int8 product, threads splitting the rows in blocks of 4 (tested against
-   matmul_q8_ref by tests/engine_kernels.c, like matmul_f32). */
+/* out (n, d) = int8 product of row-major wq / ws, through the same kernels as the engine (packing
+   a copy first where the engine would have packed at load time). Not static: tests/engine_kernels.c
+   compares it with matmul_q8_ref. */
 void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
-                      const float *ws, int n, int d, int m, int gs) {
-    int rows = q8_block_rows(n, gs), blocks = (d + rows - 1) / rows, b;
+               const float *ws, int n, int d, int m, int gs) {
+    Matrix w = {NULL, wq, ws, NULL, NULL};
+    void *buf = NULL;
+    if (q8_packable(gs)) {
+        buf = xmalloc_aligned(q8_packed_bytes(d, m, gs));
+        q8_pack(&w, buf, d, m, gs);
+    }
+    int rows = q8_block_rows(&w), blocks = (d + rows - 1) / rows, b;
     OMP_PARALLEL_FOR
-    for (b = 0; b < blocks; b++) block_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs, rows * b);
+    for (b = 0; b < blocks; b++) block_q8(out, xq, xs, xsum, &w, n, d, m, gs, rows * b);
+    free(buf);
+}
+
+/* Repacks every int8 matrix but the embedding (only ever read by row) for the VNNI kernels, in one
+   allocation about the size of the int8 weights: decoding then streams each 32-row block as one
+   contiguous run, and prefill no longer repacks a block per call. */
+static void weights_pack(Transformer *t) {
+    const Config *c = &t->config;
+    Weights *w = &t->weights;
+    if (!c->quantized || !q8_packable(c->group_size)) return;
+    int gs = c->group_size, d = c->dim, h = c->hidden_dim, kv = c->kv_dim;
+    size_t total = q8_packed_bytes(c->vocab_size, d, gs);
+    for (int l = 0; l < c->n_layers; l++)
+        total += 2 * q8_packed_bytes(d, d, gs) + 2 * q8_packed_bytes(kv, d, gs) + 2 * q8_packed_bytes(h, d, gs) +
+                 q8_packed_bytes(d, h, gs);
+    unsigned char *buf = t->packed = xmalloc_aligned(total);
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerWeights *lw = &w->layers[l];
+        Matrix *mats[7] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
+        int rows[7] = {d, kv, kv, d, h, d, h}, cols[7] = {d, d, d, d, d, h, d};
+        for (int k = 0; k < 7; k++) {
+            q8_pack(mats[k], buf, rows[k], cols[k], gs);
+            buf += q8_packed_bytes(rows[k], cols[k], gs);
+        }
+    }
+    q8_pack(&w->wcls, buf, c->vocab_size, d, gs);
 }
 
 /* One product of a group that shares its input: out (n, d) = x @ W^T. */
@@ -1086,7 +993,7 @@ typedef struct {
 } MatJob;
 
 /* Several products of the same input x (n, m) (q, k, v; or w1, w3) in one parallel loop over all
-   their blocks of rows (4, or PACK_ROWS for int8 prefill): one fork and one barrier instead of one
+   their blocks of rows (4, or 32 for packed int8): one fork and one barrier instead of one
    per matrix. For int8 weights, x must already be quantized into s->xq / s->xs / s->xsum
    (quantize_rows). */
 static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const float *x, int n, int m) {
@@ -1094,7 +1001,7 @@ static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const fl
     int gs = t->config.group_size;
     int start[4] = {0, 0, 0, 0}, rows[3];
     for (int j = 0; j < n_jobs; j++) {
-        rows[j] = jobs[j].w->w ? 4 : q8_block_rows(n, gs);
+        rows[j] = jobs[j].w->w ? 4 : q8_block_rows(jobs[j].w);
         start[j + 1] = start[j] + (jobs[j].d + rows[j] - 1) / rows[j];
     }
     int total = start[n_jobs], b;
@@ -1105,7 +1012,7 @@ static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const fl
         const MatJob *job = &jobs[j];
         int i0 = rows[j] * (b - start[j]);
         if (job->w->w) block_f32(job->out, x, job->w->w, n, job->d, m, i0);
-        else block_q8(job->out, s->xq, s->xs, s->xsum, job->w->q, job->w->s, n, job->d, m, gs, i0);
+        else block_q8(job->out, s->xq, s->xs, s->xsum, job->w, n, job->d, m, gs, i0);
     }
 }
 
@@ -1114,13 +1021,27 @@ static void matmul(Transformer *t, float *out, const float *x, const Matrix *w, 
     matmul_jobs(t, &job, 1, x, n, m);
 }
 
+/* out = x / sqrt(mean(x^2) + eps) * gain, the sum of squares in double. */
 static void rmsnorm(float *out, const float *x, const float *gain, int n, float eps) {
     double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    int i = 0;
+#if HAVE_AVX512
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        acc0 = _mm512_fmadd_pd(lo, lo, acc0);
+        acc1 = _mm512_fmadd_pd(hi, hi, acc1);
+    }
+    ss = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+#endif
+    for (; i < n; i++) ss += (double)x[i] * x[i];
     float inv = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = (x[i] * inv) * gain[i];
+    for (i = 0; i < n; i++) out[i] = (x[i] * inv) * gain[i];
 }
 
+/* In place: x = softmax(x). The plain version the references use. */
 static void softmax(float *x, int n) {
     float mx = x[0];
     for (int i = 1; i < n; i++) mx = fmaxf(mx, x[i]);
@@ -1131,6 +1052,69 @@ static void softmax(float *x, int n) {
     }
     float inv = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+#if HAVE_AVX512
+/* e^x for 16 floats, within 2 ulp of expf: x = k ln2 + r with |r| <= ln2/2 (ln2 split into a short
+   high part, so k * high is exact, and the rest), e^r from its Taylor series to r^7 (truncation
+   below 1e-8 relative), then times 2^k by vscalefps, which overflows to inf and underflows to 0
+   as expf does. The clamp keeps k finite for infinite x; NaN passes through. */
+static inline __m512 exp16_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(100.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), x));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* softmax with exp16_ps, 16 values at a time (a masked tail). */
+static void softmax16(float *x, int n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int i;
+    for (i = 0; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + i));
+    __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, x + i));
+    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 e = exp16_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
+        _mm512_storeu_ps(x + i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+        __m512 e = exp16_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + i), m));
+        _mm512_mask_storeu_ps(x + i, tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+    if (tail) _mm512_mask_storeu_ps(x + i, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + i), inv));
+}
+#endif
+
+/* SwiGLU's gate in place: g = silu(g) * u = g / (1 + e^-g) * u over n values. */
+static void swiglu(float *g, const float *u, size_t n) {
+    size_t i = 0;
+#if HAVE_AVX512
+    /* every value through exp16_ps (a masked tail), so a value's result does not depend on where
+       the token sits in a block */
+    for (; i < n; i += 16) {
+        __mmask16 k = (__mmask16)(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(k, g + i);
+        __m512 e = exp16_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        __m512 silu = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* Rotates consecutive pairs (v[2i], v[2i+1]) of each of n_heads heads by the angles of one position. */
@@ -1173,30 +1157,84 @@ void attention_head_ref(float *out, const float *q, const float *k, const float 
     }
 }
 
-/* attention_head_ref with q and the output kept in AVX-512 registers where available. */
+#if HAVE_AVX512
+/* The 16 totals of 16 vectors: lane k of the result is the sum of v[k]'s lanes. Pairs are
+   interleaved and added three times (32, 64, then 128-bit pieces), then the four 128-bit blocks
+   are transposed and added: 45 operations instead of 16 separate horizontal sums. */
+static inline __m512 hsum16x16_ps(const __m512 *v) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit block: v2i and v2i+1 lanes 0+2, 0+2, 1+3, 1+3 */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit block: the partial totals of v4i .. v4i+3 */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* block j of b[i] holds partial totals of v4i..v4i+3 from block j; sum over j */
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xee));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
+}
+#endif
+
+#if HAVE_AVX512
+/* attention_head_ref for hs = 16 * nv (nv a constant after inlining): q in registers, scores of 16
+   keys at a time reduced together (hsum16x16_ps), softmax16, and the weighted sum of values in two
+   interleaved sets of accumulators (even and odd positions), so it is not bound by FMA latency. */
+static inline __attribute__((always_inline)) void attention_head_simd(float *out, const float *q, const float *k,
+                                                                      const float *v, float *att, int len,
+                                                                      int stride, float scale, int nv) {
+    int p = 0;
+    __m512 qv[8], o0[8], o1[8];
+    for (int j = 0; j < nv; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
+    for (; p + 16 <= len; p += 16) {
+        __m512 dots[16];
+        for (int r = 0; r < 16; r++) {
+            const float *kp = k + (size_t)(p + r) * stride;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+            for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
+            dots[r] = acc;
+        }
+        _mm512_storeu_ps(att + p, _mm512_mul_ps(hsum16x16_ps(dots), _mm512_set1_ps(scale)));
+    }
+    for (; p < len; p++) {
+        const float *kp = k + (size_t)p * stride;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+        for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
+        att[p] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    softmax16(att, len);
+    for (int j = 0; j < nv; j++) o0[j] = o1[j] = _mm512_setzero_ps();
+    for (p = 0; p + 2 <= len; p += 2) {
+        const float *v0 = v + (size_t)p * stride, *v1 = v0 + stride;
+        __m512 a0 = _mm512_set1_ps(att[p]), a1 = _mm512_set1_ps(att[p + 1]);
+        for (int j = 0; j < nv; j++) {
+            o0[j] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(v0 + 16 * j), o0[j]);
+            o1[j] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(v1 + 16 * j), o1[j]);
+        }
+    }
+    if (p < len) {
+        const float *v0 = v + (size_t)p * stride;
+        __m512 a0 = _mm512_set1_ps(att[p]);
+        for (int j = 0; j < nv; j++) o0[j] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(v0 + 16 * j), o0[j]);
+    }
+    for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(o0[j], o1[j]));
+}
+#endif
+
+/* attention_head_ref, with the AVX-512 kernel for head sizes 16, 32, ..., 128. */
 static void attention_head(float *out, const float *q, const float *k, const float *v, float *att, int len,
                            int stride, int hs, float scale) {
 #if HAVE_AVX512
-    if (hs % 16 == 0 && hs <= 128) {
-        /* q and the output stay in registers (hs / 16 vectors each) */
-        int nv = hs / 16;
-        __m512 qv[8], ov[8];
-        for (int j = 0; j < nv; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
-        for (int p = 0; p < len; p++) {
-            const float *kp = k + (size_t)p * stride;
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-            for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
-            att[p] = hsum16_ps(acc) * scale;
-        }
-        softmax(att, len);
-        for (int j = 0; j < nv; j++) ov[j] = _mm512_setzero_ps();
-        for (int p = 0; p < len; p++) {
-            const float *vp = v + (size_t)p * stride;
-            __m512 a = _mm512_set1_ps(att[p]);
-            for (int j = 0; j < nv; j++) ov[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vp + 16 * j), ov[j]);
-        }
-        for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + 16 * j, ov[j]);
-        return;
+    switch (hs) {
+    case 16: attention_head_simd(out, q, k, v, att, len, stride, scale, 1); return;
+    case 32: attention_head_simd(out, q, k, v, att, len, stride, scale, 2); return;
+    case 48: attention_head_simd(out, q, k, v, att, len, stride, scale, 3); return;
+    case 64: attention_head_simd(out, q, k, v, att, len, stride, scale, 4); return;
+    case 80: attention_head_simd(out, q, k, v, att, len, stride, scale, 5); return;
+    case 96: attention_head_simd(out, q, k, v, att, len, stride, scale, 6); return;
+    case 112: attention_head_simd(out, q, k, v, att, len, stride, scale, 7); return;
+    case 128: attention_head_simd(out, q, k, v, att, len, stride, scale, 8); return;
+    default: break;
     }
 #endif
     attention_head_ref(out, q, k, v, att, len, stride, hs, scale);
@@ -1240,14 +1278,19 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
             rope_rotate(kc + (size_t)(pos + i) * kv, c->n_kv_heads, hs, cs, sn);
         }
 
-        /* causal attention: token i sees cached positions 0 .. pos+i */
+        /* causal attention: token i sees cached positions 0 .. pos+i. Head-major, so a thread's
+           jobs share one head's keys and values; each thread reuses one row of s->att as scratch
+           (while there are no more threads than rows) to keep the scratch in cache. */
         int work = n * c->n_heads, job;
 OMP_PARALLEL_FOR
         for (job = 0; job < work; job++) {
-            int i = job / c->n_heads, h = job % c->n_heads;
-            int len = pos + i + 1;
+            int h = job / n, i = job % n;
+            int len = pos + i + 1, slot = job;
+#ifdef _OPENMP
+            if (omp_get_num_threads() <= BLOCK_MAX * c->n_heads) slot = omp_get_thread_num();
+#endif
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
-            float *att = s->att + (size_t)job * c->max_seq_len;
+            float *att = s->att + (size_t)slot * c->max_seq_len;
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
             size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
             attention_head(out, qh, kc + kv_off, vc + kv_off, att, len, kv, hs, att_scale);
@@ -1262,10 +1305,7 @@ OMP_PARALLEL_FOR
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         MatJob up[2] = {{s->hb, &lw->w1, hd}, {s->hb2, &lw->w3, hd}};
         matmul_jobs(t, up, 2, s->xb, n, d);
-        for (size_t i = 0; i < (size_t)n * hd; i++) {
-            float g = s->hb[i];
-            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
-        }
+        swiglu(s->hb, s->hb2, (size_t)n * hd);
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->hb, n, hd, gs);
         matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];

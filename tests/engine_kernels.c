@@ -2,7 +2,8 @@
 
      engine_kernels check          fp32 matmul within a rounding bound of matmul_f32_ref, int8
                                    matmul and the activation quantizer bit-identical to their
-                                   references, attention within 1e-5, over many odd shapes;
+                                   references, attention within 1e-5, over many odd shapes; exp,
+                                   softmax, SwiGLU and RMSNorm within a few ulp;
                                    prints one line per failure and exits 1 if there is any
      engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
      engine_kernels sample T K P DRAWS L0 L1 ...
@@ -35,8 +36,92 @@ static void quantize_matrix(int8_t *q, float *s, const float *w, int d, int m, i
     free(sums);
 }
 
-static int check(void) {
+/* |a - b| within ulps units in the last place of b (both NaN, or equal, also pass). */
+static int close_ulps(float a, float b, float ulps) {
+    if (isnan(a) || isnan(b)) return isnan(a) && isnan(b);
+    if (a == b) return 1;
+    if (isinf(a) || isinf(b)) return 0;
+    float ulp = fabsf(nextafterf(b, INFINITY) - b);
+    if (ulp < 1.4e-45f) ulp = 1.4e-45f;
+    return fabsf(a - b) <= ulps * ulp;
+}
+
+/* The element-wise kernels beside their plain forms: exp (AVX-512 builds), softmax, SwiGLU's
+   gate and RMSNorm, on odd lengths and extreme values. */
+static int check_elementwise(void) {
     int failures = 0;
+#if HAVE_AVX512
+    {   /* exp16_ps within 2 ulp of expf from far underflow to overflow, and at the special values */
+        enum { N = 4096 };
+        float x[N + 16], fast[N + 16];
+        for (int i = 0; i < N; i++) x[i] = -110.0f + 200.0f * (float)i / N + 1e-3f * frand();
+        const float special[16] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 88.7f, 88.73f, -87.3f,
+                                   -103.9f, -104.5f, 1e-8f, -1e-8f, 0.6931472f, -0.3465736f, 0.3465736f, 1.0f};
+        memcpy(x + N, special, sizeof special);
+        for (int i = 0; i < N + 16; i += 16) _mm512_storeu_ps(fast + i, exp16_ps(_mm512_loadu_ps(x + i)));
+        for (int i = 0; i < N + 16; i++)
+            if (!close_ulps(fast[i], expf(x[i]), 2.0f)) {
+                printf("exp16_ps(%.9g) = %.9g, expf %.9g\n", x[i], fast[i], expf(x[i]));
+                failures++;
+                break;
+            }
+    }
+    {   /* softmax16 against softmax, lengths with and without a tail, a wide range of scores */
+        const int lens[] = {1, 2, 15, 16, 17, 100, 1000};
+        for (size_t a = 0; a < sizeof lens / sizeof *lens; a++) {
+            int n = lens[a];
+            float *fast = xmalloc((size_t)n * sizeof(float)), *ref = xmalloc((size_t)n * sizeof(float));
+            for (int i = 0; i < n; i++) fast[i] = ref[i] = 30.0f * frand();
+            softmax16(fast, n);
+            softmax(ref, n);
+            for (int i = 0; i < n; i++)
+                if (!(fabsf(fast[i] - ref[i]) <= 1e-6f * ref[i] + 1e-30f)) {
+                    printf("softmax n=%d: [%d] fast %.9g ref %.9g\n", n, i, fast[i], ref[i]);
+                    failures++;
+                    break;
+                }
+            free(ref);
+            free(fast);
+        }
+    }
+#endif
+    {   /* swiglu and rmsnorm against their formulas in double */
+        enum { N = 301 };
+        float g[N], u[N], out[N], gain[N];
+        for (int i = 0; i < N; i++) {
+            g[i] = 12.0f * frand();
+            u[i] = frand();
+            gain[i] = 1.0f + frand();
+        }
+        g[0] = -100.0f, g[1] = 100.0f, g[2] = 0.0f;
+        memcpy(out, g, sizeof g);
+        swiglu(out, u, N);
+        for (int i = 0; i < N; i++) {
+            double want = (double)g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+            if (!(fabs(out[i] - want) <= 1e-6 * fabs(want) + 1e-30)) {
+                printf("swiglu: [%d] g %.9g u %.9g: %.9g, want %.9g\n", i, g[i], u[i], out[i], want);
+                failures++;
+                break;
+            }
+        }
+        for (int n = 1; n <= N; n += 20) {
+            rmsnorm(out, g, gain, n, 1e-5f);
+            double ss = 0.0;
+            for (int i = 0; i < n; i++) ss += (double)g[i] * g[i];
+            double inv = 1.0 / sqrt(ss / n + 1e-5);
+            for (int i = 0; i < n; i++)
+                if (!(fabs(out[i] - g[i] * inv * gain[i]) <= 1e-6 * fabs(g[i] * inv * gain[i]) + 1e-30)) {
+                    printf("rmsnorm n=%d: [%d] %.9g, want %.9g\n", n, i, out[i], g[i] * inv * gain[i]);
+                    failures++;
+                    break;
+                }
+        }
+    }
+    return failures;
+}
+
+static int check(void) {
+    int failures = check_elementwise();
     const int ds[] = {1, 3, 4, 5, 17, 64, 301};
     const int ms[] = {1, 2, 15, 16, 17, 36, 96, 100, 192, 256, 301};
     const int ns[] = {1, 2, 3, 4, 5, 9, 64};
