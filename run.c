@@ -470,7 +470,8 @@ static void run_state_free(RunState *s) {
     free(s->x);
 }
 
-static void weights_pack(Transformer *t); /* with the kernels below */
+static int q8_packable(int gs);           /* with the kernels below */
+static void weights_pack(Transformer *t);
 
 /* Opens, validates and maps a model file; exits with a one-line error on any problem. */
 static void transformer_init(Transformer *t, const char *path) {
@@ -494,7 +495,9 @@ static void transformer_init(Transformer *t, const char *path) {
     config_read(&t->config, path, header, t->file_size);
     int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
-    flags |= MAP_POPULATE; /* fault the pages in now rather than during the first forward pass */
+    /* fault the pages in now rather than during the first forward pass; int8 matrices that are
+       repacked (weights_pack) are read once at load and released instead */
+    if (!(t->config.quantized && q8_packable(t->config.group_size))) flags |= MAP_POPULATE;
 #endif
     t->data = mmap(NULL, t->file_size, PROT_READ, flags, fd, 0);
     if (t->data == MAP_FAILED) fatal("%s: mmap failed (%s)", path, strerror(errno));
@@ -960,6 +963,27 @@ void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsu
     free(buf);
 }
 
+/* Releases the mapped pages of a matrix that has been packed: only the packed copy is read from
+   then on, so resident memory holds the weights once, not twice, even while loading (the file is
+   mapped without MAP_POPULATE in this case). A page shared with a neighbouring tensor just faults
+   back in from the page cache if that tensor is read. */
+static void drop_pages(Transformer *t, const Matrix *m, int rows, int cols) {
+#ifdef MADV_DONTNEED
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)m->q & ~(page - 1);
+    uintptr_t hi = (uintptr_t)m->q + (uintptr_t)rows * (uintptr_t)cols;
+    uintptr_t base = (uintptr_t)t->data;
+    uintptr_t sc = (uintptr_t)m->s;
+    if (sc >= base && sc < base + t->file_size) /* the scales too, unless copied out (take_scales) */
+        hi = sc + (uintptr_t)rows * (uintptr_t)(cols / t->config.group_size) * sizeof(float);
+    hi = (hi + page - 1) & ~(page - 1);
+    if (hi > base + t->file_size) hi = (base + t->file_size + page - 1) & ~(page - 1);
+    madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#else
+    (void)t, (void)m, (void)rows, (void)cols;
+#endif
+}
+
 /* Repacks every int8 matrix but the embedding (only ever read by row) for the VNNI kernels, in one
    allocation about the size of the int8 weights: decoding then streams each 32-row block as one
    contiguous run, and prefill no longer repacks a block per call. */
@@ -979,10 +1003,12 @@ static void weights_pack(Transformer *t) {
         int rows[7] = {d, kv, kv, d, h, d, h}, cols[7] = {d, d, d, d, d, h, d};
         for (int k = 0; k < 7; k++) {
             q8_pack(mats[k], buf, rows[k], cols[k], gs);
+            drop_pages(t, mats[k], rows[k], cols[k]);
             buf += q8_packed_bytes(rows[k], cols[k], gs);
         }
     }
     q8_pack(&w->wcls, buf, c->vocab_size, d, gs);
+    drop_pages(t, &w->wcls, c->vocab_size, d);
 }
 
 /* One product of a group that shares its input: out (n, d) = x @ W^T. */
