@@ -16,7 +16,10 @@ What it does, all inside one temporary folder:
      OMP_NUM_THREADS=1 and 2, several runs each, from the engine's own stderr timing line;
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
-  5. prints the tables and writes them to BENCHMARKS.md between `<!-- bench:begin -->` and
+  5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
+     cross-entropy of that trained model through the engine as fp32, int8, and fp32 with weights
+     rounded to bf16, i.e. what int8 (and bf16 storage) would cost in quality;
+  6. prints the tables and writes them to BENCHMARKS.md between `<!-- bench:begin -->` and
      `<!-- bench:end -->` (the rest of the file is kept; the markers are added if absent).
 
 Numbers depend on what else the machine runs: the load average is recorded next to them.
@@ -55,7 +58,12 @@ class BenchConfig:
     runs: int = 5  # timed runs per configuration (median and min-max reported)
     decode_tokens: int = 256
     prompt_tokens: int = 200  # prefill length, BOS included
-    tokenizer_chars: int = 10000
+    tokenizer_chars: int = 10000  # 0: skip the tokenizer benchmark
+    # a train.py checkpoint (or .bin) whose val loss through the engine shows what int8 costs;
+    # "auto": make demo's out/demo/ckpt.pt when it exists; "": skip
+    quality_checkpoint: str = "auto"
+    quality_data: str = ""  # its shard folder (default: the checkpoint's data_dir, else data/tok<vocab>)
+    quality_windows: int = 32  # val windows of min(max_seq_len, 256) tokens
     output: str = "BENCHMARKS.md"
     write: bool = True  # false: print the tables only
 
@@ -71,7 +79,7 @@ def parse_config(argv: list[str]) -> BenchConfig:
         cfg = parse_options(BenchConfig(), argv)
     except ExportError as e:
         raise BenchError(str(e)) from None
-    unknown = [m for m in cfg.models.split(",") if m not in SHAPES]
+    unknown = [m for m in cfg.models.split(",") if m and m not in SHAPES]
     if unknown:
         raise BenchError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
     for t in cfg.threads.split(","):
@@ -83,6 +91,13 @@ def parse_config(argv: list[str]) -> BenchConfig:
             raise BenchError(f"--threads: {t!r} is not a thread count (like 1, 2, or 2p for passive waiting)")
     if cfg.runs < 1 or cfg.decode_tokens < 2 or cfg.prompt_tokens < 2:
         raise BenchError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
+    if cfg.quality_windows < 1:
+        raise BenchError("quality_windows must be >= 1")
+    if cfg.quality_checkpoint == "auto":
+        demo = ROOT / "out" / "demo" / "ckpt.pt"
+        cfg.quality_checkpoint = str(demo) if demo.exists() else ""
+        if not demo.exists():
+            print("bench.py: no out/demo/ckpt.pt (make demo writes it), so no quality measurement", flush=True)
     return cfg
 
 
@@ -319,19 +334,96 @@ def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# what int8 costs in quality
+
+def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
+    """Val cross-entropy of one trained model through the C engine's prefill path, as an fp32 file,
+    an int8 file (weights and activations quantized, as the engine runs them) and an fp32 file of
+    weights rounded to bf16 (what bf16 storage would cost), next to PyTorch's fp32 value."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    import tinystories
+    from export import ExportError, load_checkpoint, write_model_bin
+
+    try:
+        model, info = load_checkpoint(cfg.quality_checkpoint)
+    except ExportError as e:
+        raise BenchError(str(e)) from None
+    p = model.params
+    data = Path(cfg.quality_data or info["config"].get("data_dir") or
+                tinystories.DEFAULT_DATA_ROOT / f"tok{p.vocab_size}")
+    L = min(p.max_seq_len, 256)
+    try:
+        x, y = tinystories.TokenBatches(data, "val", cfg.quality_windows, L, seed=0).get(0)
+    except tinystories.DataError as e:
+        raise BenchError(f"--quality_data: {e}") from None
+    if int(x.max()) >= p.vocab_size:
+        raise BenchError(f"{data}: token ids up to {int(x.max())}, but the model's vocab is {p.vocab_size}")
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in rounded.parameters():
+            if w.dim() == 2:
+                w.copy_(w.to(torch.bfloat16).float())
+    files = {"fp32": (model, "fp32"), "int8": (model, "int8"), "bf16-rounded": (rounded, "fp32")}
+    logits_bin = folder / "engine_logits"
+    sh(["make", "-s", "runomp", f"BIN={logits_bin}", "SRC=tests/engine_logits.c"], cwd=ROOT)
+    ce = {}
+    with torch.no_grad():
+        ce["pytorch"] = model(x, y)[1].item()
+    for name, (m, dtype) in files.items():
+        path = folder / f"quality_{name}.bin"
+        write_model_bin(m, path, version=3, dtype=dtype)
+        losses = []
+        for row, target in zip(x.tolist(), y):
+            sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32"])
+            logits = np.fromfile(folder / "logits.f32", dtype=np.float32).reshape(L, p.vocab_size)
+            losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits), target).item())
+        ce[name] = sum(losses) / len(losses)
+    shown = Path(os.path.abspath(cfg.quality_checkpoint))
+    if shown.is_relative_to(ROOT):
+        shown = shown.relative_to(ROOT)
+    return {"checkpoint": str(shown), "windows": cfg.quality_windows, "len": L,
+            "params": sum(w.numel() for w in model.parameters()), "ce": ce}
+
+
+# ----------------------------------------------------------------------------------------------
 # report
 
 def fmt(s: dict, digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
-def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict, tok: dict) -> str:
-    threads = cfg.threads.split(",")
-    counts = sorted({thread_setting(t)[0] for t in threads})
+def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict, tok: dict,
+           quality: dict) -> str:
     lines = [
         f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores), {env['cc']}, "
         f"`{env['command']}`. Load average before/after: {env['load_before']} / {env['load_after']} "
         "(other work on the machine slows the runs, threaded ones most).",
+    ]
+    if files:
+        lines += speed_tables(cfg, probes, results, files)
+    if tok:
+        lines += ["", f"Tokenizer: encoding {tok['chars']} Chinese characters ({tok['tokens']} tokens with BOS, "
+                  "storygen.py text, a 2000-piece byte-fallback BPE trained on the spot), best of 20: "
+                  f"run.c's encoder {tok['c_ms']:.2f} ms ({tok['chars'] / tok['c_ms'] * 1e3 / 1e6:.2f} M chars/s), "
+                  f"sentencepiece {tok['sp_ms']:.2f} ms."]
+    if quality:
+        ce = quality["ce"]
+        rel = {k: 100 * (ce[k] - ce["fp32"]) / ce["fp32"] for k in ce}
+        lines += ["", f"Quality: val cross-entropy of `{quality['checkpoint']}` ({quality['params'] / 1e6:.2f}M "
+                  f"parameters) on {quality['windows']} windows of {quality['len']} tokens, through the C "
+                  f"engine: fp32 {ce['fp32']:.4f}, int8 {ce['int8']:.4f} ({rel['int8']:+.2f}%), weights rounded "
+                  f"to bf16 {ce['bf16-rounded']:.4f} ({rel['bf16-rounded']:+.2f}%); PyTorch fp32 {ce['pytorch']:.4f}."]
+    return "\n".join(lines)
+
+
+def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> list:
+    threads = cfg.threads.split(",")
+    counts = sorted({thread_setting(t)[0] for t in threads})
+    lines = [
         "",
         "Machine limits from the probes (same compiler flags): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth from "
@@ -384,12 +476,7 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
                 cells = [f"{med(n, d, t, 'decode') / med(n, d, '1', 'decode'):.2f}x | "
                          f"{med(n, d, t, 'prefill') / med(n, d, '1', 'prefill'):.2f}x" for t in multi]
                 lines.append(f"| {n} | {d} | " + " | ".join(cells) + " |")
-    if tok:
-        lines += ["", f"Tokenizer: encoding {tok['chars']} Chinese characters ({tok['tokens']} tokens with BOS, "
-                  "storygen.py text, a 2000-piece byte-fallback BPE trained on the spot), best of 20: "
-                  f"run.c's encoder {tok['c_ms']:.2f} ms ({tok['chars'] / tok['c_ms'] * 1e3 / 1e6:.2f} M chars/s), "
-                  f"sentencepiece {tok['sp_ms']:.2f} ms."]
-    return "\n".join(lines)
+    return lines
 
 
 def write_section(path: Path, body: str) -> None:
@@ -425,7 +512,7 @@ def main(argv: list[str]) -> int:
         print(f"bench.py: {e}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
-    names = cfg.models.split(",")
+    names = [m for m in cfg.models.split(",") if m]
     dtypes = cfg.dtypes.split(",")
     threads = cfg.threads.split(",")
     counts = sorted({thread_setting(t)[0] for t in threads})
@@ -439,7 +526,7 @@ def main(argv: list[str]) -> int:
             bins = build(folder)
             env["cc"] = bins["cc"]
             probes = {"bw": {t: probe(bins["membw"], t, 1024) for t in counts},
-                      "fma": {t: probe(bins["fma"], t) for t in counts}}
+                      "fma": {t: probe(bins["fma"], t) for t in counts}} if names else {}
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
             files = write_models(folder, names, dtypes)
@@ -448,8 +535,9 @@ def main(argv: list[str]) -> int:
             for f in files.values():
                 mb = max(1, round(f["bytes"] / 2**20))
                 f["bw"] = {t: probe(bins["membw"], t, mb) for t in counts}
-            print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
-            prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
+            if files:
+                print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
+                prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
             results = {}
             for (name, dtype), f in files.items():
                 for t in threads:
@@ -462,12 +550,13 @@ def main(argv: list[str]) -> int:
                     results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre), "load": load}
                     print(f"{name} {dtype} threads={t}: decode {fmt(stats(dec))} tok/s, "
                           f"prefill {fmt(stats(pre))} tok/s", flush=True)
-            tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars)
+            tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars) if cfg.tokenizer_chars > 0 else {}
+            quality = quality_bench(folder, cfg) if cfg.quality_checkpoint else {}
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench.py: {e}", file=sys.stderr)
         return 1
     env["load_after"] = "%.2f" % os.getloadavg()[0]
-    body = render(cfg, env, probes, results, files, tok)
+    body = render(cfg, env, probes, results, files, tok, quality)
     print()
     print(body)
     print(f"\n(bench took {time.time() - t_start:.0f} s)")
