@@ -74,10 +74,10 @@ class BenchError(Exception):
 
 def parse_config(argv: list[str]) -> BenchConfig:
     sys.path.insert(0, str(ROOT))
-    from export import ExportError, parse_config as parse_options  # the project's one --key=value parser
+    from options import OptionError, apply_options
     try:
-        cfg = parse_options(BenchConfig(), argv)
-    except ExportError as e:
+        cfg = apply_options(BenchConfig(), argv)
+    except OptionError as e:
         raise BenchError(str(e)) from None
     unknown = [m for m in cfg.models.split(",") if m and m not in SHAPES]
     if unknown:

@@ -46,10 +46,10 @@ def parse_args(argv: list[str]) -> DemoConfig:
         print(__doc__)
         print("options:", ", ".join(f"--{f.name}={getattr(DemoConfig(), f.name)}" for f in dataclasses.fields(DemoConfig)))
         sys.exit(0)
-    from export import ExportError, parse_config  # the same --key=value parsing as export.py and sample.py
+    from options import OptionError, apply_options
     try:
-        return parse_config(DemoConfig(), argv)
-    except ExportError as e:
+        return apply_options(DemoConfig(), argv)
+    except OptionError as e:
         sys.exit(f"demo.py: {e}")
 
 

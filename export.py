@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, Transformer
+from options import OptionError, apply_options
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256  # versions 1, 2 and 3
@@ -793,58 +794,6 @@ def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) ->
     return int(tok.hash())
 
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_config(cfg, argv: list[str], *, positional: Optional[str] = None):
-    """Apply `--key=value` / `--key value` overrides (and at most one positional, stored in the
-    field named by positional) to the dataclass cfg, converting by the field's type.
-
-    Raises ExportError for an unknown key (listing the valid ones), a bad value or a missing value.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    values = {}
-    i = 0
-    seen_positional = False
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            if key not in fields:
-                raise ExportError(f"unknown option --{key}; valid: {', '.join('--' + k for k in fields if k != positional)}")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ExportError(f"--{key} needs a value")
-                i += 1
-                value = argv[i]
-            values[key] = value
-        elif positional and not seen_positional:
-            values[positional] = arg
-            seen_positional = True
-        else:
-            raise ExportError(f"unexpected argument {arg!r} (options are --key=value)")
-        i += 1
-    for key, raw in values.items():
-        kind = fields[key].type
-        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-        try:
-            if "bool" in kind:
-                if raw.lower() not in _BOOL_WORDS:
-                    raise ValueError("use true/false, 1/0 or yes/no")
-                value = _BOOL_WORDS[raw.lower()]
-            elif "int" in kind:
-                value = int(raw)
-            elif "float" in kind:
-                value = float(raw)
-            else:
-                value = raw
-        except ValueError as e:
-            raise ExportError(f"--{key}={raw}: not a valid {kind} ({e})") from None
-        setattr(cfg, key, value)
-    return cfg
-
-
 @dataclass
 class ExportConfig:
     out: str = ""  # output .bin file, or folder for --version=-1 (the positional argument)
@@ -872,7 +821,10 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\n" + USAGE)
         return 0 if argv else 1
     try:
-        cfg = parse_config(ExportConfig(), argv, positional="out")
+        try:
+            cfg = apply_options(ExportConfig(), argv, positional="out")
+        except OptionError as e:
+            raise ExportError(str(e)) from None
         if not cfg.out:
             raise ExportError("no output path given (python export.py OUT ...)")
         if cfg.version not in BIN_VERSIONS + (-1,):

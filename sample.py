@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 import export
-from export import ExportError, parse_config
+from export import ExportError
+from options import OptionError, apply_options
 from model import Transformer
 
 SEPARATOR = "-" * 40
@@ -159,7 +160,10 @@ def main(argv: list[str]) -> int:
     try:
         argv = [a.replace("--max_new_tokens", "--steps", 1) if a.startswith("--max_new_tokens") else a
                 for a in argv]
-        cfg = parse_config(SampleConfig(), argv)
+        try:
+            cfg = apply_options(SampleConfig(), argv)
+        except OptionError as e:
+            raise ExportError(str(e)) from None
         check_config(cfg)
         device = pick_device(cfg.device)
         model, info = export.load_checkpoint(cfg.checkpoint)

@@ -50,6 +50,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from options import OptionError, parse_options
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO_ROOT / "data"
 
@@ -446,45 +448,12 @@ class UsageError(Exception):
     pass
 
 
-_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _parse_value(type_name: str, raw: str, key: str):
-    try:
-        if type_name == "bool":
-            if raw.lower() not in _BOOLS:
-                raise ValueError
-            return _BOOLS[raw.lower()]
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-    except ValueError:
-        raise UsageError(f"--{key}={raw}: not a valid {type_name}"
-                         + (" (use true/false/1/0/yes/no)" if type_name == "bool" else "")) from None
-    return raw
-
-
 def parse_config(cls, args: list[str]):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
-    args = list(args)
-    while args:
-        a = args.pop(0)
-        if not a.startswith("--"):
-            raise UsageError(f"expected --key=value, got {a!r}")
-        if "=" in a:
-            key, raw = a[2:].split("=", 1)
-        elif args and not args[0].startswith("--"):  # `--data_dir folder`, as llama2.c's docs write it
-            key, raw = a[2:], args.pop(0)
-        else:
-            raise UsageError(f"{a} needs a value: {a}=...")
-        key = key.replace("-", "_")
-        if key not in fields:
-            raise UsageError(f"unknown option --{key}; valid: "
-                             + ", ".join(f"--{k}" for k in fields))
-        kw[key] = _parse_value(fields[key].type, raw, key)
-    return cls(**kw)
+    """A stage's config from its `--key=value` options (options.py's parser)."""
+    try:
+        return cls(**parse_options(cls, args))
+    except OptionError as e:
+        raise UsageError(str(e)) from None
 
 
 def usage() -> str:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import sentencepiece as spm
 
+from options import apply_options
+
 MAGIC = 0x6B746B61  # b"aktk" read as a little-endian uint32
 VERSION = 1
 HEADER_SIZE = 64
@@ -358,32 +360,9 @@ class ExportConfig:
     legacy: bool = False       # write llama2.c's tokenizer.bin format instead of ours
 
 
-def _parse_bool(key: str, s: str) -> bool:
-    v = s.lower()
-    if v in ("true", "1", "yes"):
-        return True
-    if v in ("false", "0", "no"):
-        return False
-    raise ValueError(f"--{key} takes true/false/1/0/yes/no, got {s!r}")
-
-
 def parse_config(argv: list[str]) -> ExportConfig:
-    cfg = ExportConfig()
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; options are --key=value")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            valid = ", ".join("--" + k.replace("_", "-") for k in fields)
-            raise ValueError(f"unknown option --{key}; valid: {valid}")
-        if fields[key].type in (bool, "bool"):
-            setattr(cfg, key, True if not eq else _parse_bool(key, value))
-        else:
-            if not eq:
-                raise ValueError(f"--{key} needs a value: --{key}=...")
-            setattr(cfg, key, value)
+    """The exporter's options (options.py's parser); ValueError with a one-line message."""
+    cfg = apply_options(ExportConfig(), argv, spell="-")
     if not cfg.tokenizer_model:
         raise ValueError("--tokenizer-model=path/to/tok.model is required")
     return cfg

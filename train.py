@@ -51,6 +51,7 @@ import torch
 
 import tinystories
 from model import PRESETS, ModelArgs, Transformer
+from options import OptionError, parse_options
 
 CKPT_FORMAT = "tinystories-zh-train-checkpoint"
 CKPT_VERSION = 1
@@ -144,42 +145,16 @@ TRAIN_PRESETS: dict[str, dict] = {
                   warmup_iters=20, min_lr=3e-4, eval_interval=100, eval_iters=5, device="cpu"),
 }
 
-BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
 def config_types() -> dict[str, type]:
     return typing.get_type_hints(TrainConfig)
 
 
-def parse_value(key: str, text: str, kind: type):
-    """Convert one option's text by its field type; TrainError naming the option if it does not fit."""
-    if kind is bool:
-        word = text.strip().lower()
-        if word not in BOOL_WORDS:
-            raise TrainError(f"--{key}={text}: not a boolean (use true/false, 1/0, yes/no)")
-        return BOOL_WORDS[word]
-    try:
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise TrainError(f"--{key}={text}: not a{'n' if kind is int else ''} {kind.__name__}") from None
-    return text
-
-
 def parse_overrides(argv: list[str]) -> dict:
-    """`--key=value` arguments -> {key: typed value}, in order; unknown keys list the valid ones."""
-    types = config_types()
-    out = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise TrainError(f"bad argument {arg!r}: options are --key=value (see python train.py --help)")
-        key, text = arg[2:].split("=", 1)
-        if key not in types:
-            raise TrainError(f"unknown option --{key}; valid options: {', '.join(types)}")
-        out[key] = parse_value(key, text, types[key])
-    return out
+    """`--key=value` arguments -> {key: typed value}, in order (options.py's parser)."""
+    try:
+        return parse_options(TrainConfig, argv)
+    except OptionError as e:
+        raise TrainError(str(e)) from None
 
 
 def preset_overrides(name: str) -> dict:

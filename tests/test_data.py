@@ -431,9 +431,11 @@ def test_cli_parsing_errors(capsys):
     assert cfg.strict is True and cfg.vocab_size == 512 and cfg.val_fraction == 0.5
     cfg = ts.parse_config(ts.PretokenizeConfig, ["--data_dir", "my folder", "--vocab-size=300"])
     assert cfg.data_dir == "my folder" and cfg.vocab_size == 300
+    cfg = ts.parse_config(ts.PretokenizeConfig, ["--strict", "--force=1"])  # a bool alone means true
+    assert cfg.strict is True and cfg.force is True
     with pytest.raises(ts.UsageError, match="needs a value"):
-        ts.parse_config(ts.PretokenizeConfig, ["--strict", "--force=1"])
-    with pytest.raises(ts.UsageError, match="expected --key=value"):
+        ts.parse_config(ts.PretokenizeConfig, ["--vocab_size", "--force=1"])
+    with pytest.raises(ts.UsageError, match="options are --key=value"):
         ts.parse_config(ts.PretokenizeConfig, ["5000"])
 
 

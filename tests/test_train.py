@@ -139,11 +139,12 @@ def test_every_model_field_is_a_config_field():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--bogus=1"], "unknown option --bogus; valid options: out_dir,"),
-    (["--compile=maybe"], "--compile=maybe: not a boolean"),
-    (["--decay_lr="], "not a boolean"),
-    (["--max_iters=1e3x"], "--max_iters=1e3x: not an int"),
-    (["--learning_rate=fast"], "not a float"),
+    (["--bogus=1"], "unknown option --bogus; valid: --out_dir,"),
+    (["--compile=maybe"], "--compile=maybe: not a valid bool (use true/false"),
+    (["--decay_lr="], "not a valid bool"),
+    (["--max_iters=1e3x"], "--max_iters=1e3x: not a valid int"),
+    (["--learning_rate=fast"], "not a valid float"),
+    (["--max_iters"], "--max_iters needs a value"),
     (["max_iters=10"], "options are --key=value"),
     (["--preset=huge"], "unknown preset 'huge'"),
     (["--vocab_source=llama2"], "this project trains its own vocab"),
