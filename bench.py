@@ -144,10 +144,13 @@ int main(int argc, char **argv) {
 """
 
 FMA_C = r"""
-/* Peak fp32 FMA throughput: 12 independent accumulator registers per thread (enough to cover the
-   FMA latency on two units). usage: fma THREADS; prints GFLOP/s (an FMA counts as 2 FLOPs). */
+/* Peak multiply-add throughput: 12 independent accumulator registers per thread (enough to cover
+   the latency on two units). usage: fma THREADS [int8]; prints GFLOP/s of fp32 FMAs (an FMA counts
+   as 2), or with int8, GOP/s of AVX512-VNNI vpdpbusd (64 multiply-adds each, 2 ops apiece; 0 where
+   the CPU has no VNNI). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <omp.h>
 #include <immintrin.h>
@@ -165,9 +168,46 @@ typedef __m256 vec;
 #define SET1 _mm256_set1_ps
 #define STORE _mm256_storeu_ps
 #endif
+static double int8_peak(int threads, long iters) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    double best = 1e30;
+    long sink = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        double t0 = now();
+        #pragma omp parallel num_threads(threads) reduction(+:sink)
+        {
+            __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(1);
+            __m512i c0 = _mm512_set1_epi32(0), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+            __m512i c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+            /* asm: GCC copies the accumulator around the intrinsic (as run.c notes); separate
+               variables, since an array element in an asm operand goes through memory */
+#define DP(c) __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(w), "v"(x))
+            for (long i = 0; i < iters; i++) {
+                DP(c0); DP(c1); DP(c2); DP(c3); DP(c4); DP(c5);
+                DP(c6); DP(c7); DP(c8); DP(c9); DP(c10); DP(c11);
+            }
+#undef DP
+            __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                         _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+            s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
+            sink += _mm512_reduce_add_epi32(s);
+        }
+        double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    return (double)iters * 12 * 64 * 2 * threads / best / 1e9 + 0 * (double)sink;
+#else
+    (void)threads, (void)iters;
+    return 0.0;
+#endif
+}
 int main(int argc, char **argv) {
     int threads = atoi(argv[1]);
     long iters = 50000000;
+    if (argc > 2 && strcmp(argv[2], "int8") == 0) {
+        printf("%.3f\n", int8_peak(threads, iters));
+        return 0;
+    }
     omp_set_num_threads(threads);
     double best = 1e30, sink = 0;
     for (int pass = 0; pass < 3; pass++) {
@@ -420,6 +460,11 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
     return "\n".join(lines)
 
 
+def peak(probes: dict, dtype: str, threads: int) -> float:
+    """The arithmetic peak a prefill of these weights is measured against."""
+    return probes["int8"][threads] if dtype == "int8" and probes["int8"][threads] else probes["fma"][threads]
+
+
 def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> list:
     threads = cfg.threads.split(",")
     counts = sorted({thread_setting(t)[0] for t in threads})
@@ -427,7 +472,9 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
         "",
         "Machine limits from the probes (same compiler flags): "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {probes['bw'][t]:.1f} GB/s read bandwidth from "
-                    f"a 1 GiB buffer, {probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak" for t in counts) + ".",
+                    f"a 1 GiB buffer, {probes['fma'][t]:.0f} GFLOP/s fp32 FMA peak"
+                    + (f", {probes['int8'][t]:.0f} GOP/s int8 VNNI peak" if probes["int8"][t] else "")
+                    for t in counts) + ".",
         "",
         f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
         f"over {cfg.runs} runs (fewer where n says so: a configuration stops repeating after "
@@ -436,9 +483,10 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
         "competes for the second core and 2-thread runs collapse); GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
         "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
-        "GFLOP/s = 2 x matrix parameters x tokens / time, % of the FMA peak.",
+        "GOP/s = 2 x matrix parameters x tokens / time (fp32 FLOPs, or int8 multiply-add ops), as % "
+        "of the fp32 FMA peak for fp32 weights and of the int8 VNNI peak for int8 weights.",
         "",
-        "| model | weights | MB | threads | load | n | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GFLOP/s | % peak |",
+        "| model | weights | MB | threads | load | n | decode tok/s | decode GB/s | bw GB/s | % bw | prefill tok/s | prefill GOP/s | % peak |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, dtype), f in files.items():
@@ -450,7 +498,7 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
             gflops = 2 * f["n_matrix"] * pre["median"] / 1e9
             lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {r['load']:.1f} | {dec['n']} | {fmt(dec)} | {gbs:.1f} | "
                          f"{f['bw'][k]:.1f} | {100 * gbs / f['bw'][k]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
-                         f"{100 * gflops / probes['fma'][k]:.0f}% |")
+                         f"{100 * gflops / peak(probes, dtype, k):.0f}% |")
     lines += ["", "Ratios of medians. int8/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
               f"i.e. the time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill. "
               "2t/1t: 2 threads over 1 thread.", "",
@@ -526,7 +574,8 @@ def main(argv: list[str]) -> int:
             bins = build(folder)
             env["cc"] = bins["cc"]
             probes = {"bw": {t: probe(bins["membw"], t, 1024) for t in counts},
-                      "fma": {t: probe(bins["fma"], t) for t in counts}} if names else {}
+                      "fma": {t: probe(bins["fma"], t) for t in counts},
+                      "int8": {t: probe(bins["fma"], t, "int8") for t in counts}} if names else {}
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
             files = write_models(folder, names, dtypes)
