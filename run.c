@@ -729,6 +729,8 @@ void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *
     for (i = 0; i < d; i++) row_q8_ref(out, xq, xs, wq, ws, n, d, m, gs, i);
 }
 
+#define PACK_ROWS 32 /* rows in one packed int8 block: two vectors of 16 int32 lanes */
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
 /* The VNNI kernels keep rows in the lanes of a vector, so no group sum ever needs a horizontal
@@ -742,7 +744,6 @@ void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *
    w ^ 0x80 as an unsigned byte, and sum (w + 128) x = sum w x + 128 sum x, with sum x precomputed
    per group (xsum). Integer sums are exact, so each group's int32 equals dot_i8's, and the fp32
    part is the reference's expression in the reference's order: bit-identical results. */
-#define PACK_ROWS 32
 
 /* out[c] = lane c of in[0..16) (a 16 x 16 transpose of int32): unpacks within 128-bit blocks, then
    a 4 x 4 transpose of the blocks, 64 shuffles in all. */
@@ -901,22 +902,22 @@ static int q8_packable(int gs) {
 #endif
 }
 
-/* Bytes of the packed form of a (d, m) matrix: 32-row blocks of m/4 int32 chunks and m/gs scales. */
+/* Bytes of the packed form of a (d, m) matrix: PACK_ROWS-row blocks of m/4 int32 chunks and m/gs scales. */
 static size_t q8_packed_bytes(int d, int m, int gs) {
-    size_t blocks = ((size_t)d + 31) / 32;
-    return blocks * 32 * ((size_t)m + (size_t)(m / gs) * sizeof(float));
+    size_t blocks = ((size_t)d + PACK_ROWS - 1) / PACK_ROWS;
+    return blocks * PACK_ROWS * ((size_t)m + (size_t)(m / gs) * sizeof(float));
 }
 
 /* Fills mat->pw / mat->ps from mat->q / mat->s, in buf (64-byte aligned, q8_packed_bytes long). */
 static void q8_pack(Matrix *mat, void *buf, int d, int m, int gs) {
 #if HAVE_VNNI
-    size_t blocks = ((size_t)d + 31) / 32, wstride = (size_t)m / 4 * 32, sstride = (size_t)(m / gs) * 32;
+    size_t blocks = ((size_t)d + PACK_ROWS - 1) / PACK_ROWS, wstride = (size_t)m / 4 * PACK_ROWS, sstride = (size_t)(m / gs) * PACK_ROWS;
     int32_t *wp = buf;
     float *sp = (float *)(void *)(wp + blocks * wstride);
     int b, nb = (int)blocks;
     OMP_PARALLEL_FOR
     for (b = 0; b < nb; b++) {
-        int i0 = 32 * b, R = d - i0 < 32 ? d - i0 : 32;
+        int i0 = PACK_ROWS * b, R = d - i0 < PACK_ROWS ? d - i0 : PACK_ROWS;
         pack32_q8(wp + (size_t)b * wstride, sp + (size_t)b * sstride, mat->q, mat->s, m, gs, i0, R);
     }
     mat->pw = wp;
@@ -927,7 +928,7 @@ static void q8_pack(Matrix *mat, void *buf, int d, int m, int gs) {
 }
 
 /* Rows in one unit of work of an int8 product: a packed block, else 4 rows. */
-static int q8_block_rows(const Matrix *w) { return w->pw ? 32 : 4; }
+static int q8_block_rows(const Matrix *w) { return w->pw ? PACK_ROWS : 4; }
 
 /* Rows [i0, i0+q8_block_rows) (fewer at the end) of the int8 product out (n, d), with the VNNI
    kernel on packed weights, else the plain loop; both give the same bits. */
@@ -935,8 +936,8 @@ static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_
                      int n, int d, int m, int gs, int i0) {
 #if HAVE_VNNI
     if (w->pw) {
-        size_t b = (size_t)i0 / 32;
-        block32_q8_vnni(out, xq, xs, xsum, w->pw + b * ((size_t)m / 4 * 32), w->ps + b * ((size_t)(m / gs) * 32),
+        size_t b = (size_t)i0 / PACK_ROWS;
+        block32_q8_vnni(out, xq, xs, xsum, w->pw + b * ((size_t)m / 4 * PACK_ROWS), w->ps + b * ((size_t)(m / gs) * PACK_ROWS),
                         n, d, m, gs, i0);
         return;
     }
