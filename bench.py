@@ -13,7 +13,9 @@ What it does, all inside one temporary folder:
      int8 files, with a 5000-piece llama2.c-format tokenizer (the BOS/EOS embedding rows are zero,
      so greedy decoding of random weights never stops early);
   3. times `./run model -t 0 -n 256` (decode, empty prompt) and a 200-token prompt (prefill) with
-     OMP_NUM_THREADS=1 and 2, several runs each, from the engine's own stderr timing line;
+     OMP_NUM_THREADS=1 and 2, several runs each (a model's fp32/int8 x 1/2-thread configurations
+     take turns, so the ratios between them compare runs made side by side), from the engine's own
+     stderr timing line;
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
   5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
@@ -54,7 +56,7 @@ class BenchConfig:
     models: str = "zh15M,zh42M,zh110M"  # comma-separated names from SHAPES
     dtypes: str = "fp32,int8"
     threads: str = "1,2"  # OMP_NUM_THREADS values; "2p" = 2 threads with OMP_WAIT_POLICY=passive
-    max_seconds: float = 40.0  # per configuration: fewer runs than `runs` once this is spent
+    max_seconds: float = 40.0  # per configuration: fewer rounds than `runs` once this is spent
     runs: int = 5  # timed runs per configuration (median and min-max reported)
     decode_tokens: int = 256
     prompt_tokens: int = 200  # prefill length, BOS included
@@ -477,9 +479,10 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
                     for t in counts) + ".",
         "",
         f"Decode: tok/s of `./run model -t 0 -n {cfg.decode_tokens}` (empty prompt), median (min-max) "
-        f"over {cfg.runs} runs (fewer where n says so: a configuration stops repeating after "
-        f"{cfg.max_seconds:.0f} s); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; load = the "
-        "1-minute load average when the configuration started (above ~0.5 on 2 cores, another process "
+        f"over {cfg.runs} runs, a model's configurations taking turns run by run so that the machine's "
+        "slow spells hit them alike (fewer runs where n says so: a model stops after "
+        f"{cfg.max_seconds:.0f} s per configuration); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; "
+        "load = the 1-minute load average when the model started (above ~0.5 on 2 cores, another process "
         "competes for the second core and 2-thread runs collapse); GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
         "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of 64 tokens); "
@@ -588,17 +591,24 @@ def main(argv: list[str]) -> int:
                 print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
                 prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
             results = {}
-            for (name, dtype), f in files.items():
-                for t in threads:
-                    dec, pre = [], []
-                    load = os.getloadavg()[0]  # the machine's state when this configuration starts
-                    t0 = time.time()
-                    while len(dec) < cfg.runs and (not dec or time.time() - t0 < cfg.max_seconds):
-                        dec.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
-                        pre.append(timed_run(bins["run"], f["path"], tok_path, t, ["-n", "1", "-i", prompt])[0])
-                    results[(name, dtype, t)] = {"decode": stats(dec), "prefill": stats(pre), "load": load}
-                    print(f"{name} {dtype} threads={t}: decode {fmt(stats(dec))} tok/s, "
-                          f"prefill {fmt(stats(pre))} tok/s", flush=True)
+            # One model's configurations (weights x threads) take turns, one run each per round,
+            # so a slow spell on the machine hits all of them alike and the ratios between them
+            # (int8/fp32, 2 threads/1) stay fair; a model stops after max_seconds per configuration.
+            for name in names:
+                configs = [(dtype, t) for dtype in dtypes for t in threads]
+                runs = {c: {"decode": [], "prefill": [], "load": os.getloadavg()[0]} for c in configs}
+                t0 = time.time()
+                for r in range(cfg.runs):
+                    if r and time.time() - t0 >= cfg.max_seconds * len(configs):
+                        break
+                    for dtype, t in configs:
+                        path, got = files[(name, dtype)]["path"], runs[(dtype, t)]
+                        got["decode"].append(timed_run(bins["run"], path, tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
+                        got["prefill"].append(timed_run(bins["run"], path, tok_path, t, ["-n", "1", "-i", prompt])[0])
+                for (dtype, t), got in runs.items():
+                    dec, pre = stats(got["decode"]), stats(got["prefill"])
+                    results[(name, dtype, t)] = {"decode": dec, "prefill": pre, "load": got["load"]}
+                    print(f"{name} {dtype} threads={t}: decode {fmt(dec)} tok/s, prefill {fmt(pre)} tok/s", flush=True)
             tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars) if cfg.tokenizer_chars > 0 else {}
             quality = quality_bench(folder, cfg) if cfg.quality_checkpoint else {}
     except (BenchError, subprocess.TimeoutExpired) as e:
