@@ -730,6 +730,11 @@ void matmul_q8_ref(float *out, const int8_t *xq, const float *xs, const int8_t *
 }
 
 #define PACK_ROWS 32 /* rows in one packed int8 block: two vectors of 16 int32 lanes */
+#ifndef Q8_PREFETCH
+/* How far ahead decoding prefetches a packed block, in int32 lanes: 1024 = 4 KiB (measured with
+   make bench's models: 1 KiB trails, 4-8 KiB are alike; -DQ8_PREFETCH=N overrides it) */
+#define Q8_PREFETCH 1024
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
@@ -819,7 +824,7 @@ static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i
    inlining): 2T int32 sums per group, started at -128 * xsum (the shift's correction, exact); then
    lane r adds ((float)isum * w_scale_r) * x_scale: the reference's arithmetic, in group order.
    With T >= 3 there are enough independent chains to keep both vpdpbusd ports busy; decoding
-   (T = 1) is bound by memory instead, and prefetches the stream a few chunks ahead. */
+   (T = 1) is bound by memory instead, and prefetches the stream Q8_PREFETCH lanes ahead. */
 static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, const int8_t *xq, const float *xs,
                                                                  const int32_t *xsum, const int32_t *wp,
                                                                  const float *sp, int d, int m, int gs, int i0,
@@ -836,7 +841,7 @@ static inline __attribute__((always_inline)) void tile32_q8_vnni(float *out, con
         const int32_t *wg = wp + (size_t)g * chunks * 32;
         const int8_t *xg = x + (size_t)g * gs;
         for (int c = 0; c < chunks; c++) {
-            if (T == 1) _mm_prefetch((const char *)(wg + (size_t)c * 32 + 512), _MM_HINT_T0);
+            if (T == 1) _mm_prefetch((const char *)(wg + (size_t)c * 32 + Q8_PREFETCH), _MM_HINT_T0);
             __m512i w0 = _mm512_load_si512((const void *)(wg + (size_t)c * 32));
             __m512i w1 = _mm512_load_si512((const void *)(wg + (size_t)c * 32 + 16));
             for (int t = 0; t < T; t++) {
