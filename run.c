@@ -158,6 +158,8 @@ typedef struct {
     int32_t *xsum;     /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) sums of each group's int8 */
     float *key_cache;  /* (n_layers, max_seq_len, kv_dim) */
     float *value_cache;/* (n_layers, max_seq_len, kv_dim) */
+    int slots;         /* threads transformer_decode can use: each has row `thread` of dn, xq, xs, xsum */
+    float *dn;         /* (slots, dim) each decoding thread's own copy of the normed input */
     float *rope_cos;   /* (max_seq_len, head_size / 2) */
     float *rope_sin;   /* (max_seq_len, head_size / 2) */
 } RunState;
@@ -434,6 +436,11 @@ static void run_state_init(RunState *s, const Config *c) {
     s->xsum = xmalloc_aligned(n_groups * sizeof(int32_t));
     s->key_cache = xmalloc_aligned(cache * sizeof(float));
     s->value_cache = xmalloc_aligned(cache * sizeof(float));
+    s->slots = 1;
+#ifdef _OPENMP
+    s->slots = omp_get_max_threads() < (int)B ? omp_get_max_threads() : (int)B;
+#endif
+    s->dn = xmalloc_aligned((size_t)s->slots * d * sizeof(float));
     memset(s->key_cache, 0, cache * sizeof(float));
     memset(s->value_cache, 0, cache * sizeof(float));
     /* Rotation of pair i at position p by p * theta^(-2i/head_size), computed in float32 as
@@ -455,6 +462,7 @@ static void run_state_init(RunState *s, const Config *c) {
 static void run_state_free(RunState *s) {
     free(s->rope_sin);
     free(s->rope_cos);
+    free(s->dn);
     free(s->value_cache);
     free(s->key_cache);
     free(s->xsum);
@@ -1162,6 +1170,17 @@ static void rope_rotate(float *v, int n_heads, int head_size, const float *cosp,
     }
 }
 
+/* rope_rotate on elements [i0, i1) of v only (i0 and i1 even): the same arithmetic pair by pair, so
+   a vector rotated in pieces equals one rotated whole. */
+static void rope_rows(float *v, int i0, int i1, int head_size, const float *cosp, const float *sinp) {
+    for (int r = i0; r < i1; r += 2) {
+        int i = (r % head_size) / 2;
+        float a = v[r], b = v[r + 1];
+        v[r] = a * cosp[i] - b * sinp[i];
+        v[r + 1] = a * sinp[i] + b * cosp[i];
+    }
+}
+
 /* Copies row `token` of the embedding into x (dim), dequantizing int8 rows. */
 static void embedding_lookup(const Transformer *t, float *x, int token) {
     const Config *c = &t->config;
@@ -1355,9 +1374,132 @@ OMP_PARALLEL_FOR
         memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
 }
 
+/* Decoding, one thread's share of one product: the blocks of rows of out (d) = W x that the
+   enclosing parallel loop hands it. x is the fp32 input, or for int8 weights its quantized form. */
+static void decode_block(const Transformer *t, float *out, const Matrix *w, const float *x, const int8_t *xq,
+                         const float *xs, const int32_t *xsum, int d, int m, int i0) {
+    if (w->w) block_f32(out, x, w->w, 1, d, m, i0);
+    else block_q8(out, xq, xs, xsum, w, 1, d, m, t->config.group_size, i0);
+}
+
+static int decode_rows(const Matrix *w) { return w->w ? 4 : q8_block_rows(w); }
+
+/* One token at position pos: transformer_forward_block's arithmetic, row for row and in the same
+   order (so the logits are bit-identical to prefill's), but in a single parallel region. Each
+   thread norms and quantizes its own copy of every input vector instead of waiting for one thread
+   to do it, and finishes the rows it computed itself (RoPE, the residual add, SwiGLU), so a layer
+   needs 5 barriers instead of 5 thread-team start/stops with serial steps in between. */
+static void transformer_decode(Transformer *t, int token, int pos) {
+    const Config *c = &t->config;
+    const Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int d = c->dim, hd = c->hidden_dim, kv = c->kv_dim, hs = c->head_size, gs = c->group_size;
+    int rep = c->n_heads / c->n_kv_heads, q8 = c->quantized;
+    float att_scale = 1.0f / sqrtf((float)hs);
+    const float *cs = s->rope_cos + (size_t)pos * (hs / 2), *sn = s->rope_sin + (size_t)pos * (hs / 2);
+    size_t wide = (size_t)(d > hd ? d : hd), gwide = q8 ? wide / (size_t)gs : 1;
+    embedding_lookup(t, s->x, token);
+#ifdef _OPENMP
+    int team = omp_get_max_threads() < s->slots ? omp_get_max_threads() : s->slots;
+#pragma omp parallel num_threads(team)
+#endif
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        /* this thread's input vector: normed fp32, and quantized for int8 weights */
+        float *xn = s->dn + (size_t)me * d;
+        int8_t *xq = s->xq + (size_t)me * wide;
+        float *xs = s->xs + (size_t)me * gwide;
+        int32_t *xsum = s->xsum + (size_t)me * gwide;
+        int b;
+        for (int l = 0; l < c->n_layers; l++) {
+            const LayerWeights *lw = &w->layers[l];
+            size_t layer_off = (size_t)l * c->max_seq_len * kv;
+            float *kc = s->key_cache + layer_off, *vc = s->value_cache + layer_off;
+            float *krow = kc + (size_t)pos * kv, *vrow = vc + (size_t)pos * kv;
+
+            /* q, k, v: the rows of all three in one loop; q and k rows rotated by their thread,
+               k and v written straight into the cache row */
+            rmsnorm(xn, s->x, lw->rms_att, d, c->norm_eps);
+            if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
+            int nq = (d + decode_rows(&lw->wq) - 1) / decode_rows(&lw->wq);
+            int nk = (kv + decode_rows(&lw->wk) - 1) / decode_rows(&lw->wk);
+            int nv = (kv + decode_rows(&lw->wv) - 1) / decode_rows(&lw->wv);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < nq + nk + nv; b++) {
+                const Matrix *m = b < nq ? &lw->wq : b < nq + nk ? &lw->wk : &lw->wv;
+                float *out = b < nq ? s->q : b < nq + nk ? krow : vrow;
+                int rows = b < nq ? d : kv, i0 = decode_rows(m) * (b < nq ? b : b < nq + nk ? b - nq : b - nq - nk);
+                int i1 = i0 + decode_rows(m) < rows ? i0 + decode_rows(m) : rows;
+                decode_block(t, out, m, xn, xq, xs, xsum, rows, d, i0);
+                if (b < nq + nk) rope_rows(out, i0, i1, hs, cs, sn);
+            }
+            /* attention, one query head per job (s->att row `me` as scratch) */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < c->n_heads; b++) {
+                size_t kv_off = (size_t)(b / rep) * hs;
+                attention_head(s->xb + (size_t)b * hs, s->q + (size_t)b * hs, kc + kv_off, vc + kv_off,
+                               s->att + (size_t)me * c->max_seq_len, pos + 1, kv, hs, att_scale);
+            }
+            /* wo, each thread adding its rows into the residual stream */
+            if (q8) quantize_rows(xq, xs, xsum, s->xb, 1, d, gs);
+            int no = (d + decode_rows(&lw->wo) - 1) / decode_rows(&lw->wo);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < no; b++) {
+                int i0 = decode_rows(&lw->wo) * b, i1 = i0 + decode_rows(&lw->wo) < d ? i0 + decode_rows(&lw->wo) : d;
+                decode_block(t, s->xb2, &lw->wo, s->xb, xq, xs, xsum, d, d, i0);
+                for (int i = i0; i < i1; i++) s->x[i] += s->xb2[i];
+            }
+            /* w1 and w3 block by block, each thread gating the rows it computed (SwiGLU) */
+            rmsnorm(xn, s->x, lw->rms_ffn, d, c->norm_eps);
+            if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
+            int rh = decode_rows(&lw->w1), nh = (hd + rh - 1) / rh; /* w1 and w3: same shape and kind */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < nh; b++) {
+                int i0 = rh * b, i1 = i0 + rh < hd ? i0 + rh : hd;
+                decode_block(t, s->hb, &lw->w1, xn, xq, xs, xsum, hd, d, i0);
+                decode_block(t, s->hb2, &lw->w3, xn, xq, xs, xsum, hd, d, i0);
+                swiglu(s->hb + i0, s->hb2 + i0, (size_t)(i1 - i0));
+            }
+            if (q8) quantize_rows(xq, xs, xsum, s->hb, 1, hd, gs);
+            int n2 = (d + decode_rows(&lw->w2) - 1) / decode_rows(&lw->w2);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < n2; b++) {
+                int i0 = decode_rows(&lw->w2) * b, i1 = i0 + decode_rows(&lw->w2) < d ? i0 + decode_rows(&lw->w2) : d;
+                decode_block(t, s->xb2, &lw->w2, s->hb, xq, xs, xsum, d, hd, i0);
+                for (int i = i0; i < i1; i++) s->x[i] += s->xb2[i];
+            }
+        }
+        rmsnorm(xn, s->x, w->rms_final, d, c->norm_eps);
+        if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
+        int nc = (c->vocab_size + decode_rows(&w->wcls) - 1) / decode_rows(&w->wcls);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (b = 0; b < nc; b++)
+            decode_block(t, s->logits, &w->wcls, xn, xq, xs, xsum, c->vocab_size, d, decode_rows(&w->wcls) * b);
+    }
+}
+
 /* Processes n tokens starting at position pos (in blocks of BLOCK_MAX); returns the logits of the
    last one. all_logits, when not NULL, receives (n, vocab_size). */
 static float *transformer_forward(Transformer *t, const int *tokens, int n, int pos, float *all_logits) {
+    if (n == 1 && !all_logits) {
+        transformer_decode(t, tokens[0], pos);
+        return t->state.logits;
+    }
     for (int done = 0; done < n;) {
         int b = n - done < BLOCK_MAX ? n - done : BLOCK_MAX;
         transformer_forward_block(t, tokens + done, b, pos + done,

@@ -305,6 +305,26 @@ def test_logits_match_pytorch(engine, models, shape, version, dtype, tmp_path):
     assert (step.argmax(-1) == exact.argmax(-1)).mean() >= 0.8
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("version,dtype", [(1, "fp32"), (3, "int8")], ids=["v1-fp32", "v3-int8"])
+def test_logits_do_not_depend_on_thread_count(engine, models, shape, version, dtype, tmp_path):
+    # Decoding runs in one parallel region whose threads each norm and quantize their own copy of
+    # the inputs; prefill splits rows among threads differently. Any thread count must give the
+    # same bits (only the OpenMP build has threads).
+    if engine.name != "native":
+        pytest.skip("threads only in the OpenMP build")
+    path = models[shape][(version, dtype)]
+    ids = " ".join(map(str, [1] + list(range(3, 70))))
+    outs = []
+    for threads, mode in (("1", "step"), ("3", "step"), ("2", "block"), ("3", "block")):
+        out = tmp_path / f"logits_{mode}_{threads}.f32"
+        env = dict(engine.env, OMP_NUM_THREADS=threads)
+        p = subprocess.run([str(engine.harness_path), mode, str(path), ids, str(out)], env=env, capture_output=True)
+        assert p.returncode == 0, p.stderr.decode()
+        outs.append(out.read_bytes())
+    assert all(o == outs[0] for o in outs[1:])
+
+
 @pytest.mark.parametrize("shape", ["odd_gqa", "mqa"])
 @pytest.mark.parametrize("version,dtype", [(1, "fp32"), (3, "int8")], ids=["v1-fp32", "v3-int8"])
 def test_greedy_matches_pytorch(engine, models, shape, version, dtype):
