@@ -159,6 +159,7 @@ typedef struct {
     float *key_cache;  /* (n_layers, max_seq_len, kv_dim) */
     float *value_cache;/* (n_layers, max_seq_len, kv_dim) */
     int slots;         /* threads transformer_decode can use: each has row `thread` of dn, xq, xs, xsum */
+    int decode_team;   /* threads transformer_decode uses at most; 0: all it may (see decode_tuner) */
     float *dn;         /* (slots, dim) each decoding thread's own copy of the normed input */
     float *rope_cos;   /* (max_seq_len, head_size / 2) */
     float *rope_sin;   /* (max_seq_len, head_size / 2) */
@@ -1401,6 +1402,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
     embedding_lookup(t, s->x, token);
 #ifdef _OPENMP
     int team = omp_get_max_threads() < s->slots ? omp_get_max_threads() : s->slots;
+    if (s->decode_team > 0 && s->decode_team < team) team = s->decode_team;
 #pragma omp parallel num_threads(team)
 #endif
     {
@@ -1672,16 +1674,53 @@ typedef struct {
     int n_generated;   /* tokens sampled (the stopping EOS/BOS included) */
     double prefill_s;  /* seconds spent on the prompt */
     double decode_s;   /* seconds from the first sampled token to the end */
+    int decode_team;   /* threads decoding settled on (0: all of them) */
 } GenStats;
 
-/* Runs the prompt ids (BOS included) through the model, then samples up to `limit` tokens, stopping
-   early at eos_id or bos_id. Each sampled token other than the stopping one is printed through
-   `printer` to `out` when printer is not NULL. Sampled ids, the stopping one included, go to
-   out_ids when it is not NULL (room for limit ints). The caller guarantees
-   n_prompt + limit <= max_seq_len. */
+/* Decoding threads picked by measurement. A small model whose weights fit in one core's cache
+   loses more to the per-layer barriers than a second thread gains (the 1M-parameter demo model
+   in int8: about 43,000 tok/s on one thread, 34,000 on two), while larger ones gain (zh15M int8,
+   the smallest benchmark shape, takes 250 us a step on two threads and 1.6x that on one). So when
+   the first timed steps take under TUNE_SMALL_S each, steps alternate, four at a time, between all
+   threads and one, and if one thread was clearly faster the rest of the generation decodes on
+   one. Slower models never try one thread. Every thread count gives the same bits. */
+typedef struct {
+    double all_s, one_s; /* time of the steps timed on all threads / on one */
+    int off;             /* 1: tuning has stopped */
+} DecodeTuner;
+
+#define TUNE_FIRST 2         /* the first steps warm caches and threads; not timed */
+#define TUNE_STEPS 32        /* steps timed: 4 on all threads, then one and all by turns */
+#define TUNE_SMALL_S 100e-6  /* slower steps than this: a second thread always pays */
+
+/* Before decode step i: the team for it. */
+static void tuner_before(const DecodeTuner *tu, Transformer *t, int i) {
+    int phase = i - TUNE_FIRST;
+    if (!tu->off && phase >= 0 && phase < TUNE_STEPS) t->state.decode_team = (phase / 4) % 2 ? 1 : 0;
+}
+
+/* After decode step i, which took dt seconds. */
+static void tuner_after(DecodeTuner *tu, Transformer *t, int i, double dt) {
+    int phase = i - TUNE_FIRST;
+    if (tu->off || phase < 0 || phase >= TUNE_STEPS) return;
+    if (t->state.decode_team == 1) tu->one_s += dt;
+    else tu->all_s += dt;
+    if (phase == 3 && tu->all_s > 4 * TUNE_SMALL_S) tu->off = 1;
+    if (phase == TUNE_STEPS - 1) {
+        t->state.decode_team = tu->one_s < 0.9 * tu->all_s ? 1 : 0;
+        tu->off = 1;
+    }
+}
+
 static GenStats generate_ids(Transformer *t, Sampler *sampler, const int *ids, int n_prompt, int limit,
                              int eos_id, int bos_id, TokenPrinter *printer, FILE *out, int *out_ids) {
-    GenStats st = {n_prompt, 0, 0.0, 0.0};
+    GenStats st = {n_prompt, 0, 0.0, 0.0, 0};
+    DecodeTuner tuner = {0.0, 0.0, 0};
+    int tune = 0;
+#ifdef _OPENMP
+    tune = omp_get_max_threads() > 1;
+#endif
+    t->state.decode_team = 0;
     double t0 = time_now_s();
     float *logits = transformer_forward(t, ids, n_prompt, 0, NULL);
     double t1 = time_now_s();
@@ -1697,15 +1736,18 @@ static GenStats generate_ids(Transformer *t, Sampler *sampler, const int *ids, i
             fflush(out);
         }
         if (i + 1 == limit) break;
+        if (tune) tuner_before(&tuner, t, i);
+        double a = time_now_s();
         logits = transformer_forward(t, &next, 1, pos, NULL);
+        if (tune) tuner_after(&tuner, t, i, time_now_s() - a);
         pos++;
     }
     st.decode_s = time_now_s() - t1;
+    st.decode_team = t->state.decode_team;
+    t->state.decode_team = 0;
     return st;
 }
 
-/* Prints `prompt` exactly as given (byte for byte, not re-decoded), then up to `steps` sampled
-   tokens (0: until max_seq_len), stopping at EOS or BOS, streaming valid UTF-8 to out. */
 static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const char *prompt, int steps,
                          FILE *out) {
     const Config *c = &t->config;
@@ -1982,9 +2024,9 @@ int main(int argc, char **argv) {
             fflush(stdout);
             int decoded = st.n_generated > 0 ? st.n_generated - 1 : 0; /* forward passes after prefill */
             fprintf(stderr, "prefill: %d tokens in %.1f ms (%.1f tok/s); decode: %d tokens in %.1f ms (%.1f tok/s); "
-                    "%d thread%s\n", st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
+                    "%d thread%s%s\n", st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
                     decoded, st.decode_s * 1e3, st.decode_s > 0 ? decoded / st.decode_s : 0.0, n_threads,
-                    n_threads == 1 ? "" : "s");
+                    n_threads == 1 ? "" : "s", st.decode_team == 1 && n_threads > 1 ? " (decoding on 1: faster for this model)" : "");
         }
         sampler_free(&sampler);
     }

@@ -434,6 +434,22 @@ def test_cli_legacy_tokenizer_and_int8(engine, story_model, tok_files):
     assert q.stdout.startswith("小兔子".encode()) and is_utf8(q.stdout)
 
 
+def test_cli_text_does_not_depend_on_threads(engine, story_model, tok_files):
+    # On a model this small the decoder times one thread against all of them and may switch to
+    # one mid-story (decode_tuner); the sampled text must not change, greedy or not.
+    if engine.name != "native":
+        pytest.skip("threads only in the OpenMP build")
+    for dtype in ("fp32", "int8"):
+        outs = []
+        for threads in ("1", "2", "3"):
+            env = dict(engine.env, OMP_NUM_THREADS=threads)
+            p = subprocess.run([str(engine.run_path), str(story_model[dtype]), "-z", str(tok_files["bin"]),
+                                "-t", "0.8", "-s", "5", "-n", "120", "-i", "小兔子"], env=env, capture_output=True)
+            assert p.returncode == 0, p.stderr.decode()
+            outs.append(p.stdout)
+        assert outs[0] == outs[1] == outs[2], dtype
+
+
 def test_cli_sampling_options(engine, story_model, tok_files):
     base = [story_model["fp32"], "-z", tok_files["bin"], "-n", "25", "-i", "Once"]
     greedy = engine.run(*base, "-t", "0").stdout
