@@ -560,54 +560,18 @@ def hf_config(model: Transformer, *, dtype: str = "fp32", bos_id: int = 1, eos_i
     }
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-
-
-def _proto_fields(buf: bytes) -> dict[int, list]:
-    """Top-level fields of a protobuf message: {field number: [varint int or bytes, ...]}."""
-    fields: dict[int, list] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val, pos = _read_varint(buf, pos)
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            val, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        fields.setdefault(num, []).append(val)
-    return fields
-
-
 def sentencepiece_flags(sp) -> dict:
-    """The few sentencepiece ModelProto settings the HF conversion needs, read from the serialized
-    proto by hand (so the protobuf package is not required): model_type, add_dummy_prefix,
-    remove_extra_whitespaces, normalizer name."""
-    proto = _proto_fields(sp.serialized_model_proto())
-    trainer = _proto_fields(proto.get(2, [b""])[0])  # ModelProto.trainer_spec
-    norm = _proto_fields(proto.get(3, [b""])[0])  # ModelProto.normalizer_spec
-    model_types = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+    """The few sentencepiece ModelProto settings the HF conversion needs (model_type,
+    add_dummy_prefix, remove_extra_whitespaces, normalizer name), read by tokenizer.py's proto
+    reader, so the protobuf package is not required."""
+    from tokenizer import MODEL_TYPES, parse_model_proto
+
+    spec = parse_model_proto(sp.serialized_model_proto())
     return {
-        "model_type": model_types.get(trainer.get(3, [1])[0], "unknown"),  # TrainerSpec.model_type
-        "normalizer": norm.get(1, [b"nmt_nfkc"])[0].decode("utf-8", "replace"),
-        "add_dummy_prefix": bool(norm.get(3, [1])[0]),
-        "remove_extra_whitespaces": bool(norm.get(4, [1])[0]),
+        "model_type": MODEL_TYPES.get(spec.model_type, "unknown"),
+        "normalizer": spec.normalizer_name or "nmt_nfkc",
+        "add_dummy_prefix": spec.add_dummy_prefix,
+        "remove_extra_whitespaces": spec.remove_extra_whitespaces,
     }
 
 
