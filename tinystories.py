@@ -269,20 +269,24 @@ def list_text_files(folder: Path) -> list[Path]:
     return out
 
 
-def _story_from_obj(obj, text_key: str) -> tuple[str | None, str]:
-    """(text, problem): text is None when obj holds no usable story, and problem says why."""
+def _story_text(obj, text_key: str, where: str, problems: ProblemLog) -> str:
+    """The story in one JSON value (a string, or an object's text key), stripped; "" when there is
+    none, after reporting why at `where` when the value is not a story at all."""
     if isinstance(obj, str):
-        return obj, ""
+        return obj.strip()
     if not isinstance(obj, dict):
-        return None, f"expected a JSON object, got {type(obj).__name__}"
+        problems.add(where, f"expected a JSON object, got {type(obj).__name__}")
+        return ""
     keys = (text_key,) if text_key else TEXT_KEYS
     for k in keys:
         if k in obj:
             v = obj[k]
             if isinstance(v, str):
-                return v, ""
-            return None, f"key {k!r} holds {type(v).__name__}, not text"
-    return None, f"no text key (looked for {', '.join(keys)})"
+                return v.strip()
+            problems.add(where, f"key {k!r} holds {type(v).__name__}, not text")
+            return ""
+    problems.add(where, f"no text key (looked for {', '.join(keys)})")
+    return ""
 
 
 class ProblemLog:
@@ -339,11 +343,7 @@ def iter_file_stories(path: Path, *, text_key: str = "", problems: ProblemLog) -
                 except json.JSONDecodeError as e:
                     problems.add(f"{path}:{lineno}", f"not valid JSON ({e.msg})")
                     continue
-                text, why = _story_from_obj(obj, text_key)
-                if text is None:
-                    problems.add(f"{path}:{lineno}", why)
-                    continue
-                text = text.strip()
+                text = _story_text(obj, text_key, f"{path}:{lineno}", problems)
                 if text:
                     yield text
     except UnicodeDecodeError as e:
@@ -360,11 +360,7 @@ def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iter
         problems.add(f"{path}:1", "expected a JSON array of stories; whole file skipped")
         return
     for i, obj in enumerate(data):
-        text, why = _story_from_obj(obj, text_key)
-        if text is None:
-            problems.add(f"{path}: item {i}", why)
-            continue
-        text = text.strip()
+        text = _story_text(obj, text_key, f"{path}: item {i}", problems)
         if text:
             yield text
 
