@@ -1026,6 +1026,17 @@ static void weights_pack(Transformer *t) {
     drop_pages(t, &w->wcls, c->vocab_size, d);
 }
 
+/* Rows in one unit of work of a product with W: 4 for fp32, a packed block or 4 for int8. */
+static int matrix_rows(const Matrix *w) { return w->w ? 4 : q8_block_rows(w); }
+
+/* Rows [i0, i0 + matrix_rows) of out (n, d) = x (n, m) @ W^T: fp32 weights read x, int8 weights
+   its quantized form (xq, xs, xsum). */
+static void matrix_block(const Transformer *t, float *out, const Matrix *w, const float *x, const int8_t *xq,
+                         const float *xs, const int32_t *xsum, int n, int d, int m, int i0) {
+    if (w->w) block_f32(out, x, w->w, n, d, m, i0);
+    else block_q8(out, xq, xs, xsum, w, n, d, m, t->config.group_size, i0);
+}
+
 /* One product of a group that shares its input: out (n, d) = x @ W^T. */
 typedef struct {
     float *out;
@@ -1039,10 +1050,9 @@ typedef struct {
    (quantize_rows). */
 static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const float *x, int n, int m) {
     RunState *s = &t->state;
-    int gs = t->config.group_size;
     int start[4] = {0, 0, 0, 0}, rows[3];
     for (int j = 0; j < n_jobs; j++) {
-        rows[j] = jobs[j].w->w ? 4 : q8_block_rows(jobs[j].w);
+        rows[j] = matrix_rows(jobs[j].w);
         start[j + 1] = start[j] + (jobs[j].d + rows[j] - 1) / rows[j];
     }
     int total = start[n_jobs], b;
@@ -1050,10 +1060,7 @@ static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const fl
     for (b = 0; b < total; b++) {
         int j = 0;
         while (b >= start[j + 1]) j++;
-        const MatJob *job = &jobs[j];
-        int i0 = rows[j] * (b - start[j]);
-        if (job->w->w) block_f32(job->out, x, job->w->w, n, job->d, m, i0);
-        else block_q8(job->out, s->xq, s->xs, s->xsum, job->w, n, job->d, m, gs, i0);
+        matrix_block(t, jobs[j].out, jobs[j].w, x, s->xq, s->xs, s->xsum, n, jobs[j].d, m, rows[j] * (b - start[j]));
     }
 }
 
@@ -1375,15 +1382,20 @@ OMP_PARALLEL_FOR
         memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
 }
 
-/* Decoding, one thread's share of one product: the blocks of rows of out (d) = W x that the
-   enclosing parallel loop hands it. x is the fp32 input, or for int8 weights its quantized form. */
-static void decode_block(const Transformer *t, float *out, const Matrix *w, const float *x, const int8_t *xq,
-                         const float *xs, const int32_t *xsum, int d, int m, int i0) {
-    if (w->w) block_f32(out, x, w->w, 1, d, m, i0);
-    else block_q8(out, xq, xs, xsum, w, 1, d, m, t->config.group_size, i0);
+/* Decoding, inside the parallel region: x (dim) += W in, each thread adding the rows it computed
+   (into out, dim scratch); the loop's barrier ends it. */
+static void decode_residual(const Transformer *t, float *x, float *out, const Matrix *w, const float *in,
+                            const int8_t *xq, const float *xs, const int32_t *xsum, int m) {
+    int d = t->config.dim, rows = matrix_rows(w), blocks = (d + rows - 1) / rows, b;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (b = 0; b < blocks; b++) {
+        int i0 = rows * b, i1 = i0 + rows < d ? i0 + rows : d;
+        matrix_block(t, out, w, in, xq, xs, xsum, 1, d, m, i0);
+        for (int i = i0; i < i1; i++) x[i] += out[i];
+    }
 }
-
-static int decode_rows(const Matrix *w) { return w->w ? 4 : q8_block_rows(w); }
 
 /* One token at position pos: transformer_forward_block's arithmetic, row for row and in the same
    order (so the logits are bit-identical to prefill's), but in a single parallel region. Each
@@ -1426,19 +1438,18 @@ static void transformer_decode(Transformer *t, int token, int pos) {
                k and v written straight into the cache row */
             rmsnorm(xn, s->x, lw->rms_att, d, c->norm_eps);
             if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
-            int nq = (d + decode_rows(&lw->wq) - 1) / decode_rows(&lw->wq);
-            int nk = (kv + decode_rows(&lw->wk) - 1) / decode_rows(&lw->wk);
-            int nv = (kv + decode_rows(&lw->wv) - 1) / decode_rows(&lw->wv);
+            const Matrix *mats[3] = {&lw->wq, &lw->wk, &lw->wv};
+            float *outs[3] = {s->q, krow, vrow};
+            int dims[3] = {d, kv, kv}, first[4] = {0, 0, 0, 0};
+            for (int j = 0; j < 3; j++) first[j + 1] = first[j] + (dims[j] + matrix_rows(mats[j]) - 1) / matrix_rows(mats[j]);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (b = 0; b < nq + nk + nv; b++) {
-                const Matrix *m = b < nq ? &lw->wq : b < nq + nk ? &lw->wk : &lw->wv;
-                float *out = b < nq ? s->q : b < nq + nk ? krow : vrow;
-                int rows = b < nq ? d : kv, i0 = decode_rows(m) * (b < nq ? b : b < nq + nk ? b - nq : b - nq - nk);
-                int i1 = i0 + decode_rows(m) < rows ? i0 + decode_rows(m) : rows;
-                decode_block(t, out, m, xn, xq, xs, xsum, rows, d, i0);
-                if (b < nq + nk) rope_rows(out, i0, i1, hs, cs, sn);
+            for (b = 0; b < first[3]; b++) {
+                int j = b < first[1] ? 0 : b < first[2] ? 1 : 2, rows = matrix_rows(mats[j]);
+                int i0 = rows * (b - first[j]), i1 = i0 + rows < dims[j] ? i0 + rows : dims[j];
+                matrix_block(t, outs[j], mats[j], xn, xq, xs, xsum, 1, dims[j], d, i0);
+                if (j < 2) rope_rows(outs[j], i0, i1, hs, cs, sn); /* q and k */
             }
             /* attention, one query head per job (s->att row `me` as scratch) */
 #ifdef _OPENMP
@@ -1451,47 +1462,31 @@ static void transformer_decode(Transformer *t, int token, int pos) {
             }
             /* wo, each thread adding its rows into the residual stream */
             if (q8) quantize_rows(xq, xs, xsum, s->xb, 1, d, gs);
-            int no = (d + decode_rows(&lw->wo) - 1) / decode_rows(&lw->wo);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (b = 0; b < no; b++) {
-                int i0 = decode_rows(&lw->wo) * b, i1 = i0 + decode_rows(&lw->wo) < d ? i0 + decode_rows(&lw->wo) : d;
-                decode_block(t, s->xb2, &lw->wo, s->xb, xq, xs, xsum, d, d, i0);
-                for (int i = i0; i < i1; i++) s->x[i] += s->xb2[i];
-            }
+            decode_residual(t, s->x, s->xb2, &lw->wo, s->xb, xq, xs, xsum, d);
             /* w1 and w3 block by block, each thread gating the rows it computed (SwiGLU) */
             rmsnorm(xn, s->x, lw->rms_ffn, d, c->norm_eps);
             if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
-            int rh = decode_rows(&lw->w1), nh = (hd + rh - 1) / rh; /* w1 and w3: same shape and kind */
+            int rh = matrix_rows(&lw->w1), nh = (hd + rh - 1) / rh; /* w1 and w3: same shape and kind */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
             for (b = 0; b < nh; b++) {
                 int i0 = rh * b, i1 = i0 + rh < hd ? i0 + rh : hd;
-                decode_block(t, s->hb, &lw->w1, xn, xq, xs, xsum, hd, d, i0);
-                decode_block(t, s->hb2, &lw->w3, xn, xq, xs, xsum, hd, d, i0);
+                matrix_block(t, s->hb, &lw->w1, xn, xq, xs, xsum, 1, hd, d, i0);
+                matrix_block(t, s->hb2, &lw->w3, xn, xq, xs, xsum, 1, hd, d, i0);
                 swiglu(s->hb + i0, s->hb2 + i0, (size_t)(i1 - i0));
             }
             if (q8) quantize_rows(xq, xs, xsum, s->hb, 1, hd, gs);
-            int n2 = (d + decode_rows(&lw->w2) - 1) / decode_rows(&lw->w2);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (b = 0; b < n2; b++) {
-                int i0 = decode_rows(&lw->w2) * b, i1 = i0 + decode_rows(&lw->w2) < d ? i0 + decode_rows(&lw->w2) : d;
-                decode_block(t, s->xb2, &lw->w2, s->hb, xq, xs, xsum, d, hd, i0);
-                for (int i = i0; i < i1; i++) s->x[i] += s->xb2[i];
-            }
+            decode_residual(t, s->x, s->xb2, &lw->w2, s->hb, xq, xs, xsum, hd);
         }
         rmsnorm(xn, s->x, w->rms_final, d, c->norm_eps);
         if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
-        int nc = (c->vocab_size + decode_rows(&w->wcls) - 1) / decode_rows(&w->wcls);
+        int nc = (c->vocab_size + matrix_rows(&w->wcls) - 1) / matrix_rows(&w->wcls);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (b = 0; b < nc; b++)
-            decode_block(t, s->logits, &w->wcls, xn, xq, xs, xsum, c->vocab_size, d, decode_rows(&w->wcls) * b);
+            matrix_block(t, s->logits, &w->wcls, xn, xq, xs, xsum, 1, c->vocab_size, d, matrix_rows(&w->wcls) * b);
     }
 }
 
