@@ -142,6 +142,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    # Set on an instance to a function applied to keys and values as they enter the cache: tests
+    # use it to reproduce an inference engine that stores them in lower precision (run.c's fp16
+    # KV cache). None in training and normal inference.
+    kv_round = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.n_heads
@@ -161,6 +166,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_size)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if self.kv_round is not None:
+            k, v = self.kv_round(k), self.kv_round(v)
         if cache is not None:
             # Keys and values of earlier positions, (B, start_pos + T, n_kv_heads, hs).
             cache["k"][:B, start_pos:start_pos + T] = k

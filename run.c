@@ -156,8 +156,11 @@ typedef struct {
     int8_t *xq;        /* (BLOCK_MAX, max(dim, hidden_dim)) int8 activations (quantized models) */
     float *xs;         /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) their scales */
     int32_t *xsum;     /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) sums of each group's int8 */
-    float *key_cache;  /* (n_layers, max_seq_len, kv_dim) */
-    float *value_cache;/* (n_layers, max_seq_len, kv_dim) */
+    void *key_cache;   /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
+    void *value_cache; /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
+    int kv_half;       /* 1: the caches hold IEEE fp16 (uint16_t), 0: float */
+    float *kbuf;       /* (BLOCK_MAX, kv_dim) keys before rounding to fp16 (kv_half only) */
+    float *vbuf;       /* (BLOCK_MAX, kv_dim) values before rounding to fp16 (kv_half only) */
     int slots;         /* threads transformer_decode can use: each has row `thread` of dn, xq, xs, xsum */
     int decode_team;   /* threads transformer_decode uses at most; 0: all it may (see decode_tuner) */
     float *dn;         /* (slots, dim) each decoding thread's own copy of the normed input */
@@ -419,10 +422,11 @@ static void weights_map(Transformer *t) {
               cur.p - (const unsigned char *)t->data, t->file_size);
 }
 
-static void run_state_init(RunState *s, const Config *c) {
+static void run_state_init(RunState *s, const Config *c, int kv_half) {
     size_t B = BLOCK_MAX, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
     size_t wide = d > h ? d : h;
     size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * (size_t)c->kv_dim;
+    size_t esize = kv_half ? sizeof(uint16_t) : sizeof(float);
     s->x = xmalloc_aligned(B * d * sizeof(float));
     s->xb = xmalloc_aligned(B * d * sizeof(float));
     s->xb2 = xmalloc_aligned(B * d * sizeof(float));
@@ -435,15 +439,18 @@ static void run_state_init(RunState *s, const Config *c) {
     size_t n_groups = B * (c->quantized ? wide / (size_t)c->group_size : 1);
     s->xs = xmalloc_aligned(n_groups * sizeof(float));
     s->xsum = xmalloc_aligned(n_groups * sizeof(int32_t));
-    s->key_cache = xmalloc_aligned(cache * sizeof(float));
-    s->value_cache = xmalloc_aligned(cache * sizeof(float));
+    s->kv_half = kv_half;
+    s->key_cache = xmalloc_aligned(cache * esize);
+    s->value_cache = xmalloc_aligned(cache * esize);
+    s->kbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
+    s->vbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
     s->slots = 1;
 #ifdef _OPENMP
     s->slots = omp_get_max_threads() < (int)B ? omp_get_max_threads() : (int)B;
 #endif
     s->dn = xmalloc_aligned((size_t)s->slots * d * sizeof(float));
-    memset(s->key_cache, 0, cache * sizeof(float));
-    memset(s->value_cache, 0, cache * sizeof(float));
+    memset(s->key_cache, 0, cache * esize);
+    memset(s->value_cache, 0, cache * esize);
     /* Rotation of pair i at position p by p * theta^(-2i/head_size), computed in float32 as
        model.py's rope_tables does, so both sides rotate by the same angles. */
     int half = c->head_size / 2;
@@ -464,6 +471,8 @@ static void run_state_free(RunState *s) {
     free(s->rope_sin);
     free(s->rope_cos);
     free(s->dn);
+    free(s->vbuf);
+    free(s->kbuf);
     free(s->value_cache);
     free(s->key_cache);
     free(s->xsum);
@@ -482,8 +491,15 @@ static void run_state_free(RunState *s) {
 static int q8_packable(int gs);           /* with the kernels below */
 static void weights_pack(Transformer *t);
 
-/* Opens, validates and maps a model file; exits with a one-line error on any problem. */
-static void transformer_init(Transformer *t, const char *path) {
+/* KV cache precision (-c): fp16 halves the bytes attention streams per token and the cache's
+   memory. The default keeps fp32 models exact (fp32 cache) and gives int8 models, which already
+   round every activation to 8 bits, the fp16 cache: its rounding (relative 2^-11) is about a
+   hundredth of the int8 activation error (tests/test_engine.py bounds both). */
+enum { KV_DEFAULT = -1, KV_F32 = 0, KV_F16 = 1 };
+
+/* Opens, validates and maps a model file; exits with a one-line error on any problem. kv is
+   KV_DEFAULT, KV_F32 or KV_F16. */
+static void transformer_init(Transformer *t, const char *path, int kv) {
     memset(t, 0, sizeof *t);
     t->path = path;
     int fd = open(path, O_RDONLY);
@@ -513,7 +529,7 @@ static void transformer_init(Transformer *t, const char *path) {
     close(fd);
     weights_map(t);
     weights_pack(t);
-    run_state_init(&t->state, &t->config);
+    run_state_init(&t->state, &t->config, kv == KV_DEFAULT ? t->config.quantized : kv == KV_F16);
 }
 
 static void transformer_free(Transformer *t) {
@@ -1201,18 +1217,93 @@ static void embedding_lookup(const Transformer *t, float *x, int token) {
     }
 }
 
+/* IEEE fp16 for the KV cache, round to nearest even: the same bits as the F16C/AVX-512
+   conversion instructions for every float (tests/engine_kernels.c checks all 2^32 of them where
+   the CPU has them), so every build caches the same values. NaNs come back quiet. */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x, sign, ax;
+    memcpy(&x, &f, sizeof x);
+    sign = (x >> 16) & 0x8000u;
+    ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu)); /* NaN */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520 rounds to infinity */
+    if (ax < 0x33000000u) return (uint16_t)sign;               /* <= 2^-25 / 2 rounds to zero */
+    uint32_t r, rem, halfway;
+    if (ax < 0x38800000u) { /* below 2^-14: a subnormal half, in units of 2^-24 */
+        uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126u - (ax >> 23); /* 14 .. 24 */
+        r = m >> shift;
+        rem = m & ((1u << shift) - 1u);
+        halfway = 1u << (shift - 1u);
+    } else {                /* a normal half: rebias the exponent, keep 10 mantissa bits */
+        r = (ax >> 13) - (112u << 10);
+        rem = ax & 0x1fffu;
+        halfway = 0x1000u;
+    }
+    if (rem > halfway || (rem == halfway && (r & 1u))) r++; /* a carry into the exponent is right */
+    return (uint16_t)(sign | r);
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
+    if (e == 0x1f) x = sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u); /* inf, quiet NaN */
+    else if (e) x = sign | ((e + 112u) << 23) | (m << 13);
+    else {
+        float f = (float)m * 0x1p-24f; /* zero or subnormal: exact */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+/* dst[0..n) = src[0..n) in the cache's precision (half: fp16, else float). */
+static void kv_store(void *dst, const float *src, size_t n, int half) {
+    if (!half) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *h = dst;
+    size_t i = 0;
+#if HAVE_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(h + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) h[i] = f32_to_f16(src[i]);
+}
+
+/* Element e of a cache array. */
+static inline float kv_get(const void *base, size_t e, int half) {
+    return half ? f16_to_f32(((const uint16_t *)base)[e]) : ((const float *)base)[e];
+}
+
+/* The address of element e of a cache array. */
+static inline const void *kv_at(const void *base, size_t e, int half) {
+    return (const char *)base + e * (half ? sizeof(uint16_t) : sizeof(float));
+}
+
 /* One head of one token: out (hs) = softmax(q . k_p * scale over p < len) weighted sum of v_p, where
-   key/value p of this head start at k + p * stride, v + p * stride. att (len) is scratch. The plain
-   reference (not static: tests/engine_kernels.c compares attention_head with it). */
-void attention_head_ref(float *out, const float *q, const float *k, const float *v, float *att, int len,
-                        int stride, int hs, float scale) {
-    for (int p = 0; p < len; p++) att[p] = dot_f32_ref(q, k + (size_t)p * stride, hs) * scale;
+   key/value p of this head start at element p * stride of k, v (fp16 when half, else float).
+   att (len) is scratch. The plain reference (not static: tests/engine_kernels.c compares
+   attention_head with it); the dot products sum like dot_f32_ref. */
+void attention_head_ref(float *out, const float *q, const void *k, const void *v, int half, float *att,
+                        int len, int stride, int hs, float scale) {
+    for (int p = 0; p < len; p++) {
+        size_t e = (size_t)p * stride;
+        float acc[16] = {0};
+        int i = 0;
+        for (; i + 16 <= hs; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += q[i + j] * kv_get(k, e + i + j, half);
+        for (int j = 0; i < hs; i++, j++) acc[j] += q[i] * kv_get(k, e + i, half);
+        for (int w = 8; w >= 1; w /= 2)
+            for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+        att[p] = acc[0] * scale;
+    }
     softmax(att, len);
     for (int j = 0; j < hs; j++) out[j] = 0.0f;
     for (int p = 0; p < len; p++) {
-        const float *vp = v + (size_t)p * stride;
         float a = att[p];
-        for (int j = 0; j < hs; j++) out[j] += a * vp[j];
+        for (int j = 0; j < hs; j++) out[j] += a * kv_get(v, (size_t)p * stride + j, half);
     }
 }
 
@@ -1233,70 +1324,90 @@ static inline __m512 hsum16x16_ps(const __m512 *v) {
     __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xee));
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
 }
-#endif
 
-#if HAVE_AVX512
-/* attention_head_ref for hs = 16 * nv (nv a constant after inlining): q in registers, scores of 16
-   keys at a time reduced together (hsum16x16_ps), softmax16, and the weighted sum of values in two
-   interleaved sets of accumulators (even and odd positions), so it is not bound by FMA latency. */
-static inline __attribute__((always_inline)) void attention_head_simd(float *out, const float *q, const float *k,
-                                                                      const float *v, float *att, int len,
-                                                                      int stride, float scale, int nv) {
+/* 16 cache elements from element e, as floats (half a constant after inlining). */
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *base, size_t e, int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)base + e)));
+    return _mm512_loadu_ps((const float *)base + e);
+}
+
+/* attention_head_ref for hs = 16 * nv (nv and half constants after inlining): q in registers,
+   scores of 16 keys at a time reduced together (hsum16x16_ps), softmax16, and the weighted sum of
+   values in two interleaved sets of accumulators (even and odd positions), so it is not bound by
+   FMA latency. */
+static inline __attribute__((always_inline)) void attention_head_simd(float *out, const float *q, const void *k,
+                                                                      const void *v, float *att, int len,
+                                                                      int stride, float scale, int nv, int half) {
     int p = 0;
     __m512 qv[8], o0[8], o1[8];
     for (int j = 0; j < nv; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
     for (; p + 16 <= len; p += 16) {
         __m512 dots[16];
         for (int r = 0; r < 16; r++) {
-            const float *kp = k + (size_t)(p + r) * stride;
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-            for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
+            size_t e = (size_t)(p + r) * stride;
+            __m512 acc = _mm512_mul_ps(qv[0], kv_load16(k, e, half));
+            for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], kv_load16(k, e + 16 * j, half), acc);
             dots[r] = acc;
         }
         _mm512_storeu_ps(att + p, _mm512_mul_ps(hsum16x16_ps(dots), _mm512_set1_ps(scale)));
     }
     for (; p < len; p++) {
-        const float *kp = k + (size_t)p * stride;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-        for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(kp + 16 * j), acc);
+        size_t e = (size_t)p * stride;
+        __m512 acc = _mm512_mul_ps(qv[0], kv_load16(k, e, half));
+        for (int j = 1; j < nv; j++) acc = _mm512_fmadd_ps(qv[j], kv_load16(k, e + 16 * j, half), acc);
         att[p] = _mm512_reduce_add_ps(acc) * scale;
     }
     softmax16(att, len);
     for (int j = 0; j < nv; j++) o0[j] = o1[j] = _mm512_setzero_ps();
     for (p = 0; p + 2 <= len; p += 2) {
-        const float *v0 = v + (size_t)p * stride, *v1 = v0 + stride;
+        size_t e0 = (size_t)p * stride, e1 = e0 + (size_t)stride;
         __m512 a0 = _mm512_set1_ps(att[p]), a1 = _mm512_set1_ps(att[p + 1]);
         for (int j = 0; j < nv; j++) {
-            o0[j] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(v0 + 16 * j), o0[j]);
-            o1[j] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(v1 + 16 * j), o1[j]);
+            o0[j] = _mm512_fmadd_ps(a0, kv_load16(v, e0 + 16 * j, half), o0[j]);
+            o1[j] = _mm512_fmadd_ps(a1, kv_load16(v, e1 + 16 * j, half), o1[j]);
         }
     }
     if (p < len) {
-        const float *v0 = v + (size_t)p * stride;
+        size_t e0 = (size_t)p * stride;
         __m512 a0 = _mm512_set1_ps(att[p]);
-        for (int j = 0; j < nv; j++) o0[j] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(v0 + 16 * j), o0[j]);
+        for (int j = 0; j < nv; j++) o0[j] = _mm512_fmadd_ps(a0, kv_load16(v, e0 + 16 * j, half), o0[j]);
     }
     for (int j = 0; j < nv; j++) _mm512_storeu_ps(out + 16 * j, _mm512_add_ps(o0[j], o1[j]));
 }
+
+/* The SIMD kernel for one cache precision, head sizes 16, 32, ..., 128; 0 if hs has none. */
+#define ATTENTION_SIZES(HALF)                                                                    \
+    switch (hs) {                                                                                \
+    case 16: attention_head_simd(out, q, k, v, att, len, stride, scale, 1, HALF); return 1;      \
+    case 32: attention_head_simd(out, q, k, v, att, len, stride, scale, 2, HALF); return 1;      \
+    case 48: attention_head_simd(out, q, k, v, att, len, stride, scale, 3, HALF); return 1;      \
+    case 64: attention_head_simd(out, q, k, v, att, len, stride, scale, 4, HALF); return 1;      \
+    case 80: attention_head_simd(out, q, k, v, att, len, stride, scale, 5, HALF); return 1;      \
+    case 96: attention_head_simd(out, q, k, v, att, len, stride, scale, 6, HALF); return 1;      \
+    case 112: attention_head_simd(out, q, k, v, att, len, stride, scale, 7, HALF); return 1;     \
+    case 128: attention_head_simd(out, q, k, v, att, len, stride, scale, 8, HALF); return 1;     \
+    default: return 0;                                                                           \
+    }
+static int attention_head_f32(float *out, const float *q, const void *k, const void *v, float *att, int len,
+                              int stride, int hs, float scale) {
+    ATTENTION_SIZES(0)
+}
+static int attention_head_f16(float *out, const float *q, const void *k, const void *v, float *att, int len,
+                              int stride, int hs, float scale) {
+    ATTENTION_SIZES(1)
+}
+#undef ATTENTION_SIZES
 #endif
 
-/* attention_head_ref, with the AVX-512 kernel for head sizes 16, 32, ..., 128. */
-static void attention_head(float *out, const float *q, const float *k, const float *v, float *att, int len,
-                           int stride, int hs, float scale) {
+/* attention_head_ref, with the AVX-512 kernels for head sizes 16, 32, ..., 128. */
+static void attention_head(float *out, const float *q, const void *k, const void *v, int half, float *att,
+                           int len, int stride, int hs, float scale) {
 #if HAVE_AVX512
-    switch (hs) {
-    case 16: attention_head_simd(out, q, k, v, att, len, stride, scale, 1); return;
-    case 32: attention_head_simd(out, q, k, v, att, len, stride, scale, 2); return;
-    case 48: attention_head_simd(out, q, k, v, att, len, stride, scale, 3); return;
-    case 64: attention_head_simd(out, q, k, v, att, len, stride, scale, 4); return;
-    case 80: attention_head_simd(out, q, k, v, att, len, stride, scale, 5); return;
-    case 96: attention_head_simd(out, q, k, v, att, len, stride, scale, 6); return;
-    case 112: attention_head_simd(out, q, k, v, att, len, stride, scale, 7); return;
-    case 128: attention_head_simd(out, q, k, v, att, len, stride, scale, 8); return;
-    default: break;
-    }
+    if (half ? attention_head_f16(out, q, k, v, att, len, stride, hs, scale)
+             : attention_head_f32(out, q, k, v, att, len, stride, hs, scale))
+        return;
 #endif
-    attention_head_ref(out, q, k, v, att, len, stride, hs, scale);
+    attention_head_ref(out, q, k, v, half, att, len, stride, hs, scale);
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -1317,24 +1428,31 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
 
     for (int i = 0; i < n; i++) embedding_lookup(t, s->x + (size_t)i * d, tokens[i]);
 
+    int kv16 = s->kv_half;
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
         size_t layer_off = (size_t)l * c->max_seq_len * kv;
-        float *kc = s->key_cache + layer_off;   /* (max_seq_len, kv_dim) */
-        float *vc = s->value_cache + layer_off; /* (max_seq_len, kv_dim) */
+        void *kc = (void *)kv_at(s->key_cache, layer_off, kv16);   /* (max_seq_len, kv_dim) */
+        void *vc = (void *)kv_at(s->value_cache, layer_off, kv16); /* (max_seq_len, kv_dim) */
 
-        /* attention: q, k, v of the block; k and v go straight into the cache rows */
+        /* attention: q, k, v of the block; k and v go straight into the cache rows of an fp32
+           cache, else through kbuf / vbuf and then rounded into it */
         for (int i = 0; i < n; i++)
             rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_att, d, c->norm_eps);
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
-        MatJob qkv[3] = {{s->q, &lw->wq, d}, {kc + (size_t)pos * kv, &lw->wk, kv},
-                         {vc + (size_t)pos * kv, &lw->wv, kv}};
+        float *kb = kv16 ? s->kbuf : (float *)kc + (size_t)pos * kv;
+        float *vb = kv16 ? s->vbuf : (float *)vc + (size_t)pos * kv;
+        MatJob qkv[3] = {{s->q, &lw->wq, d}, {kb, &lw->wk, kv}, {vb, &lw->wv, kv}};
         matmul_jobs(t, qkv, 3, s->xb, n, d);
         for (int i = 0; i < n; i++) {
             const float *cs = s->rope_cos + (size_t)(pos + i) * half;
             const float *sn = s->rope_sin + (size_t)(pos + i) * half;
             rope_rotate(s->q + (size_t)i * d, c->n_heads, hs, cs, sn);
-            rope_rotate(kc + (size_t)(pos + i) * kv, c->n_kv_heads, hs, cs, sn);
+            rope_rotate(kb + (size_t)i * kv, c->n_kv_heads, hs, cs, sn);
+        }
+        if (kv16) {
+            kv_store((void *)kv_at(kc, (size_t)pos * kv, 1), kb, (size_t)n * kv, 1);
+            kv_store((void *)kv_at(vc, (size_t)pos * kv, 1), vb, (size_t)n * kv, 1);
         }
 
         /* causal attention: token i sees cached positions 0 .. pos+i. Head-major, so a thread's
@@ -1352,7 +1470,8 @@ OMP_PARALLEL_FOR
             float *att = s->att + (size_t)slot * c->max_seq_len;
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
             size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
-            attention_head(out, qh, kc + kv_off, vc + kv_off, att, len, kv, hs, att_scale);
+            attention_head(out, qh, kv_at(kc, kv_off, kv16), kv_at(vc, kv_off, kv16), kv16, att, len, kv, hs,
+                           att_scale);
         }
         if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
@@ -1407,7 +1526,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
     const Weights *w = &t->weights;
     RunState *s = &t->state;
     int d = c->dim, hd = c->hidden_dim, kv = c->kv_dim, hs = c->head_size, gs = c->group_size;
-    int rep = c->n_heads / c->n_kv_heads, q8 = c->quantized;
+    int rep = c->n_heads / c->n_kv_heads, q8 = c->quantized, kv16 = s->kv_half;
     float att_scale = 1.0f / sqrtf((float)hs);
     const float *cs = s->rope_cos + (size_t)pos * (hs / 2), *sn = s->rope_sin + (size_t)pos * (hs / 2);
     size_t wide = (size_t)(d > hd ? d : hd), gwide = q8 ? wide / (size_t)gs : 1;
@@ -1431,15 +1550,17 @@ static void transformer_decode(Transformer *t, int token, int pos) {
         for (int l = 0; l < c->n_layers; l++) {
             const LayerWeights *lw = &w->layers[l];
             size_t layer_off = (size_t)l * c->max_seq_len * kv;
-            float *kc = s->key_cache + layer_off, *vc = s->value_cache + layer_off;
-            float *krow = kc + (size_t)pos * kv, *vrow = vc + (size_t)pos * kv;
+            const void *kc = kv_at(s->key_cache, layer_off, kv16), *vc = kv_at(s->value_cache, layer_off, kv16);
+            void *krow = (void *)kv_at(kc, (size_t)pos * kv, kv16), *vrow = (void *)kv_at(vc, (size_t)pos * kv, kv16);
 
             /* q, k, v: the rows of all three in one loop; q and k rows rotated by their thread,
-               k and v written straight into the cache row */
+               k and v written straight into an fp32 cache row, else computed in kbuf / vbuf and
+               rounded into it by the same thread */
             rmsnorm(xn, s->x, lw->rms_att, d, c->norm_eps);
             if (q8) quantize_rows(xq, xs, xsum, xn, 1, d, gs);
             const Matrix *mats[3] = {&lw->wq, &lw->wk, &lw->wv};
-            float *outs[3] = {s->q, krow, vrow};
+            float *outs[3] = {s->q, kv16 ? s->kbuf : krow, kv16 ? s->vbuf : vrow};
+            void *cached[3] = {NULL, krow, vrow};
             int dims[3] = {d, kv, kv}, first[4] = {0, 0, 0, 0};
             for (int j = 0; j < 3; j++) first[j + 1] = first[j] + (dims[j] + matrix_rows(mats[j]) - 1) / matrix_rows(mats[j]);
 #ifdef _OPENMP
@@ -1450,6 +1571,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
                 int i0 = rows * (b - first[j]), i1 = i0 + rows < dims[j] ? i0 + rows : dims[j];
                 matrix_block(t, outs[j], mats[j], xn, xq, xs, xsum, 1, dims[j], d, i0);
                 if (j < 2) rope_rows(outs[j], i0, i1, hs, cs, sn); /* q and k */
+                if (j > 0 && kv16) kv_store((void *)kv_at(cached[j], (size_t)i0, 1), outs[j] + i0, (size_t)(i1 - i0), 1);
             }
             /* attention, one query head per job (s->att row `me` as scratch) */
 #ifdef _OPENMP
@@ -1457,8 +1579,9 @@ static void transformer_decode(Transformer *t, int token, int pos) {
 #endif
             for (b = 0; b < c->n_heads; b++) {
                 size_t kv_off = (size_t)(b / rep) * hs;
-                attention_head(s->xb + (size_t)b * hs, s->q + (size_t)b * hs, kc + kv_off, vc + kv_off,
-                               s->att + (size_t)me * c->max_seq_len, pos + 1, kv, hs, att_scale);
+                attention_head(s->xb + (size_t)b * hs, s->q + (size_t)b * hs, kv_at(kc, kv_off, kv16),
+                               kv_at(vc, kv_off, kv16), kv16, s->att + (size_t)me * c->max_seq_len, pos + 1, kv, hs,
+                               att_scale);
             }
             /* wo, each thread adding its rows into the residual stream */
             if (q8) quantize_rows(xq, xs, xsum, s->xb, 1, d, gs);
@@ -1788,6 +1911,8 @@ static void usage(FILE *f) {
           "              next to the model file)\n"
           "  -m <mode>   generate | chat | encode (default generate)\n"
           "  -y <string> system prompt for chat mode\n"
+          "  -c <type>   KV cache precision: f32 | f16 (default f16 for int8 models, f32 for\n"
+          "              fp32 ones: half the attention memory traffic, a small rounding error)\n"
           "Generated text goes to stdout, statistics and errors to stderr.\n", f);
 }
 
@@ -1925,6 +2050,7 @@ int main(int argc, char **argv) {
     const char *system_prompt = NULL;
     float temperature = 1.0f, top_p = 0.9f;
     long top_k = 0, seed = 0, steps = 256;
+    int kv = KV_DEFAULT;
     if (argc < 2) {
         usage(stderr);
         return EXIT_FAILURE;
@@ -1964,6 +2090,11 @@ int main(int argc, char **argv) {
         case 'i': prompt = val; break;
         case 'z': tokenizer_path = val; break;
         case 'y': system_prompt = val; break;
+        case 'c':
+            if (strcmp(val, "f32") == 0) kv = KV_F32;
+            else if (strcmp(val, "f16") == 0) kv = KV_F16;
+            else usage_error("-c must be f32 or f16, got '%s'", val);
+            break;
         case 'm':
             mode = val;
             if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode"))
@@ -1978,7 +2109,7 @@ int main(int argc, char **argv) {
 
     Transformer transformer;
     int have_model = model_path != NULL;
-    if (have_model) transformer_init(&transformer, model_path);
+    if (have_model) transformer_init(&transformer, model_path, kv);
     char *default_tok = NULL;
     if (!tokenizer_path) {
         char tried[1024];

@@ -46,6 +46,68 @@ static int close_ulps(float a, float b, float ulps) {
     return fabsf(a - b) <= ulps * ulp;
 }
 
+/* The KV cache's fp16 conversions: f32_to_f16 against the CPU's conversion instruction for every
+   float bit pattern and f16_to_f32 for every half (AVX-512 builds), and everywhere: round trips of
+   every half, rounding to even at ties, overflow to infinity and subnormals. */
+static int check_f16(void) {
+    int failures = 0;
+    for (uint32_t h = 0; h < 65536; h++) { /* every half survives a round trip (NaNs stay NaN) */
+        float f = f16_to_f32((uint16_t)h);
+        uint16_t back = f32_to_f16(f);
+        int nan = (h & 0x7c00u) == 0x7c00u && (h & 0x3ffu);
+        if (nan ? !isnan(f) || back != (h | 0x200u) : back != h) { /* NaNs come back quiet */
+            if (failures++ < 5) printf("f16 round trip: %04x -> %.9g -> %04x\n", (unsigned)h, f, (unsigned)back);
+        }
+    }
+    const struct { float f; uint16_t h; } known[] = {
+        {1.0f, 0x3c00}, {-2.0f, 0xc000}, {65504.0f, 0x7bff}, {65519.99f, 0x7bff}, {65520.0f, 0x7c00},
+        {1e9f, 0x7c00}, {1.0f + 0x1p-11f, 0x3c00}, {1.0f + 3 * 0x1p-11f, 0x3c02}, {0x1p-24f, 0x0001},
+        {0x1p-25f, 0x0000}, {0x1.8p-25f, 0x0001}, {0x1.8p-24f, 0x0002}, {0x1p-14f, 0x0400}, {-0.0f, 0x8000},
+        {INFINITY, 0x7c00}, {-INFINITY, 0xfc00}};
+    for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+        if (f32_to_f16(known[i].f) != known[i].h) {
+            printf("f32_to_f16(%a) = %04x, want %04x\n", known[i].f, (unsigned)f32_to_f16(known[i].f), (unsigned)known[i].h);
+            failures++;
+        }
+#if HAVE_AVX512
+    enum { N = 1 << 16 };
+    static float in[N];
+    static uint16_t hw[N];
+    /* all 2^32 floats, N at a time (5 s); the sanitizer build, 20x slower and there to catch
+       memory errors, takes every 61st pattern (61 is odd and prime to the mantissa's fields) */
+#if defined(__SANITIZE_ADDRESS__)
+    const uint32_t step = 61;
+#else
+    const uint32_t step = 1;
+#endif
+    for (uint64_t base = 0; base < (1ull << 32); base += (uint64_t)N * step) {
+        for (uint32_t i = 0; i < N; i++) {
+            uint32_t x = (uint32_t)(base + (uint64_t)i * step);
+            memcpy(&in[i], &x, sizeof x);
+        }
+        for (uint32_t i = 0; i < N; i += 16) /* the instruction */
+            _mm256_storeu_si256((__m256i *)(void *)(hw + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        for (uint32_t i = 0; i < N; i++)
+            if (f32_to_f16(in[i]) != hw[i] && failures++ < 10)
+                printf("f32_to_f16(%08x) = %04x, the CPU gives %04x\n", (unsigned)(base + (uint64_t)i * step),
+                       (unsigned)f32_to_f16(in[i]), (unsigned)hw[i]);
+    }
+    for (uint32_t h = 0; h < 65536; h += 16) {
+        uint16_t hv[16];
+        float want[16];
+        for (int j = 0; j < 16; j++) hv[j] = (uint16_t)(h + (uint32_t)j);
+        _mm512_storeu_ps(want, kv_load16(hv, 0, 1));
+        for (int j = 0; j < 16; j++) {
+            float got = f16_to_f32(hv[j]);
+            if (memcmp(&got, &want[j], sizeof got) != 0 && failures++ < 10)
+                printf("f16_to_f32(%04x) = %a, the CPU gives %a\n", (unsigned)hv[j], got, want[j]);
+        }
+    }
+#endif
+    return failures;
+}
+
 /* The element-wise kernels beside their plain forms: exp (AVX-512 builds), softmax, SwiGLU's
    gate and RMSNorm, on odd lengths and extreme values. */
 static int check_elementwise(void) {
@@ -189,33 +251,41 @@ static int check(void) {
                 free(w);
             }
     /* attention: head sizes with and without a SIMD path, cached keys/values strided as in the
-       KV cache (several heads per row) */
+       KV cache (several heads per row), in fp32 and fp16 caches */
     const int hss[] = {2, 6, 16, 32, 48, 64, 128};
     const int lens[] = {1, 2, 5, 37, 200};
-    for (size_t a = 0; a < sizeof hss / sizeof *hss; a++)
-        for (size_t b = 0; b < sizeof lens / sizeof *lens; b++) {
-            int hs = hss[a], len = lens[b], stride = 3 * hs;
-            float *q = xmalloc((size_t)hs * sizeof(float));
-            float *k = xmalloc((size_t)len * stride * sizeof(float));
-            float *v = xmalloc((size_t)len * stride * sizeof(float));
-            float *att = xmalloc((size_t)len * sizeof(float));
-            float *fast = xmalloc((size_t)hs * sizeof(float)), *ref = xmalloc((size_t)hs * sizeof(float));
-            fill(q, (size_t)hs);
-            fill(k, (size_t)len * stride);
-            fill(v, (size_t)len * stride);
-            float scale = 1.0f / sqrtf((float)hs);
-            attention_head(fast, q, k + hs, v + hs, att, len, stride, hs, scale);
-            attention_head_ref(ref, q, k + hs, v + hs, att, len, stride, hs, scale);
-            for (int j = 0; j < hs; j++) {
-                /* |v| <= 1 and the weights sum to 1: FMA rounding differences stay ~1e-6 */
-                if (!(fabsf(fast[j] - ref[j]) <= 1e-5f)) {
-                    printf("attention hs=%d len=%d: out[%d] fast %.9g ref %.9g\n", hs, len, j, fast[j], ref[j]);
-                    failures++;
-                    break;
+    for (int half = 0; half < 2; half++)
+        for (size_t a = 0; a < sizeof hss / sizeof *hss; a++)
+            for (size_t b = 0; b < sizeof lens / sizeof *lens; b++) {
+                int hs = hss[a], len = lens[b], stride = 3 * hs;
+                size_t n = (size_t)len * stride;
+                float *q = xmalloc((size_t)hs * sizeof(float));
+                float *k = xmalloc(n * sizeof(float)), *v = xmalloc(n * sizeof(float));
+                uint16_t *k16 = xmalloc(n * sizeof(uint16_t)), *v16 = xmalloc(n * sizeof(uint16_t));
+                float *att = xmalloc((size_t)len * sizeof(float));
+                float *fast = xmalloc((size_t)hs * sizeof(float)), *ref = xmalloc((size_t)hs * sizeof(float));
+                fill(q, (size_t)hs);
+                fill(k, n);
+                fill(v, n);
+                kv_store(k16, k, n, 1);
+                kv_store(v16, v, n, 1);
+                const void *kk = half ? (const void *)(k16 + hs) : (const void *)(k + hs);
+                const void *vv = half ? (const void *)(v16 + hs) : (const void *)(v + hs);
+                float scale = 1.0f / sqrtf((float)hs);
+                attention_head(fast, q, kk, vv, half, att, len, stride, hs, scale);
+                attention_head_ref(ref, q, kk, vv, half, att, len, stride, hs, scale);
+                for (int j = 0; j < hs; j++) {
+                    /* |v| <= 1 and the weights sum to 1: FMA rounding differences stay ~1e-6 */
+                    if (!(fabsf(fast[j] - ref[j]) <= 1e-5f)) {
+                        printf("attention %s hs=%d len=%d: out[%d] fast %.9g ref %.9g\n", half ? "f16" : "f32", hs,
+                               len, j, fast[j], ref[j]);
+                        failures++;
+                        break;
+                    }
                 }
+                free(ref); free(fast); free(att); free(v16); free(k16); free(v); free(k); free(q);
             }
-            free(ref); free(fast); free(att); free(v); free(k); free(q);
-        }
+    failures += check_f16();
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }

@@ -7,7 +7,8 @@
      engine_logits greedy MODEL "IDS" N         greedy generation of up to N tokens after IDS (the
                                                same loop as ./run, stopping at ids 1 and 2 as BOS/EOS);
                                                prints the sampled ids, space separated
-   IDS: token ids separated by spaces, the first one usually BOS.
+   IDS: token ids separated by spaces, the first one usually BOS. An optional last argument, f32
+   or f16, sets the KV cache precision (run's -c); without it, the engine's default.
    Build: make run BIN=tests/engine_logits SRC=tests/engine_logits.c (or runsan, runomp). */
 #define TESTING
 #pragma GCC diagnostic ignored "-Wunused-function" /* main()'s helpers are not all used */
@@ -35,13 +36,19 @@ static int *parse_ids(const char *s, int vocab_size, int *n_out) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: engine_logits step|block|greedy MODEL \"IDS\" OUT.f32|N\n");
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: engine_logits step|block|greedy MODEL \"IDS\" OUT.f32|N [f32|f16]\n");
         return 2;
     }
     const char *mode = argv[1];
+    int kv = KV_DEFAULT;
+    if (argc == 6) {
+        if (strcmp(argv[5], "f32") == 0) kv = KV_F32;
+        else if (strcmp(argv[5], "f16") == 0) kv = KV_F16;
+        else fatal("KV cache precision must be f32 or f16, got %s", argv[5]);
+    }
     Transformer t;
-    transformer_init(&t, argv[2]);
+    transformer_init(&t, argv[2], kv);
     const Config *c = &t.config;
     int n = 0;
     int *ids = parse_ids(argv[3], c->vocab_size, &n);

@@ -27,7 +27,7 @@ import sentencepiece as spm
 import torch
 
 from export import load_model_bin, pick_group_size, write_model_bin
-from model import ModelArgs, Transformer
+from model import Attention, ModelArgs, Transformer
 from tokenizer import Tokenizer, export_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,14 @@ FP32_ATOL = 1e-4
 # sides round it to neighbouring integers. Such a flip in a cached key or value shifts every later
 # position a little (sharply peaked random attention can make that a few percent), so the tight
 # tolerance must hold at most positions, not all (INT8_EMULATION_MIN_CLOSE), and a bug fails
-# everywhere.
+# everywhere. That check runs with an fp32 KV cache (run.c's -c f32). int8 models cache keys and
+# values in fp16 by default; the emulation can round them the same way (to float32, then to fp16),
+# but then a flip needs only a key a few float32 ulps off an fp16 rounding boundary (about one
+# element in 4,000), and one such flip in these peaked models moves later logits by up to a third
+# of the whole fp16 effect. So with the fp16 cache the first position must agree tightly and the
+# C logits must be closer to the fp16-rounding emulation than to the unrounded one (they would
+# not be if the cache kept more precision or rounded differently, e.g. truncated or to bf16);
+# tests/engine_kernels.c checks the conversions bit for bit.
 INT8_EMULATION_RTOL = 1e-4
 INT8_EMULATION_MIN_CLOSE = 0.75
 
@@ -213,10 +220,15 @@ def story_model(tmp_path_factory, tok_files):
 # ----------------------------------------------------------------------------------------------
 # int8 reference
 
-def emulate_int8(model: Transformer, group_size: int):
+def emulate_int8(model: Transformer, group_size: int, kv: str = "f16"):
     """Forward hooks that make every nn.Linear see its input the way run.c's int8 path does:
     quantized per group of group_size (scale = max|x| / 127, round half to even), then dequantized.
-    The model must already hold the dequantized weights (load_model_bin does that)."""
+    The model must already hold the dequantized weights (load_model_bin does that). With kv="f16"
+    (run.c's default for int8 models) keys and values are rounded as its fp16 cache stores them:
+    to float32, the precision run.c computes them in, then to fp16."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.kv_round = (lambda t: t.float().half().to(t.dtype)) if kv == "f16" else None
     def hook(_module, inputs):
         (x,) = inputs
         g = x.double().reshape(*x.shape[:-1], -1, group_size)
@@ -225,7 +237,16 @@ def emulate_int8(model: Transformer, group_size: int):
         q = torch.where(scale > 0, torch.round(g / torch.where(scale > 0, scale, 1.0)), 0.0)
         return ((q * scale).reshape(x.shape).to(x.dtype),)
 
-    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    class KvRound:  # undoes the KV rounding on remove(), like the hooks
+        @staticmethod
+        def remove():
+            for m in model.modules():
+                if isinstance(m, Attention):
+                    m.kv_round = None
+
+    return hooks + [KvRound]
 
 
 def torch_logits(model: Transformer, ids: list[int], *, double: bool = False) -> np.ndarray:
@@ -237,9 +258,10 @@ def torch_logits(model: Transformer, ids: list[int], *, double: bool = False) ->
     return out
 
 
-def c_logits(engine: Engine, path: Path, ids: list[int], mode: str, tmp_path: Path) -> np.ndarray:
-    out = tmp_path / f"logits_{mode}.f32"
-    engine.harness(mode, path, " ".join(map(str, ids)), out)
+def c_logits(engine: Engine, path: Path, ids: list[int], mode: str, tmp_path: Path, kv: str = "") -> np.ndarray:
+    """Every position's logits; kv "f32" or "f16" sets the KV cache, "" leaves run.c's default."""
+    out = tmp_path / f"logits_{mode}_{kv}.f32"
+    engine.harness(mode, path, " ".join(map(str, ids)), out, *([kv] if kv else []))
     return np.fromfile(out, dtype=np.float32).reshape(len(ids), -1)
 
 
@@ -280,15 +302,24 @@ def test_logits_match_pytorch(engine, models, shape, version, dtype, tmp_path):
         assert (step.argmax(-1) == want.argmax(-1)).all()
         return
     gs = pick_group_size(p.dim, p.hidden_dim)
-    # Tight: the exact arithmetic of run.c's int8 path, in float64.
-    hooks = emulate_int8(ref, gs)
-    emulated = torch_logits(ref, ids, double=True)
-    for h in hooks:
-        h.remove()
-    scale = np.abs(emulated).max()
-    close = np.abs(step - emulated).max(-1) <= INT8_EMULATION_RTOL * scale  # (positions,)
-    assert close[0], describe_diff(step[:1], emulated[:1])
-    assert close.mean() >= INT8_EMULATION_MIN_CLOSE, describe_diff(step, emulated)
+    # Tight: the exact arithmetic of run.c's int8 path, in float64, with an fp32 KV cache; then the
+    # default fp16 cache against the same emulation with and without fp16 rounding.
+    step32 = c_logits(engine, path, ids, "step", tmp_path, kv="f32")
+    assert np.array_equal(step32, c_logits(engine, path, ids, "block", tmp_path, kv="f32"))
+    emulated = {}
+    for kv in ("f32", "f16"):
+        hooks = emulate_int8(ref, gs, kv)
+        emulated[kv] = torch_logits(ref, ids, double=True)
+        for h in hooks:
+            h.remove()
+    scale = np.abs(emulated["f32"]).max()
+    close = np.abs(step32 - emulated["f32"]).max(-1) <= INT8_EMULATION_RTOL * scale  # (positions,)
+    assert close[0], describe_diff(step32[:1], emulated["f32"][:1])
+    assert close.mean() >= INT8_EMULATION_MIN_CLOSE, describe_diff(step32, emulated["f32"])
+    assert np.abs(step[0] - emulated["f16"][0]).max() <= INT8_EMULATION_RTOL * scale, \
+        "fp16 cache: " + describe_diff(step[:1], emulated["f16"][:1])
+    rms = lambda a: float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))  # noqa: E731
+    assert rms(step - emulated["f16"]) < rms(step - emulated["f32"]), "fp16 cache does not round like fp16"
     # Loose: against PyTorch on the same (dequantized) weights with fp32 activations. The int8
     # path rounds each group of gs activations to q * s with s = max|x_g| / 127; the rounding
     # error is uniform in [-s/2, s/2], rms s / sqrt(12). Since max|x_g| <= sqrt(gs) * rms(x_g),
@@ -432,6 +463,13 @@ def test_cli_legacy_tokenizer_and_int8(engine, story_model, tok_files):
     q = engine.run(story_model["int8"], "-z", tok_files["bin"], "-t", "0", "-n", "20", "-i", "小兔子")
     assert q.returncode == 0, q.stderr.decode()
     assert q.stdout.startswith("小兔子".encode()) and is_utf8(q.stdout)
+    # Either KV cache precision for either weight type; on this trained model fp16 rounding of
+    # keys and values does not change the greedy story.
+    for model, story in ((story_model["int8"], q.stdout), (story_model["fp32"], a.stdout)):
+        for kv in ("f16", "f32"):
+            r = engine.run(model, "-z", tok_files["bin"], "-t", "0", "-n", "20", "-i", "小兔子", "-c", kv)
+            assert r.returncode == 0, r.stderr.decode()
+            assert r.stdout == story, (model, kv)
 
 
 def test_cli_text_does_not_depend_on_threads(engine, story_model, tok_files):
@@ -547,6 +585,7 @@ def test_chat_mode_ends_at_eof(engine, story_model, tok_files):
 @pytest.mark.parametrize("args", [
     [], ["-t", "-1"], ["-t", "abc"], ["-p", "0"], ["-p", "1.5"], ["-k", "-1"], ["-n", "-3"],
     ["-s", "-2"], ["-m", "train"], ["-x", "1"], ["-t"], ["--temperature", "1"], ["-n", "1e3"],
+    ["-c", "f8"], ["-c", "bf16"],
 ])
 def test_cli_rejects_bad_arguments(engine, story_model, args):
     argv = [story_model["fp32"], *args] if args else []
