@@ -380,8 +380,9 @@ def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
 
 def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
     """Val cross-entropy of one trained model through the C engine's prefill path, as an fp32 file,
-    an int8 file (weights and activations quantized, as the engine runs them) and an fp32 file of
-    weights rounded to bf16 (what bf16 storage would cost), next to PyTorch's fp32 value."""
+    an int8 file (weights and activations quantized, as the engine runs them, with its default fp16
+    KV cache and with an fp32 one), the fp32 file with an fp16 KV cache, and an fp32 file of weights
+    rounded to bf16 (what bf16 storage would cost), next to PyTorch's fp32 value."""
     import copy
 
     import numpy as np
@@ -409,18 +410,21 @@ def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
         for w in rounded.parameters():
             if w.dim() == 2:
                 w.copy_(w.to(torch.bfloat16).float())
-    files = {"fp32": (model, "fp32"), "int8": (model, "int8"), "bf16-rounded": (rounded, "fp32")}
+    # name: (weights, file dtype, KV cache); the engine's defaults are fp32 + f32 and int8 + f16
+    runs = {"fp32": (model, "fp32", "f32"), "int8": (model, "int8", "f16"), "int8-kv32": (model, "int8", "f32"),
+            "fp32-kv16": (model, "fp32", "f16"), "bf16-rounded": (rounded, "fp32", "f32")}
     logits_bin = folder / "engine_logits"
     sh(["make", "-s", "runomp", f"BIN={logits_bin}", "SRC=tests/engine_logits.c"], cwd=ROOT)
     ce = {}
     with torch.no_grad():
         ce["pytorch"] = model(x, y)[1].item()
-    for name, (m, dtype) in files.items():
-        path = folder / f"quality_{name}.bin"
-        write_model_bin(m, path, version=3, dtype=dtype)
+    for name, (m, dtype, kv) in runs.items():
+        path = folder / f"quality_{dtype}{'-bf16' if m is rounded else ''}.bin"
+        if not path.exists():
+            write_model_bin(m, path, version=3, dtype=dtype)
         losses = []
         for row, target in zip(x.tolist(), y):
-            sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32"])
+            sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32", kv])
             logits = np.fromfile(folder / "logits.f32", dtype=np.float32).reshape(L, p.vocab_size)
             losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits), target).item())
         ce[name] = sum(losses) / len(losses)
@@ -457,8 +461,10 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
         rel = {k: 100 * (ce[k] - ce["fp32"]) / ce["fp32"] for k in ce}
         lines += ["", f"Quality: val cross-entropy of `{quality['checkpoint']}` ({quality['params'] / 1e6:.2f}M "
                   f"parameters) on {quality['windows']} windows of {quality['len']} tokens, through the C "
-                  f"engine: fp32 {ce['fp32']:.4f}, int8 {ce['int8']:.4f} ({rel['int8']:+.2f}%), weights rounded "
-                  f"to bf16 {ce['bf16-rounded']:.4f} ({rel['bf16-rounded']:+.2f}%); PyTorch fp32 {ce['pytorch']:.4f}."]
+                  f"engine: fp32 {ce['fp32']:.4f}; int8 {ce['int8']:.4f} ({rel['int8']:+.2f}%) with its default fp16 "
+                  f"KV cache, {ce['int8-kv32']:.4f} ({rel['int8-kv32']:+.2f}%) with an fp32 one; fp32 weights with "
+                  f"an fp16 KV cache {ce['fp32-kv16']:.4f} ({rel['fp32-kv16']:+.2f}%); weights rounded to bf16 "
+                  f"{ce['bf16-rounded']:.4f} ({rel['bf16-rounded']:+.2f}%); PyTorch fp32 {ce['pytorch']:.4f}."]
     return "\n".join(lines)
 
 

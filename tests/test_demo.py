@@ -30,13 +30,15 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert "already reached step 30; skipping" in text2
     assert "nothing to do" in text2 or "up to date" in text2, text2[:2000]
     # make bench's quality measurement on the demo's checkpoint: the engine's fp32 val loss equals
-    # PyTorch's, and int8 costs little.
+    # PyTorch's, and int8 and the fp16 KV cache cost little.
     r3 = subprocess.run([sys.executable, "bench.py", "--models=", "--tokenizer_chars=0", "--write=false",
                          f"--quality_checkpoint={out / 'ckpt.pt'}", f"--quality_data={tmp_path / 'data' / 'tok400'}",
                          "--quality_windows=3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r3.returncode == 0, r3.stderr[-2000:]
-    m = re.search(r"fp32 ([\d.]+), int8 ([\d.]+) .*bf16 ([\d.]+) .*PyTorch fp32 ([\d.]+)\.", r3.stdout)
+    m = re.search(r"fp32 ([\d.]+); int8 ([\d.]+) .*fp16 KV cache, ([\d.]+) .*fp32 one; .*fp16 KV cache ([\d.]+) "
+                  r".*bf16 ([\d.]+) .*PyTorch fp32 ([\d.]+)\.", r3.stdout)
     assert m, r3.stdout[-2000:]
-    fp32, int8, bf16, torch_fp32 = map(float, m.groups())
+    fp32, int8, int8_kv32, fp32_kv16, bf16, torch_fp32 = map(float, m.groups())
     assert abs(fp32 - torch_fp32) < 1e-3 and abs(bf16 - fp32) < 0.02 * fp32
-    assert abs(int8 - fp32) < 0.05 * fp32
+    assert abs(int8 - fp32) < 0.05 * fp32 and abs(int8_kv32 - fp32) < 0.05 * fp32
+    assert abs(fp32_kv16 - fp32) < 0.01 * fp32  # fp16 keys and values: a 2^-11 relative rounding
