@@ -1413,6 +1413,43 @@ static void attention_head(float *out, const float *q, const void *k, const void
 /* ----------------------------------------------------------------------------------------------
    forward pass */
 
+/* Prefill's element-wise steps run one token per job, so that a second thread does not wait
+   through them (they were a tenth of the work); each row's arithmetic is the same as alone. */
+
+/* Rows [0, n): x += add (when add is not NULL), then out = RMSNorm(x) * gain and, for int8
+   weights, its quantized form in s->xq / xs / xsum. */
+static void prefill_norm(Transformer *t, float *x, const float *add, float *out, const float *gain, int n) {
+    const Config *c = &t->config;
+    RunState *s = &t->state;
+    int d = c->dim, groups = c->quantized ? d / c->group_size : 0, i;
+    OMP_PARALLEL_FOR
+    for (i = 0; i < n; i++) {
+        float *xi = x + (size_t)i * d;
+        if (add)
+            for (int j = 0; j < d; j++) xi[j] += add[(size_t)i * d + j];
+        rmsnorm(out + (size_t)i * d, xi, gain, d, c->norm_eps);
+        if (c->quantized)
+            quantize_rows(s->xq + (size_t)i * d, s->xs + (size_t)i * groups, s->xsum + (size_t)i * groups,
+                          out + (size_t)i * d, 1, d, c->group_size);
+    }
+}
+
+/* Rows [0, n) of x (n, m): SwiGLU's gate first when up is not NULL (x = silu(x) * up), then the
+   quantized form for int8 weights. */
+static void prefill_quantize(Transformer *t, float *x, const float *up, int n, int m) {
+    const Config *c = &t->config;
+    RunState *s = &t->state;
+    int groups = c->quantized ? m / c->group_size : 0, i;
+    if (!up && !c->quantized) return;
+    OMP_PARALLEL_FOR
+    for (i = 0; i < n; i++) {
+        if (up) swiglu(x + (size_t)i * m, up + (size_t)i * m, (size_t)m);
+        if (c->quantized)
+            quantize_rows(s->xq + (size_t)i * m, s->xs + (size_t)i * groups, s->xsum + (size_t)i * groups,
+                          x + (size_t)i * m, 1, m, c->group_size);
+    }
+}
+
 /* Runs n (<= BLOCK_MAX) tokens at positions pos .. pos+n-1 through the model, filling the KV cache.
    Writes the last token's logits to t->state.logits, and when all_logits is not NULL every token's
    logits to all_logits (n, vocab_size). The caller guarantees pos + n <= max_seq_len. */
@@ -1437,22 +1474,22 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
 
         /* attention: q, k, v of the block; k and v go straight into the cache rows of an fp32
            cache, else through kbuf / vbuf and then rounded into it */
-        for (int i = 0; i < n; i++)
-            rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_att, d, c->norm_eps);
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
+        prefill_norm(t, s->x, l ? s->xb2 : NULL, s->xb, lw->rms_att, n); /* the last layer's w2 output joins x */
         float *kb = kv16 ? s->kbuf : (float *)kc + (size_t)pos * kv;
         float *vb = kv16 ? s->vbuf : (float *)vc + (size_t)pos * kv;
         MatJob qkv[3] = {{s->q, &lw->wq, d}, {kb, &lw->wk, kv}, {vb, &lw->wv, kv}};
         matmul_jobs(t, qkv, 3, s->xb, n, d);
-        for (int i = 0; i < n; i++) {
+        int i;
+OMP_PARALLEL_FOR
+        for (i = 0; i < n; i++) {
             const float *cs = s->rope_cos + (size_t)(pos + i) * half;
             const float *sn = s->rope_sin + (size_t)(pos + i) * half;
             rope_rotate(s->q + (size_t)i * d, c->n_heads, hs, cs, sn);
             rope_rotate(kb + (size_t)i * kv, c->n_kv_heads, hs, cs, sn);
-        }
-        if (kv16) {
-            kv_store((void *)kv_at(kc, (size_t)pos * kv, 1), kb, (size_t)n * kv, 1);
-            kv_store((void *)kv_at(vc, (size_t)pos * kv, 1), vb, (size_t)n * kv, 1);
+            if (kv16) {
+                kv_store((void *)kv_at(kc, (size_t)(pos + i) * kv, 1), kb + (size_t)i * kv, (size_t)kv, 1);
+                kv_store((void *)kv_at(vc, (size_t)(pos + i) * kv, 1), vb + (size_t)i * kv, (size_t)kv, 1);
+            }
         }
 
         /* causal attention: token i sees cached positions 0 .. pos+i. Head-major, so a thread's
@@ -1473,28 +1510,23 @@ OMP_PARALLEL_FOR
             attention_head(out, qh, kv_at(kc, kv_off, kv16), kv_at(vc, kv_off, kv16), kv16, att, len, kv, hs,
                            att_scale);
         }
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
+        prefill_quantize(t, s->xb, NULL, n, d);
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
-        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
 
-        /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
-        for (int i = 0; i < n; i++)
-            rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, lw->rms_ffn, d, c->norm_eps);
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->xb, n, d, gs);
+        /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x), after wo's output joins x */
+        prefill_norm(t, s->x, s->xb2, s->xb, lw->rms_ffn, n);
         MatJob up[2] = {{s->hb, &lw->w1, hd}, {s->hb2, &lw->w3, hd}};
         matmul_jobs(t, up, 2, s->xb, n, d);
-        swiglu(s->hb, s->hb2, (size_t)n * hd);
-        if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, s->hb, n, hd, gs);
+        prefill_quantize(t, s->hb, s->hb2, n, hd);
         matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
-        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->xb2[i];
     }
 
-    /* final norm and classifier: every token's row when asked, else only the last one */
+    /* final norm and classifier: every token's row when asked, else only the last one (whose
+       quantized row then goes first) */
     int first = all_logits ? 0 : n - 1, rows = n - first;
-    for (int i = first; i < n; i++)
-        rmsnorm(s->xb + (size_t)i * d, s->x + (size_t)i * d, w->rms_final, d, c->norm_eps);
+    prefill_norm(t, s->x, s->xb2, s->xb, w->rms_final, n);
     const float *xin = s->xb + (size_t)first * d;
-    if (c->quantized) quantize_rows(s->xq, s->xs, s->xsum, xin, rows, d, gs);
+    if (c->quantized && first) quantize_rows(s->xq, s->xs, s->xsum, xin, rows, d, gs);
     float *dst = all_logits ? all_logits : s->logits;
     matmul(t, dst, xin, &w->wcls, rows, c->vocab_size, d);
     if (all_logits)
