@@ -140,28 +140,32 @@ typedef struct {
     Matrix wcls;            /* (vocab_size, dim); the token embedding when shared */
 } Weights;
 
-/* Largest number of tokens one forward call processes together (prompt prefill blocks). */
-#define BLOCK_MAX 64
+/* Largest number of tokens one forward call processes together (prompt prefill blocks; fewer
+   when the context is shorter). Each block streams every weight matrix once, so larger blocks
+   read the weights fewer times: 256 against 64 made 200-token prefill 10-35% faster on the
+   benchmark shapes, for a few MB of activations. */
+#define BLOCK_MAX 256
 
-/* Activations for up to BLOCK_MAX tokens at once, row t belonging to the block's token t. */
+/* Activations for up to `block` tokens at once, row t belonging to the block's token t. */
 typedef struct {
-    float *x;          /* (BLOCK_MAX, dim) residual stream */
-    float *xb;         /* (BLOCK_MAX, dim) normed input / attention output */
-    float *xb2;        /* (BLOCK_MAX, dim) sublayer output */
-    float *hb;         /* (BLOCK_MAX, hidden_dim) gate */
-    float *hb2;        /* (BLOCK_MAX, hidden_dim) up */
-    float *q;          /* (BLOCK_MAX, dim) queries */
-    float *att;        /* (BLOCK_MAX * n_heads, max_seq_len) attention weights */
+    float *x;          /* (block, dim) residual stream */
+    float *xb;         /* (block, dim) normed input / attention output */
+    float *xb2;        /* (block, dim) sublayer output */
+    float *hb;         /* (block, hidden_dim) gate */
+    float *hb2;        /* (block, hidden_dim) up */
+    float *q;          /* (block, dim) queries */
+    float *att;        /* (slots, max_seq_len) attention weights, one row per thread */
     float *logits;     /* (vocab_size) of the last token of the last call */
-    int8_t *xq;        /* (BLOCK_MAX, max(dim, hidden_dim)) int8 activations (quantized models) */
-    float *xs;         /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) their scales */
-    int32_t *xsum;     /* (BLOCK_MAX, max(dim, hidden_dim) / group_size) sums of each group's int8 */
+    int8_t *xq;        /* (block, max(dim, hidden_dim)) int8 activations (quantized models) */
+    float *xs;         /* (block, max(dim, hidden_dim) / group_size) their scales */
+    int32_t *xsum;     /* (block, max(dim, hidden_dim) / group_size) sums of each group's int8 */
     void *key_cache;   /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
     void *value_cache; /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
     int kv_half;       /* 1: the caches hold IEEE fp16 (uint16_t), 0: float */
-    float *kbuf;       /* (BLOCK_MAX, kv_dim) keys before rounding to fp16 (kv_half only) */
-    float *vbuf;       /* (BLOCK_MAX, kv_dim) values before rounding to fp16 (kv_half only) */
-    int slots;         /* threads transformer_decode can use: each has row `thread` of dn, xq, xs, xsum */
+    float *kbuf;       /* (block, kv_dim) keys before rounding to fp16 (kv_half only) */
+    float *vbuf;       /* (block, kv_dim) values before rounding to fp16 (kv_half only) */
+    int block;         /* tokens per forward call at most: min(BLOCK_MAX, max_seq_len) */
+    int slots;         /* threads that can share the work: each has row `thread` of att, dn, xq, xs, xsum */
     int decode_team;   /* threads transformer_decode uses at most; 0: all it may (see decode_tuner) */
     float *dn;         /* (slots, dim) each decoding thread's own copy of the normed input */
     float *rope_cos;   /* (max_seq_len, head_size / 2) */
@@ -423,7 +427,8 @@ static void weights_map(Transformer *t) {
 }
 
 static void run_state_init(RunState *s, const Config *c, int kv_half) {
-    size_t B = BLOCK_MAX, d = (size_t)c->dim, h = (size_t)c->hidden_dim;
+    size_t B = (size_t)(c->max_seq_len < BLOCK_MAX ? c->max_seq_len : BLOCK_MAX);
+    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim;
     size_t wide = d > h ? d : h;
     size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * (size_t)c->kv_dim;
     size_t esize = kv_half ? sizeof(uint16_t) : sizeof(float);
@@ -433,7 +438,6 @@ static void run_state_init(RunState *s, const Config *c, int kv_half) {
     s->hb = xmalloc_aligned(B * h * sizeof(float));
     s->hb2 = xmalloc_aligned(B * h * sizeof(float));
     s->q = xmalloc_aligned(B * d * sizeof(float));
-    s->att = xmalloc_aligned(B * (size_t)c->n_heads * (size_t)c->max_seq_len * sizeof(float));
     s->logits = xmalloc_aligned((size_t)c->vocab_size * sizeof(float));
     s->xq = xmalloc_aligned(B * wide);
     size_t n_groups = B * (c->quantized ? wide / (size_t)c->group_size : 1);
@@ -444,10 +448,12 @@ static void run_state_init(RunState *s, const Config *c, int kv_half) {
     s->value_cache = xmalloc_aligned(cache * esize);
     s->kbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
     s->vbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
+    s->block = (int)B;
     s->slots = 1;
 #ifdef _OPENMP
     s->slots = omp_get_max_threads() < (int)B ? omp_get_max_threads() : (int)B;
 #endif
+    s->att = xmalloc_aligned((size_t)s->slots * (size_t)c->max_seq_len * sizeof(float));
     s->dn = xmalloc_aligned((size_t)s->slots * d * sizeof(float));
     memset(s->key_cache, 0, cache * esize);
     memset(s->value_cache, 0, cache * esize);
@@ -1450,7 +1456,7 @@ static void prefill_quantize(Transformer *t, float *x, const float *up, int n, i
     }
 }
 
-/* Runs n (<= BLOCK_MAX) tokens at positions pos .. pos+n-1 through the model, filling the KV cache.
+/* Runs n (<= s->block) tokens at positions pos .. pos+n-1 through the model, filling the KV cache.
    Writes the last token's logits to t->state.logits, and when all_logits is not NULL every token's
    logits to all_logits (n, vocab_size). The caller guarantees pos + n <= max_seq_len. */
 static void transformer_forward_block(Transformer *t, const int *tokens, int n, int pos,
@@ -1493,15 +1499,18 @@ OMP_PARALLEL_FOR
         }
 
         /* causal attention: token i sees cached positions 0 .. pos+i. Head-major, so a thread's
-           jobs share one head's keys and values; each thread reuses one row of s->att as scratch
-           (while there are no more threads than rows) to keep the scratch in cache. */
+           jobs share one head's keys and values; each thread uses its own row of s->att as scratch
+           (no more threads than rows). */
         int work = n * c->n_heads, job;
-OMP_PARALLEL_FOR
+#ifdef _OPENMP
+        int team = omp_get_max_threads() < s->slots ? omp_get_max_threads() : s->slots;
+#pragma omp parallel for schedule(static) num_threads(team)
+#endif
         for (job = 0; job < work; job++) {
             int h = job / n, i = job % n;
-            int len = pos + i + 1, slot = job;
+            int len = pos + i + 1, slot = 0;
 #ifdef _OPENMP
-            if (omp_get_num_threads() <= BLOCK_MAX * c->n_heads) slot = omp_get_thread_num();
+            slot = omp_get_thread_num();
 #endif
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
             float *att = s->att + (size_t)slot * c->max_seq_len;
@@ -1645,7 +1654,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
     }
 }
 
-/* Processes n tokens starting at position pos (in blocks of BLOCK_MAX); returns the logits of the
+/* Processes n tokens starting at position pos (in blocks of s->block); returns the logits of the
    last one. all_logits, when not NULL, receives (n, vocab_size). */
 static float *transformer_forward(Transformer *t, const int *tokens, int n, int pos, float *all_logits) {
     if (n == 1 && !all_logits) {
@@ -1653,7 +1662,7 @@ static float *transformer_forward(Transformer *t, const int *tokens, int n, int 
         return t->state.logits;
     }
     for (int done = 0; done < n;) {
-        int b = n - done < BLOCK_MAX ? n - done : BLOCK_MAX;
+        int b = n - done < t->state.block ? n - done : t->state.block;
         transformer_forward_block(t, tokens + done, b, pos + done,
                                   all_logits ? all_logits + (size_t)done * t->config.vocab_size : NULL);
         done += b;

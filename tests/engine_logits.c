@@ -2,8 +2,10 @@
 
      engine_logits step  MODEL "IDS" OUT.f32   one forward call per token (the decode path); writes
                                                every position's logits, (n, vocab) float32
-     engine_logits block MODEL "IDS" OUT.f32   the whole list through the prefill path (blocks of
-                                               BLOCK_MAX tokens), same output
+     engine_logits block MODEL "IDS" OUT.f32   the whole list through the prefill path in one call,
+                                               same output; blocks of 32 tokens (not the engine's
+                                               256) so that tests see blocks that start with
+                                               earlier positions cached
      engine_logits greedy MODEL "IDS" N         greedy generation of up to N tokens after IDS (the
                                                same loop as ./run, stopping at ids 1 and 2 as BOS/EOS);
                                                prints the sampled ids, space separated
@@ -74,6 +76,7 @@ int main(int argc, char **argv) {
                 memcpy(logits + (size_t)i * V, l, V * sizeof(float));
             }
         } else if (strcmp(mode, "block") == 0) {
+            if (t.state.block > 32) t.state.block = 32;
             transformer_forward(&t, ids, n, 0, logits);
         } else {
             fatal("unknown mode %s", mode);

@@ -289,7 +289,7 @@ def test_logits_match_pytorch(engine, models, shape, version, dtype, tmp_path):
     ref = load_model_bin(path)  # the file's weights (dequantized for int8), eps and theta
     p = ref.params
     g = torch.Generator().manual_seed(3)
-    n = min(p.max_seq_len, 70)  # more than one 64-token prefill block
+    n = min(p.max_seq_len, 70)  # three prefill blocks in the harness (32 tokens each)
     ids = [1] + torch.randint(0, p.vocab_size, (n - 1,), generator=g).tolist()
     step = c_logits(engine, path, ids, "step", tmp_path)
     block = c_logits(engine, path, ids, "block", tmp_path)
