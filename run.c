@@ -142,8 +142,8 @@ typedef struct {
 
 /* Largest number of tokens one forward call processes together (prompt prefill blocks; fewer
    when the context is shorter). Each block streams every weight matrix once, so larger blocks
-   read the weights fewer times: 256 against 64 made 200-token prefill 10-35% faster on the
-   benchmark shapes, for a few MB of activations. */
+   read the weights fewer times: 256 against 64 made 200-token prefill up to 40% faster on the
+   benchmark shapes (most for fp32 and the larger models), for a few MB of activations. */
 #define BLOCK_MAX 256
 
 /* Activations for up to `block` tokens at once, row t belonging to the block's token t. */
