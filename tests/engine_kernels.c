@@ -3,7 +3,8 @@
      engine_kernels check          fp32 matmul within a rounding bound of matmul_f32_ref, int8
                                    matmul and the activation quantizer bit-identical to their
                                    references, attention within 1e-5, over many odd shapes; exp,
-                                   softmax, SwiGLU and RMSNorm within a few ulp;
+                                   softmax, SwiGLU and RMSNorm within a few ulp; fp16 conversions
+                                   and argmax exactly;
                                    prints one line per failure and exits 1 if there is any
      engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
      engine_kernels sample T K P DRAWS L0 L1 ...
@@ -105,6 +106,26 @@ static int check_f16(void) {
         }
     }
 #endif
+    return failures;
+}
+
+/* argmax against argmax_ref: random lengths, ties (the first index must win), +0 and -0,
+   infinities and NaNs anywhere, including first. */
+static int check_argmax(void) {
+    int failures = 0;
+    float x[300];
+    for (int trial = 0; trial < 4000; trial++) {
+        int n = 1 + (int)((frand() + 1.0f) * 149.5f); /* 1 .. 300 */
+        for (int i = 0; i < n; i++) x[i] = (float)(int)(frand() * 4.0f); /* few values: many ties */
+        int specials = trial % 5;
+        for (int k = 0; k < specials; k++) {
+            const float sp[5] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f};
+            x[(int)((frand() + 1.0f) * 0.5f * (n - 1))] = sp[(trial / 5 + k) % 5];
+        }
+        if (trial % 97 == 0) x[0] = NAN;
+        int fast = argmax(x, n), ref = argmax_ref(x, n);
+        if (fast != ref && failures++ < 5) printf("argmax n=%d: fast %d ref %d\n", n, fast, ref);
+    }
     return failures;
 }
 
@@ -286,6 +307,7 @@ static int check(void) {
                 free(ref); free(fast); free(att); free(v16); free(k16); free(v); free(k); free(q);
             }
     failures += check_f16();
+    failures += check_argmax();
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }
