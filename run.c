@@ -1690,6 +1690,7 @@ typedef struct {
     int top_k;         /* keep the k most likely tokens; 0: off */
     uint64_t rng_state;
     ProbIndex *candidates; /* (vocab_size) scratch */
+    int sort_all;      /* 1: top-p sorts every candidate (the plain form tests compare with) */
 } Sampler;
 
 static void sampler_init(Sampler *s, int vocab_size, float temperature, float top_p, int top_k,
@@ -1704,6 +1705,7 @@ static void sampler_init(Sampler *s, int vocab_size, float temperature, float to
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     s->rng_state = (z ^ (z >> 31)) | 1;
     s->candidates = xmalloc((size_t)vocab_size * sizeof(ProbIndex));
+    s->sort_all = 0;
 }
 
 static void sampler_free(Sampler *s) { free(s->candidates); }
@@ -1787,13 +1789,23 @@ static void select_top(ProbIndex *c, int n, int k) {
 }
 
 /* Picks the next token from logits (vocab_size); overwrites logits. */
+/* Probabilities from logits for sampling: the vectorized softmax where there is one (a scalar
+   expf per vocabulary entry cost as much as a whole token of a small int8 model's decoding). */
+static void sampler_softmax(float *x, int n) {
+#if HAVE_AVX512
+    softmax16(x, n);
+#else
+    softmax(x, n);
+#endif
+}
+
 static int sampler_sample(Sampler *s, float *logits) {
     int n = s->vocab_size;
     if (s->temperature == 0.0f) return argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= s->temperature;
     int k = (s->top_k > 0 && s->top_k < n) ? s->top_k : n;
     if (k == n && s->top_p >= 1.0f) {
-        softmax(logits, n);
+        sampler_softmax(logits, n);
         float coin = sampler_random(s), cdf = 0.0f;
         for (int i = 0; i < n; i++) {
             cdf += logits[i];
@@ -1807,9 +1819,9 @@ static int sampler_sample(Sampler *s, float *logits) {
        those with probability >= (1 - top_p) / (n - 1): a token below that cannot be in the
        nucleus, since it and all less likely tokens (at most n - 1 of them) hold less than
        1 - top_p together, so the more likely tokens before it already reach top_p. */
-    softmax(logits, n);
+    sampler_softmax(logits, n);
     ProbIndex *c = s->candidates;
-    int n_cand = 0;
+    int n_cand = 0, sorted = 0;
     if (k < n) {
         for (int i = 0; i < n; i++) {
             c[i].prob = logits[i];
@@ -1827,8 +1839,25 @@ static int sampler_sample(Sampler *s, float *logits) {
             }
         }
         if (n_cand == 0) return argmax(logits, n); /* only if rounding left nothing */
+        /* A trained model's nucleus is usually a few dozen tokens of thousands of candidates:
+           select the 64 most likely and sort only those; if they do not reach top_p, try as many
+           again as their mass suggests are needed (at least 8 times as many), and sort all once
+           that is half of them or more. The most likely m in prob_desc's total order are the
+           first m of the full sort, and the sum below is the one the nucleus loop makes, so the
+           result is the same as sorting everything. */
+        for (int m = 64; m < n_cand / 2 && !sorted && !s->sort_all;) {
+            select_top(c, n_cand, m);
+            qsort(c, (size_t)m, sizeof(ProbIndex), prob_desc);
+            float cum = 0.0f;
+            for (int i = 0; i < m && !sorted; i++) {
+                cum += c[i].prob / 1.0f;
+                if (cum >= s->top_p) sorted = 1;
+            }
+            double want = cum > 0.0f ? 2.0 * m * s->top_p / cum : (double)n_cand;
+            m = want > 8.0 * m ? (want < n_cand ? (int)want : n_cand) : 8 * m;
+        }
     }
-    qsort(c, (size_t)n_cand, sizeof(ProbIndex), prob_desc);
+    if (!sorted) qsort(c, (size_t)n_cand, sizeof(ProbIndex), prob_desc);
     float mass = 1.0f; /* top-p alone: the nucleus is a share of all the probability */
     if (k < n) {
         mass = 0.0f;

@@ -3,8 +3,8 @@
      engine_kernels check          fp32 matmul within a rounding bound of matmul_f32_ref, int8
                                    matmul and the activation quantizer bit-identical to their
                                    references, attention within 1e-5, over many odd shapes; exp,
-                                   softmax, SwiGLU and RMSNorm within a few ulp; fp16 conversions
-                                   and argmax exactly;
+                                   softmax, SwiGLU and RMSNorm within a few ulp; fp16 conversions,
+                                   argmax and the top-p shortcut exactly;
                                    prints one line per failure and exits 1 if there is any
      engine_kernels time D M N     ms per call and GB/s of weights for (D, M) matrices, N tokens
      engine_kernels sample T K P DRAWS L0 L1 ...
@@ -125,6 +125,35 @@ static int check_argmax(void) {
         if (trial % 97 == 0) x[0] = NAN;
         int fast = argmax(x, n), ref = argmax_ref(x, n);
         if (fast != ref && failures++ < 5) printf("argmax n=%d: fast %d ref %d\n", n, fast, ref);
+    }
+    return failures;
+}
+
+/* The sampler's top-p shortcut (sort only the most likely candidates) against sorting all of
+   them: the same token for the same random state, over vocabularies of 100-3000 whose nucleus
+   ranges from one token to most of them. */
+static int check_top_p(void) {
+    int failures = 0;
+    enum { VMAX = 3000 };
+    static float logits[VMAX], a[VMAX], b[VMAX];
+    const float top_ps[4] = {0.3f, 0.9f, 0.99f, 0.999f};
+    for (int trial = 0; trial < 600; trial++) {
+        int n = 100 + (int)((frand() + 1.0f) * 0.5f * (VMAX - 100));
+        float spread = 0.25f + 4.0f * (frand() + 1.0f); /* flat to sharply peaked */
+        for (int i = 0; i < n; i++) logits[i] = spread * frand() * fabsf(frand());
+        Sampler fast, ref;
+        sampler_init(&fast, n, 1.0f, top_ps[trial % 4], 0, 1000 + (uint64_t)trial);
+        sampler_init(&ref, n, 1.0f, top_ps[trial % 4], 0, 1000 + (uint64_t)trial);
+        ref.sort_all = 1;
+        for (int draw = 0; draw < 5; draw++) {
+            memcpy(a, logits, (size_t)n * sizeof(float));
+            memcpy(b, logits, (size_t)n * sizeof(float));
+            int x = sampler_sample(&fast, a), y = sampler_sample(&ref, b);
+            if (x != y && failures++ < 5)
+                printf("top-p %g n=%d spread %g: shortcut %d, full sort %d\n", top_ps[trial % 4], n, spread, x, y);
+        }
+        sampler_free(&fast);
+        sampler_free(&ref);
     }
     return failures;
 }
@@ -308,6 +337,7 @@ static int check(void) {
             }
     failures += check_f16();
     failures += check_argmax();
+    failures += check_top_p();
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
     return failures ? 1 : 0;
 }
