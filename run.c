@@ -1262,13 +1262,9 @@ static float f16_to_f32(uint16_t h) {
     return f;
 }
 
-/* dst[0..n) = src[0..n) in the cache's precision (half: fp16, else float). */
-static void kv_store(void *dst, const float *src, size_t n, int half) {
-    if (!half) {
-        memcpy(dst, src, n * sizeof(float));
-        return;
-    }
-    uint16_t *h = dst;
+/* h[0..n) = src[0..n) rounded to fp16, into an fp16 cache (an fp32 cache takes the products'
+   output directly). */
+static void kv_store_f16(uint16_t *h, const float *src, size_t n) {
     size_t i = 0;
 #if HAVE_AVX512
     for (; i + 16 <= n; i += 16)
@@ -1278,38 +1274,34 @@ static void kv_store(void *dst, const float *src, size_t n, int half) {
     for (; i < n; i++) h[i] = f32_to_f16(src[i]);
 }
 
-/* Element e of a cache array. */
-static inline float kv_get(const void *base, size_t e, int half) {
-    return half ? f16_to_f32(((const uint16_t *)base)[e]) : ((const float *)base)[e];
-}
-
 /* The address of element e of a cache array. */
 static inline const void *kv_at(const void *base, size_t e, int half) {
     return (const char *)base + e * (half ? sizeof(uint16_t) : sizeof(float));
 }
 
+/* Row p (hs elements from element p * stride) of a cache array as floats: in place for a float
+   cache, converted into row (hs) for an fp16 one. */
+static const float *kv_row(const void *base, int p, int stride, int hs, int half, float *row) {
+    const void *r = kv_at(base, (size_t)p * stride, half);
+    if (!half) return r;
+    for (int j = 0; j < hs; j++) row[j] = f16_to_f32(((const uint16_t *)r)[j]);
+    return row;
+}
+
 /* One head of one token: out (hs) = softmax(q . k_p * scale over p < len) weighted sum of v_p, where
    key/value p of this head start at element p * stride of k, v (fp16 when half, else float).
    att (len) is scratch. The plain reference (not static: tests/engine_kernels.c compares
-   attention_head with it); the dot products sum like dot_f32_ref. */
+   attention_head with it). */
 void attention_head_ref(float *out, const float *q, const void *k, const void *v, int half, float *att,
                         int len, int stride, int hs, float scale) {
-    for (int p = 0; p < len; p++) {
-        size_t e = (size_t)p * stride;
-        float acc[16] = {0};
-        int i = 0;
-        for (; i + 16 <= hs; i += 16)
-            for (int j = 0; j < 16; j++) acc[j] += q[i + j] * kv_get(k, e + i + j, half);
-        for (int j = 0; i < hs; i++, j++) acc[j] += q[i] * kv_get(k, e + i, half);
-        for (int w = 8; w >= 1; w /= 2)
-            for (int j = 0; j < w; j++) acc[j] += acc[j + w];
-        att[p] = acc[0] * scale;
-    }
+    float row[hs];
+    for (int p = 0; p < len; p++) att[p] = dot_f32_ref(q, kv_row(k, p, stride, hs, half, row), hs) * scale;
     softmax(att, len);
     for (int j = 0; j < hs; j++) out[j] = 0.0f;
     for (int p = 0; p < len; p++) {
+        const float *vp = kv_row(v, p, stride, hs, half, row);
         float a = att[p];
-        for (int j = 0; j < hs; j++) out[j] += a * kv_get(v, (size_t)p * stride + j, half);
+        for (int j = 0; j < hs; j++) out[j] += a * vp[j];
     }
 }
 
@@ -1422,21 +1414,24 @@ static void attention_head(float *out, const float *q, const void *k, const void
 /* Prefill's element-wise steps run one token per job, so that a second thread does not wait
    through them (they were a tenth of the work); each row's arithmetic is the same as alone. */
 
-/* Rows [0, n): x += add (when add is not NULL), then out = RMSNorm(x) * gain and, for int8
-   weights, its quantized form in s->xq / xs / xsum. */
-static void prefill_norm(Transformer *t, float *x, const float *add, float *out, const float *gain, int n) {
+/* Rows [first, n): x += add (when add is not NULL), then out = RMSNorm(x) * gain and, for int8
+   weights, its quantized form in rows [0, n - first) of s->xq / xs / xsum (the rows the next
+   product takes). */
+static void prefill_norm(Transformer *t, float *x, const float *add, float *out, const float *gain, int first,
+                         int n) {
     const Config *c = &t->config;
     RunState *s = &t->state;
     int d = c->dim, groups = c->quantized ? d / c->group_size : 0, i;
     OMP_PARALLEL_FOR
-    for (i = 0; i < n; i++) {
+    for (i = first; i < n; i++) {
         float *xi = x + (size_t)i * d;
+        size_t r = (size_t)(i - first);
         if (add)
             for (int j = 0; j < d; j++) xi[j] += add[(size_t)i * d + j];
         rmsnorm(out + (size_t)i * d, xi, gain, d, c->norm_eps);
         if (c->quantized)
-            quantize_rows(s->xq + (size_t)i * d, s->xs + (size_t)i * groups, s->xsum + (size_t)i * groups,
-                          out + (size_t)i * d, 1, d, c->group_size);
+            quantize_rows(s->xq + r * d, s->xs + r * groups, s->xsum + r * groups, out + (size_t)i * d, 1, d,
+                          c->group_size);
     }
 }
 
@@ -1465,7 +1460,6 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
     const Weights *w = &t->weights;
     RunState *s = &t->state;
     int d = c->dim, hd = c->hidden_dim, kv = c->kv_dim, hs = c->head_size, half = hs / 2;
-    int gs = c->group_size;
     int rep = c->n_heads / c->n_kv_heads;
     float att_scale = 1.0f / sqrtf((float)hs);
 
@@ -1480,7 +1474,7 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
 
         /* attention: q, k, v of the block; k and v go straight into the cache rows of an fp32
            cache, else through kbuf / vbuf and then rounded into it */
-        prefill_norm(t, s->x, l ? s->xb2 : NULL, s->xb, lw->rms_att, n); /* the last layer's w2 output joins x */
+        prefill_norm(t, s->x, l ? s->xb2 : NULL, s->xb, lw->rms_att, 0, n); /* the last layer's w2 output joins x */
         float *kb = kv16 ? s->kbuf : (float *)kc + (size_t)pos * kv;
         float *vb = kv16 ? s->vbuf : (float *)vc + (size_t)pos * kv;
         MatJob qkv[3] = {{s->q, &lw->wq, d}, {kb, &lw->wk, kv}, {vb, &lw->wv, kv}};
@@ -1493,8 +1487,8 @@ OMP_PARALLEL_FOR
             rope_rotate(s->q + (size_t)i * d, c->n_heads, hs, cs, sn);
             rope_rotate(kb + (size_t)i * kv, c->n_kv_heads, hs, cs, sn);
             if (kv16) {
-                kv_store((void *)kv_at(kc, (size_t)(pos + i) * kv, 1), kb + (size_t)i * kv, (size_t)kv, 1);
-                kv_store((void *)kv_at(vc, (size_t)(pos + i) * kv, 1), vb + (size_t)i * kv, (size_t)kv, 1);
+                kv_store_f16((uint16_t *)kc + (size_t)(pos + i) * kv, kb + (size_t)i * kv, (size_t)kv);
+                kv_store_f16((uint16_t *)vc + (size_t)(pos + i) * kv, vb + (size_t)i * kv, (size_t)kv);
             }
         }
 
@@ -1523,19 +1517,17 @@ OMP_PARALLEL_FOR
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x), after wo's output joins x */
-        prefill_norm(t, s->x, s->xb2, s->xb, lw->rms_ffn, n);
+        prefill_norm(t, s->x, s->xb2, s->xb, lw->rms_ffn, 0, n);
         MatJob up[2] = {{s->hb, &lw->w1, hd}, {s->hb2, &lw->w3, hd}};
         matmul_jobs(t, up, 2, s->xb, n, d);
         prefill_quantize(t, s->hb, s->hb2, n, hd);
         matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
     }
 
-    /* final norm and classifier: every token's row when asked, else only the last one (whose
-       quantized row then goes first) */
+    /* final norm and classifier: every token's row when asked, else only the last one */
     int first = all_logits ? 0 : n - 1, rows = n - first;
-    prefill_norm(t, s->x, s->xb2, s->xb, w->rms_final, n);
+    prefill_norm(t, s->x, s->xb2, s->xb, w->rms_final, first, n);
     const float *xin = s->xb + (size_t)first * d;
-    if (c->quantized && first) quantize_rows(s->xq, s->xs, s->xsum, xin, rows, d, gs);
     float *dst = all_logits ? all_logits : s->logits;
     matmul(t, dst, xin, &w->wcls, rows, c->vocab_size, d);
     if (all_logits)
@@ -1612,7 +1604,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
                 int i0 = rows * (b - first[j]), i1 = i0 + rows < dims[j] ? i0 + rows : dims[j];
                 matrix_block(t, outs[j], mats[j], xn, xq, xs, xsum, 1, dims[j], d, i0);
                 if (j < 2) rope_rows(outs[j], i0, i1, hs, cs, sn); /* q and k */
-                if (j > 0 && kv16) kv_store((void *)kv_at(cached[j], (size_t)i0, 1), outs[j] + i0, (size_t)(i1 - i0), 1);
+                if (j > 0 && kv16) kv_store_f16((uint16_t *)cached[j] + i0, outs[j] + i0, (size_t)(i1 - i0));
             }
             /* attention, one query head per job (s->att row `me` as scratch) */
 #ifdef _OPENMP
@@ -1788,7 +1780,6 @@ static void select_top(ProbIndex *c, int n, int k) {
     }
 }
 
-/* Picks the next token from logits (vocab_size); overwrites logits. */
 /* Probabilities from logits for sampling: the vectorized softmax where there is one (a scalar
    expf per vocabulary entry cost as much as a whole token of a small int8 model's decoding). */
 static void sampler_softmax(float *x, int n) {
@@ -1799,6 +1790,7 @@ static void sampler_softmax(float *x, int n) {
 #endif
 }
 
+/* Picks the next token from logits (vocab_size); overwrites logits. */
 static int sampler_sample(Sampler *s, float *logits) {
     int n = s->vocab_size;
     if (s->temperature == 0.0f) return argmax(logits, n);

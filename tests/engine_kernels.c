@@ -317,8 +317,8 @@ static int check(void) {
                 fill(q, (size_t)hs);
                 fill(k, n);
                 fill(v, n);
-                kv_store(k16, k, n, 1);
-                kv_store(v16, v, n, 1);
+                kv_store_f16(k16, k, n);
+                kv_store_f16(v16, v, n);
                 const void *kk = half ? (const void *)(k16 + hs) : (const void *)(k + hs);
                 const void *vv = half ? (const void *)(v16 + hs) : (const void *)(v + hs);
                 float scale = 1.0f / sqrtf((float)hs);

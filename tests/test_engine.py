@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -220,15 +221,21 @@ def story_model(tmp_path_factory, tok_files):
 # ----------------------------------------------------------------------------------------------
 # int8 reference
 
+def emulate_kv(model: Transformer, kv: str) -> None:
+    """Keys and values rounded as run.c's fp16 cache stores them (kv="f16"), or not at all ("f32")."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.kv_round = (lambda t: t.float().half().to(t.dtype)) if kv == "f16" else None
+
+
 def emulate_int8(model: Transformer, group_size: int, kv: str = "f16"):
     """Forward hooks that make every nn.Linear see its input the way run.c's int8 path does:
     quantized per group of group_size (scale = max|x| / 127, round half to even), then dequantized.
     The model must already hold the dequantized weights (load_model_bin does that). With kv="f16"
     (run.c's default for int8 models) keys and values are rounded as its fp16 cache stores them:
     to float32, the precision run.c computes them in, then to fp16."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.kv_round = (lambda t: t.float().half().to(t.dtype)) if kv == "f16" else None
+    emulate_kv(model, kv)
+
     def hook(_module, inputs):
         (x,) = inputs
         g = x.double().reshape(*x.shape[:-1], -1, group_size)
@@ -238,15 +245,8 @@ def emulate_int8(model: Transformer, group_size: int, kv: str = "f16"):
         return ((q * scale).reshape(x.shape).to(x.dtype),)
 
     hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-    class KvRound:  # undoes the KV rounding on remove(), like the hooks
-        @staticmethod
-        def remove():
-            for m in model.modules():
-                if isinstance(m, Attention):
-                    m.kv_round = None
-
-    return hooks + [KvRound]
+    # removed like the hooks: the same model then runs without KV rounding
+    return hooks + [types.SimpleNamespace(remove=lambda: emulate_kv(model, "f32"))]
 
 
 def torch_logits(model: Transformer, ids: list[int], *, double: bool = False) -> np.ndarray:
