@@ -19,8 +19,9 @@ What it does, all inside one temporary folder:
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
   5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
-     cross-entropy of that trained model through the engine as fp32, int8, and fp32 with weights
-     rounded to bf16, i.e. what int8 (and bf16 storage) would cost in quality;
+     cross-entropy of that trained model through the engine as fp32, int8 (with its default fp16 KV
+     cache and with an fp32 one), fp32 with an fp16 KV cache, and fp32 with weights rounded to
+     bf16, i.e. what int8, the fp16 cache (and bf16 storage) would cost in quality;
   6. prints the tables and writes them to BENCHMARKS.md between `<!-- bench:begin -->` and
      `<!-- bench:end -->` (the rest of the file is kept; the markers are added if absent).
 
