@@ -15,7 +15,8 @@ What it does, all inside one temporary folder:
   3. times `./run model -t 0 -n 256` (decode, empty prompt) and a 200-token prompt (prefill) with
      OMP_NUM_THREADS=1 and 2, several runs each (a model's fp32/int8 x 1/2-thread configurations
      take turns, so the ratios between them compare runs made side by side), from the engine's own
-     stderr timing line;
+     stderr timing line; each round also probes the read bandwidth of a buffer of each file's size
+     with 1 and 2 threads, so "% bw" and the 2/1 ceiling compare with the machine as it was then;
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
   5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
@@ -493,8 +494,9 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
         "slow spells hit them alike (fewer runs where n says so: a model stops after "
         f"{cfg.max_seconds:.0f} s per configuration); threads 2p = 2 threads with OMP_WAIT_POLICY=passive; "
         "load = the 1-minute load average when the model started (above ~0.5 on 2 cores, another process "
-        "competes for the second core and 2-thread runs collapse); GB/s = model bytes streamed per token x tok/s; bw = the probe's read "
-        "bandwidth for a buffer of the model's size (small models stay in cache), and % of it. "
+        "competes for the second core and 2-thread runs collapse); GB/s = model bytes streamed per token x tok/s; bw = the median of the probe's read "
+        "bandwidth for a buffer of the model's size (small models stay in cache), probed once per round beside "
+        "the runs, and % of it. "
         f"Prefill: tok/s of a {cfg.prompt_tokens}-token prompt (one forward pass per block of up to 256 tokens); "
         "GOP/s = 2 x matrix parameters x tokens / time (fp32 FLOPs, or int8 multiply-add ops), as % "
         "of the fp32 FMA peak for fp32 weights and of the int8 VNNI peak for int8 weights.",
@@ -514,9 +516,11 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
                          f"{100 * gflops / peak(probes, dtype, k):.0f}% |")
     lines += ["", "Ratios of medians. int8/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
               f"i.e. the time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill. "
-              "2t/1t: 2 threads over 1 thread.", "",
-              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | prefill speed-up int8 |",
-              "|---|---:|---:|---:|---:|"]
+              "2t/1t: 2 threads over 1 thread. At peak: the speed-up a prefill running at the probe's arithmetic "
+              "peak would give over this decode speed (its upper bound; models whose decode runs from cache "
+              "leave it low).", "",
+              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | (at peak) | prefill speed-up int8 | (at peak) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     names = list(dict.fromkeys(n for n, _ in files))
 
     def med(n, d, t, k):
@@ -525,17 +529,26 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
 
     for n in names:
         for t in threads:
+            k = thread_setting(t)[0]
+            cells = []
+            for d in ("fp32", "int8"):
+                at_peak = (peak(probes, d, k) * 1e9 / (2 * files[(n, d)]["n_matrix"]) / med(n, d, t, "decode")
+                           if (n, d) in files else float("nan"))
+                cells.append(f"{med(n, d, t, 'prefill') / med(n, d, t, 'decode'):.1f}x | {at_peak:.1f}x")
             lines.append(f"| {n} | {t} | {med(n, 'int8', t, 'decode') / med(n, 'fp32', t, 'decode'):.2f}x | "
-                         f"{med(n, 'fp32', t, 'prefill') / med(n, 'fp32', t, 'decode'):.1f}x | "
-                         f"{med(n, 'int8', t, 'prefill') / med(n, 'int8', t, 'decode'):.1f}x |")
+                         + " | ".join(cells) + " |")
     multi = [t for t in threads if thread_setting(t)[0] > 1]
     if "1" in threads and multi:
-        lines += ["", "| model | weights | " + " | ".join(f"{t}/1 decode | {t}/1 prefill" for t in multi) + " |",
-                  "|---|---|" + "---:|---:|" * len(multi)]
+        lines += ["", f"{'/'.join(multi)}/1 bw: the bandwidth probe's own ratio at the model's size, the most a "
+                  "decode that streams its weights from memory can gain from more threads.", "",
+                  "| model | weights | " + " | ".join(f"{t}/1 decode | {t}/1 prefill | {t}/1 bw" for t in multi) + " |",
+                  "|---|---|" + "---:|---:|---:|" * len(multi)]
         for n in names:
             for d in dict.fromkeys(d for _, d in files):
+                bwk = files[(n, d)]["bw"]
                 cells = [f"{med(n, d, t, 'decode') / med(n, d, '1', 'decode'):.2f}x | "
-                         f"{med(n, d, t, 'prefill') / med(n, d, '1', 'prefill'):.2f}x" for t in multi]
+                         f"{med(n, d, t, 'prefill') / med(n, d, '1', 'prefill'):.2f}x | "
+                         f"{bwk[thread_setting(t)[0]] / bwk[1]:.2f}x" for t in multi]
                 lines.append(f"| {n} | {d} | " + " | ".join(cells) + " |")
     return lines
 
@@ -592,13 +605,8 @@ def main(argv: list[str]) -> int:
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
             files = write_models(folder, names, dtypes)
-            # This CPU's caches may hold a whole model (lscpu reports the L3), so each model's
-            # decode is compared with the read bandwidth of a buffer of its own size.
-            for f in files.values():
-                mb = max(1, round(f["bytes"] / 2**20))
-                f["bw"] = {t: probe(bins["membw"], t, mb) for t in counts}
             if files:
-                print("probes:", probes, {k: f["bw"] for k, f in files.items()}, flush=True)
+                print("probes:", probes, flush=True)
                 prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
             results = {}
             # One model's configurations (weights x threads) take turns, one run each per round,
@@ -607,14 +615,25 @@ def main(argv: list[str]) -> int:
             for name in names:
                 configs = [(dtype, t) for dtype in dtypes for t in threads]
                 runs = {c: {"decode": [], "prefill": [], "load": os.getloadavg()[0]} for c in configs}
+                bw = {(dtype, k): [] for dtype in dtypes for k in counts}
                 t0 = time.time()
                 for r in range(cfg.runs):
                     if r and time.time() - t0 >= cfg.max_seconds * len(configs):
                         break
+                    # The read bandwidth of a buffer of each file's size (this CPU's caches may hold
+                    # a whole model), probed in every round beside the runs it is compared with:
+                    # on a VM it moves with where the host puts the vCPUs (2-thread probes on the
+                    # benchmark VM swing between about 1.25x and 2.1x the 1-thread figure).
+                    for dtype in dtypes:
+                        mb = max(1, round(files[(name, dtype)]["bytes"] / 2**20))
+                        for k in counts:
+                            bw[(dtype, k)].append(probe(bins["membw"], k, mb))
                     for dtype, t in configs:
                         path, got = files[(name, dtype)]["path"], runs[(dtype, t)]
                         got["decode"].append(timed_run(bins["run"], path, tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
                         got["prefill"].append(timed_run(bins["run"], path, tok_path, t, ["-n", "1", "-i", prompt])[0])
+                for dtype in dtypes:
+                    files[(name, dtype)]["bw"] = {k: statistics.median(bw[(dtype, k)]) for k in counts}
                 for (dtype, t), got in runs.items():
                     dec, pre = stats(got["decode"]), stats(got["prefill"])
                     results[(name, dtype, t)] = {"decode": dec, "prefill": pre, "load": got["load"]}
