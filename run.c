@@ -1892,10 +1892,12 @@ typedef struct {
 /* Decoding threads picked by measurement. A small model whose weights fit in one core's cache
    loses more to the per-layer barriers than a second thread gains (the 1M-parameter demo model
    in int8: about 43,000 tok/s on one thread, 34,000 on two), while larger ones gain (zh15M int8,
-   the smallest benchmark shape, takes 250 us a step on two threads and 1.6x that on one). So when
-   the first timed steps take under TUNE_SMALL_S each, steps alternate, four at a time, between all
-   threads and one, and if one thread was clearly faster the rest of the generation decodes on
-   one. Slower models never try one thread. Every thread count gives the same bits. */
+   the smallest benchmark shape, takes 250 us a step on two threads and 1.6x that on one; on the
+   AMD VM that replaced it, 80 us and 1.6x, and the demo model too gains from the second thread).
+   So when the first timed steps take under TUNE_SMALL_S each, steps alternate, four at a time,
+   between all threads and one, and if one thread was clearly faster the rest of the generation
+   decodes on one; a gap of TUNE_CLEAR after the first four of each settles it then. Slower
+   models never try one thread. Every thread count gives the same bits. */
 typedef struct {
     double all_s, one_s; /* time of the steps timed on all threads / on one */
     int off;             /* 1: tuning has stopped */
@@ -1904,6 +1906,7 @@ typedef struct {
 #define TUNE_FIRST 2         /* the first steps warm caches and threads; not timed */
 #define TUNE_STEPS 32        /* steps timed: 4 on all threads, then one and all by turns */
 #define TUNE_SMALL_S 100e-6  /* slower steps than this: a second thread always pays */
+#define TUNE_CLEAR 1.25      /* after 4 steps of each, a gap this wide decides at once */
 
 /* Before decode step i: the team for it. */
 static void tuner_before(const DecodeTuner *tu, Transformer *t, int i) {
@@ -1918,7 +1921,13 @@ static void tuner_after(DecodeTuner *tu, Transformer *t, int i, double dt) {
     if (t->state.decode_team == 1) tu->one_s += dt;
     else tu->all_s += dt;
     if (phase == 3 && tu->all_s > 4 * TUNE_SMALL_S) tu->off = 1;
-    if (phase == TUNE_STEPS - 1) {
+    /* each one-thread step of a model that clearly wants both costs a step's gap (zh15M int8 on
+       the 2-core VM: 16 such steps were 3-4% of a 256-token story), so a clear answer ends early */
+    if (phase == 7 && (tu->one_s > TUNE_CLEAR * tu->all_s || tu->all_s > TUNE_CLEAR * tu->one_s)) {
+        t->state.decode_team = tu->one_s < tu->all_s ? 1 : 0;
+        tu->off = 1;
+    }
+    if (!tu->off && phase == TUNE_STEPS - 1) {
         t->state.decode_team = tu->one_s < 0.9 * tu->all_s ? 1 : 0;
         tu->off = 1;
     }
