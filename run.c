@@ -1922,7 +1922,8 @@ static void tuner_after(DecodeTuner *tu, Transformer *t, int i, double dt) {
     else tu->all_s += dt;
     if (phase == 3 && tu->all_s > 4 * TUNE_SMALL_S) tu->off = 1;
     /* each one-thread step of a model that clearly wants both costs a step's gap (zh15M int8 on
-       the 2-core VM: 16 such steps were 3-4% of a 256-token story), so a clear answer ends early */
+       the 2-core VM: ending here after 4 instead of 16 such steps made a 256-token story 2%
+       faster), so a clear answer ends early */
     if (phase == 7 && (tu->one_s > TUNE_CLEAR * tu->all_s || tu->all_s > TUNE_CLEAR * tu->one_s)) {
         t->state.decode_team = tu->one_s < tu->all_s ? 1 : 0;
         tu->off = 1;
@@ -2069,8 +2070,8 @@ static int default_threads(void) {
    CPU each and the user has not asked OpenMP for a binding of their own (OMP_PROC_BIND, OMP_PLACES,
    GOMP_CPU_AFFINITY). Why: a VM kernel that packs tasks onto few vCPUs while the machine is idle
    (as on the 2-core benchmark VM) starts both threads on one vCPU, and they share it until the load
-   balancer moves one; a 200-token zh15M fp32 prefill on 2 threads took 17-40 ms that way, 10-12 ms
-   pinned, and 19 ms on 1 thread. Unpinned threads are left alone in every other case: a team
+   balancer moves one; a 200-token zh15M fp32 prefill on 2 threads took 11-40 ms that way after a
+   pause, 10.5-12.2 ms pinned, and 19 ms on 1 thread. Unpinned threads are left alone in every other case: a team
    smaller than the CPU set (default_threads saw a busy machine) should go wherever is free. */
 #if defined(_OPENMP) && defined(__linux__)
 static void pin_threads(int n_threads) {
