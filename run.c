@@ -1928,7 +1928,7 @@ static void tuner_after(DecodeTuner *tu, Transformer *t, int i, double dt) {
         t->state.decode_team = tu->one_s < tu->all_s ? 1 : 0;
         tu->off = 1;
     }
-    if (!tu->off && phase == TUNE_STEPS - 1) {
+    if (phase == TUNE_STEPS - 1) {
         t->state.decode_team = tu->one_s < 0.9 * tu->all_s ? 1 : 0;
         tu->off = 1;
     }
