@@ -1887,6 +1887,7 @@ typedef struct {
     double prefill_s;  /* seconds spent on the prompt */
     double decode_s;   /* seconds from the first sampled token to the end */
     int decode_team;   /* threads decoding settled on (0: all of them) */
+    int ended;         /* 1: the model ended the story (EOS or BOS); 0: the step limit did */
 } GenStats;
 
 /* Decoding threads picked by measurement. A small model whose weights fit in one core's cache
@@ -1936,7 +1937,7 @@ static void tuner_after(DecodeTuner *tu, Transformer *t, int i, double dt) {
 
 static GenStats generate_ids(Transformer *t, Sampler *sampler, const int *ids, int n_prompt, int limit,
                              int eos_id, int bos_id, TokenPrinter *printer, FILE *out, int *out_ids) {
-    GenStats st = {n_prompt, 0, 0.0, 0.0, 0};
+    GenStats st = {n_prompt, 0, 0.0, 0.0, 0, 0};
     DecodeTuner tuner = {0.0, 0.0, 0};
     int tune = 0;
 #ifdef _OPENMP
@@ -1952,7 +1953,10 @@ static GenStats generate_ids(Transformer *t, Sampler *sampler, const int *ids, i
         int next = sampler_sample(sampler, logits);
         if (out_ids) out_ids[st.n_generated] = next;
         st.n_generated++;
-        if (next == eos_id || next == bos_id) break;
+        if (next == eos_id || next == bos_id) {
+            st.ended = 1;
+            break;
+        }
         if (printer) {
             token_printer_print(printer, next, out);
             fflush(out);
@@ -2282,9 +2286,10 @@ int main(int argc, char **argv) {
             fflush(stdout);
             int decoded = st.n_generated > 0 ? st.n_generated - 1 : 0; /* forward passes after prefill */
             fprintf(stderr, "prefill: %d tokens in %.1f ms (%.1f tok/s); decode: %d tokens in %.1f ms (%.1f tok/s); "
-                    "%d thread%s%s\n", st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
+                    "%d thread%s%s; %s\n", st.n_prompt, st.prefill_s * 1e3, st.prefill_s > 0 ? st.n_prompt / st.prefill_s : 0.0,
                     decoded, st.decode_s * 1e3, st.decode_s > 0 ? decoded / st.decode_s : 0.0, n_threads,
-                    n_threads == 1 ? "" : "s", st.decode_team == 1 && n_threads > 1 ? " (decoding on 1: faster for this model)" : "");
+                    n_threads == 1 ? "" : "s", st.decode_team == 1 && n_threads > 1 ? " (decoding on 1: faster for this model)" : "",
+                    st.ended ? "ended by the model (EOS)" : "ended at the step limit");
         }
         sampler_free(&sampler);
     }
