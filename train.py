@@ -18,7 +18,8 @@ optimizer step are batch_size * max_seq_len * gradient_accumulation_steps whatev
 Data: `--vocab_source=custom --vocab_size=N` reads data/tokN/ (what `tinystories.py pretokenize
 --vocab_size=N` writes); `--data_dir=DIR` reads any folder of shards.
 
-Outputs in out_dir: ckpt.pt (latest), best.pt (lowest val loss), log.jsonl (one JSON object per
+Outputs in out_dir: ckpt.pt (latest), best.pt (lowest val loss), ckpt_<iter>.pt with
+--keep_every=N (one kept every N steps, for `evaluate.py --checkpoint='out/ckpt_*.pt'`), log.jsonl (one JSON object per
 log line: {"type": "train", "iter", "tokens", "loss", "lr", "ms", "tok_per_s", "mfu"} and
 {"type": "eval", "iter", "tokens", "train_loss", "val_loss", "lr"}).
 
@@ -73,6 +74,7 @@ class TrainConfig:
     eval_iters: int = 100  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once (e.g. a resumed checkpoint) and exit
     always_save_checkpoint: bool = True  # False: at eval intervals write ckpt.pt only if val loss improved
+    keep_every: int = 0  # also keep ckpt_<iter>.pt every this many steps (for evaluate.py's series); 0: off
     init_from: str = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
     max_seconds: float = 0.0  # stop after this many seconds of this process, saving a checkpoint; 0: no limit
     preset: str = ""  # a model.PRESETS name; applied before the other options
@@ -196,7 +198,7 @@ def check_config(cfg: TrainConfig) -> None:
                  "log_interval", "eval_iters"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 1")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "keep_every"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
     if cfg.learning_rate <= 0 or cfg.min_lr < 0:
@@ -332,8 +334,8 @@ def model_from_checkpoint(path) -> tuple[Transformer, dict]:
 
 def clean_stale_temps(out_dir: Path) -> None:
     """Remove temp files a killed save left behind (the real checkpoints are untouched)."""
-    for name in ("ckpt.pt", "best.pt"):
-        for p in out_dir.glob(f".{name}.*.tmp"):
+    for pattern in (".ckpt.pt.*.tmp", ".best.pt.*.tmp", ".ckpt_*.pt.*.tmp"):
+        for p in out_dir.glob(pattern):
             try:
                 p.unlink()
             except OSError:
@@ -771,6 +773,8 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
                     which += ["best.pt"] if improved else []
                     if which:
                         checkpoint(which)
+            if cfg.keep_every > 0 and iter_num % cfg.keep_every == 0 and iter_num > start_iter and not cfg.eval_only:
+                checkpoint([f"ckpt_{iter_num}.pt"])
             if stopping:
                 if stop["signal"]:
                     log.note(f"stopped by signal {stop['signal']} at iter {iter_num}")
