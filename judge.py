@@ -22,8 +22,8 @@ From Python (evaluate.py does this):
     g["status"], g["grammar"], g["creativity"], g["consistency"], g["age_group"]
 
 Time: one request never runs past `timeout` seconds (connect, the wait for the reply, and reading
-it, counted together), and a failed request is retried `retries` times after waits of backoff,
-2*backoff, 4*backoff ... seconds, so one grade() takes at most about
+it, counted together; a DNS lookup aside), and a failed request is retried `retries` times after
+waits of backoff, 2*backoff, 4*backoff ... seconds, so one grade() takes at most about
 (retries + 1) * timeout + backoff * (2**retries - 1) seconds. Connection errors, timeouts, HTTP 429
 and 5xx are retried; any other HTTP 4xx and a reply that is not the API's JSON are errors at once.
 Every failure ends as status "error" with a one-line reason: grade() does not raise for what the
@@ -433,9 +433,12 @@ class Judge:
         return text
 
     def _read_body(self, resp) -> bytes:
+        # read1 returns what one recv brings (urllib3 2); read blocks for the whole amount, which the
+        # watchdog bounds just the same.
+        read = getattr(resp.raw, "read1", None) or resp.raw.read
         chunks, size = [], 0
         while True:
-            chunk = resp.raw.read1(1 << 16, decode_content=True)
+            chunk = read(1 << 16, decode_content=True)
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
