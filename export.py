@@ -1,10 +1,11 @@
-"""Export a trained model to the llama2.c-family .bin formats or to Hugging Face, and read .bin files back.
+"""Export a trained model to the llama2.c-family .bin formats, Hugging Face or GGUF, and read .bin files back.
 
     python export.py out/model.bin --checkpoint=out/ckpt.pt                   # version 3, fp32 (default)
     python export.py out/model_q8.bin --version=3 --dtype=int8 --checkpoint=out/ckpt.pt
     python export.py out/legacy.bin --version 0 --checkpoint out/ckpt.pt      # what old llama2.c runs read
     python export.py ./hf_export/my_model --version -1 --dtype fp16 --checkpoint ./out/ckpt.pt
     python export.py out/copy.bin --version=3 --checkpoint=stories15M.bin     # convert a published .bin
+    python export.py out/model.gguf --version=gguf --dtype=q8_0 --checkpoint=out/ckpt.pt --tokenizer=data/tok5000.model
 
 Versions (byte layouts in README.md, "Binary formats"):
   0   legacy llama2.c: 28-byte header of 7 int32, fp32 weights grouped by kind, RoPE tables.
@@ -13,12 +14,14 @@ Versions (byte layouts in README.md, "Binary formats"):
   3   ours: version 1/2 bodies behind a header that also records norm_eps, rope_theta, the weight
       type (fp32 or int8) and the tokenizer's hash.
   -1  Hugging Face LlamaForCausalLM directory: config.json, model.safetensors, tokenizer files.
+  gguf  llama.cpp's GGUF (llama architecture, f32, f16 or q8_0, with the sentencepiece vocabulary),
+      and an ollama Modelfile in the same folder (`ollama create NAME -f out/Modelfile`).
 
 Options take `--key=value` or `--key value`; run `python export.py --help` for the list.
 
 From Python:
 
-    from export import write_model_bin, load_model_bin, export_hf
+    from export import write_model_bin, load_model_bin, export_hf, write_gguf
     write_model_bin(model, "out/model.bin", version=3, dtype="int8", tokenizer_hash=tok.hash())
     model = load_model_bin("stories15M.bin")    # any version 0..3; int8 weights are dequantized
 
@@ -691,13 +694,259 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
 
 
 # ----------------------------------------------------------------------------------------------
+# GGUF export (llama.cpp, ollama)
+#
+# llama.cpp's "llama" architecture. Its rotary embedding for this architecture rotates consecutive
+# pairs (x[2i], x[2i+1]) of each head, as model.py does, so wq and wk are written as they are (the
+# row permutation in _hf_rotary_rows is for Hugging Face's rotate_half only; tests/test_gguf.py
+# checks the logits). The tokenizer becomes llama.cpp's "llama" vocabulary: the sentencepiece
+# pieces with their scores and types, which llama.cpp encodes by merging the best-scoring pair of
+# neighbours, as sentencepiece's BPE does. The gguf package (llama.cpp's gguf-py) writes the file.
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_BLOCK = 32  # GGUF's Q8_0: blocks of 32 consecutive values of a row, each with one fp16 scale
+
+
+def _gguf_module():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ExportError(f"GGUF export needs the gguf package; run `make venv` ({e})") from None
+    return gguf
+
+
+@dataclass
+class GGUFVocab:
+    """A sentencepiece model as GGUF's tokenizer.ggml.* keys hold it."""
+    pieces: list[str]  # as in the .model, "▁" included
+    scores: list[float]
+    types: list[int]  # sentencepiece's piece types, numbered as GGUF's token types (1 normal ... 6 byte)
+    bos_id: int
+    eos_id: int
+    unk_id: int
+    pad_id: int  # -1: none
+    add_space_prefix: bool  # the normalizer's add_dummy_prefix
+    hash: int  # tokenizer.Tokenizer.hash()
+
+
+def gguf_vocab(tokenizer_model: str, *, vocab_size: int, recorded_hash: int = 0,
+               strict: bool = True) -> GGUFVocab:
+    """The tokenizer as llama.cpp will read it, after checking that llama.cpp encodes text with it
+    exactly as sentencepiece does (strict=False skips those checks, for tests that measure what
+    goes wrong). vocab_size and a nonzero recorded_hash (from a version 3 header or a checkpoint)
+    must match the tokenizer. Raises ExportError naming the file."""
+    import tokenizer as tokenizer_mod  # lazily, like tokenizer_hash()
+
+    path = os.fspath(tokenizer_model)
+    try:
+        spec = tokenizer_mod.load_model_spec(path)
+        tok = tokenizer_mod.Tokenizer(path)
+    except tokenizer_mod.TokenizerError as e:
+        raise ExportError(str(e)) from None
+    if tok.vocab_size != vocab_size:
+        raise ExportError(f"{path}: {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    if len(spec.pieces) != tok.vocab_size or any(tok.id_to_piece(i) != p for i, (p, _, _) in enumerate(spec.pieces)):
+        raise ExportError(f"{path}: pieces read from the file differ from sentencepiece's")
+    if recorded_hash and tok.hash() != recorded_hash:
+        raise ExportError(f"{path}: tokenizer hash {tok.hash():#010x}, but the model was trained with "
+                          f"{recorded_hash:#010x}; pass the tokenizer it was trained with")
+    if tok.bos_id < 0 or tok.eos_id < 0:
+        raise ExportError(f"{path}: needs BOS and EOS pieces (bos_id={tok.bos_id}, eos_id={tok.eos_id})")
+    if strict:
+        _check_gguf_tokenizer(spec, path)
+    return GGUFVocab(pieces=[p for p, _, _ in spec.pieces], scores=[s for _, s, _ in spec.pieces],
+                     types=[t for _, _, t in spec.pieces], bos_id=tok.bos_id, eos_id=tok.eos_id,
+                     unk_id=tok.unk_id, pad_id=tok.pad_id, add_space_prefix=spec.add_dummy_prefix,
+                     hash=tok.hash())
+
+
+def _check_gguf_tokenizer(spec, path: str) -> None:
+    """Refuse what llama.cpp's sentencepiece encoder does differently (tests/test_gguf.py measures
+    each of these against the real llama.cpp). It has no normalizer: it only turns spaces into "▁"
+    and adds the dummy prefix."""
+    from tokenizer import MODEL_TYPES, USER_DEFINED
+
+    kind = MODEL_TYPES.get(spec.model_type, str(spec.model_type))
+    if kind != "bpe":
+        raise ExportError(f"{path}: a {kind} tokenizer; llama.cpp encodes a sentencepiece vocabulary "
+                          "by BPE merges, which segments differently (retrain with model_type=bpe)")
+    if spec.remove_extra_whitespaces:
+        raise ExportError(f"{path}: trained with remove_extra_whitespaces=true, which llama.cpp ignores, "
+                          "so runs of spaces tokenize differently (retrain with it off, as tinystories.py does)")
+    if spec.precompiled_charsmap:
+        raise ExportError(f"{path}: normalizes text ({spec.normalizer_name or 'nmt_nfkc'}), which llama.cpp "
+                          "does not (retrain with normalization_rule_name=identity, as tinystories.py does)")
+    if not spec.escape_whitespaces or spec.treat_whitespace_as_suffix or spec.denormalizer_charsmap:
+        raise ExportError(f"{path}: whitespace handling llama.cpp does not have (escape_whitespaces off, "
+                          "treat_whitespace_as_suffix or a denormalizer)")
+    if not spec.byte_fallback:
+        raise ExportError(f"{path}: trained without byte_fallback; llama.cpp has no <unk> fallback and "
+                          "fails on characters outside the vocabulary (retrain with byte_fallback=true)")
+    if spec.add_dummy_prefix and any(t == USER_DEFINED for _, _, t in spec.pieces):
+        raise ExportError(f"{path}: user-defined pieces with add_dummy_prefix; llama.cpp adds the "
+                          "prefix after each of them, so text around them tokenizes differently")
+
+
+def _check_gguf_shape(p: ModelArgs, path: str) -> None:
+    """What llama.cpp's llama architecture needs: whole, even-sized heads, kv heads dividing the
+    heads, sizes that fit its int32 fields, and norm_eps and rope_theta positive as float32."""
+    problems = []
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        v = getattr(p, name)
+        if not 1 <= v < 2**31:
+            problems.append(f"{name}={v}")
+    if not problems:
+        if p.dim % p.n_heads or (p.dim // p.n_heads) % 2:
+            problems.append(f"dim={p.dim} does not split into n_heads={p.n_heads} even-sized heads")
+        if p.n_heads % p.n_kv_heads:
+            problems.append(f"n_heads={p.n_heads} is not a multiple of n_kv_heads={p.n_kv_heads}")
+    for name in ("norm_eps", "rope_theta"):
+        v = float(np.float32(getattr(p, name)))
+        if not (np.isfinite(v) and v > 0):
+            problems.append(f"{name}={getattr(p, name)} is not a positive float32")
+    if problems:
+        raise ExportError(f"{path}: GGUF's llama architecture cannot hold this model: {', '.join(problems)}")
+
+
+def _gguf_tensors(model: Transformer) -> list[tuple[str, np.ndarray]]:
+    """(llama.cpp name, fp32 array) in llama.cpp's order. A numpy (rows, cols) array is a GGUF tensor
+    of ne = [cols, rows], which is how llama.cpp wants an nn.Linear weight (out, in). A shared
+    classifier is left out: llama.cpp then uses token_embd for the output."""
+    out = [("token_embd.weight", _f32(model.tok_embeddings.weight))]
+    for i, l in enumerate(model.layers):
+        a, f = l.attention, l.feed_forward
+        out += [(f"blk.{i}.attn_norm.weight", _f32(l.attention_norm.weight)),
+                (f"blk.{i}.attn_q.weight", _f32(a.wq.weight)),
+                (f"blk.{i}.attn_k.weight", _f32(a.wk.weight)),
+                (f"blk.{i}.attn_v.weight", _f32(a.wv.weight)),
+                (f"blk.{i}.attn_output.weight", _f32(a.wo.weight)),
+                (f"blk.{i}.ffn_norm.weight", _f32(l.ffn_norm.weight)),
+                (f"blk.{i}.ffn_gate.weight", _f32(f.w1.weight)),
+                (f"blk.{i}.ffn_down.weight", _f32(f.w2.weight)),
+                (f"blk.{i}.ffn_up.weight", _f32(f.w3.weight))]
+    out.append(("output_norm.weight", _f32(model.norm.weight)))
+    if not _shared_classifier(model):
+        out.append(("output.weight", _f32(model.output.weight)))
+    return out
+
+
+def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_model: str,
+               tokenizer_hash: int = 0, strict_tokenizer: bool = True) -> dict:
+    """Write model and its sentencepiece tokenizer as a GGUF file for llama.cpp and ollama.
+
+    dtype: "f32", "f16" or "q8_0" for the matrices; norms stay f32, and with q8_0 a matrix whose
+    rows are not a multiple of 32 values is stored f16. tokenizer_hash: the hash the model was
+    trained with (0 = unknown), checked against the tokenizer. The folder must exist. Returns a
+    summary: dtype, bytes, and the number of tensors per stored type.
+    """
+    gguf = _gguf_module()
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"dtype={dtype!r} for GGUF; choose from {', '.join(GGUF_DTYPES)}")
+    path = os.fspath(path)
+    _require_folder(path)
+    p = model.params
+    _check_gguf_shape(p, path)
+    vocab = gguf_vocab(tokenizer_model, vocab_size=p.vocab_size, recorded_hash=tokenizer_hash,
+                       strict=strict_tokenizer)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+    w = gguf.GGUFWriter(None, "llama")  # no path: it writes to our temporary file below
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_file_type(int(file_type))
+    if dtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(p.vocab_size)
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_block_count(p.n_layers)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_rope_dimension_count(p.head_size)
+
+    w.add_tokenizer_model("llama")  # llama.cpp's sentencepiece vocabulary
+    w.add_token_list(vocab.pieces)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id)
+    if vocab.pad_id >= 0:
+        w.add_pad_token_id(vocab.pad_id)
+    w.add_add_bos_token(True)  # our models always start from BOS (run.c, train.py's shards)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(vocab.add_space_prefix)
+
+    stored = {}
+    for name, t in _gguf_tensors(model):
+        if t.ndim == 1 or dtype == "f32":
+            data, raw, kind = t, None, "f32"
+        elif dtype == "q8_0" and t.shape[-1] % GGUF_BLOCK == 0:
+            data, raw, kind = gguf.quants.quantize(t, q8), q8, "q8_0"  # from fp32, rounded as ggml does
+        else:
+            data, raw, kind = t.astype(np.float16), None, "f16"
+        w.add_tensor(name, data, raw_dtype=raw)
+        stored[kind] = stored.get(kind, 0) + 1
+
+    def body(f):
+        # The writer's own state for "output file open", reached here with our file object.
+        w.fout, w.state = [f], gguf.WriterState.EMPTY
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.fout = None  # _atomic_write closes f
+
+    _atomic_write(path, body)
+    return {"dtype": dtype, "bytes": os.path.getsize(path), "stored": stored}
+
+
+def _require_folder(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"{path}: folder {folder} does not exist (create it first)")
+
+
+# run.c's sampling defaults (-t 1.0, -p 0.9, -k 0 = off, -n 256) and no repeat penalty, which
+# ollama would otherwise apply (1.1).
+MODELFILE = """# ollama: `ollama create NAME -f {modelfile}`, then `ollama run NAME 从前` (written by export.py)
+FROM ./{gguf}
+# Our models continue text: the prompt goes in unchanged (the GGUF's tokenizer adds BOS).
+TEMPLATE "{{{{ .Prompt }}}}"
+PARAMETER stop "</s>"
+# The C engine's defaults: ./run -t 1.0 -p 0.9 -k 0 -n 256
+PARAMETER temperature 1.0
+PARAMETER top_p 0.9
+PARAMETER top_k 0
+PARAMETER num_predict 256
+PARAMETER repeat_penalty 1.0
+PARAMETER num_ctx {num_ctx}
+"""
+
+
+def write_modelfile(gguf_path: str, *, max_seq_len: int) -> str:
+    """An ollama Modelfile named Modelfile next to gguf_path, pointing at it; returns its path."""
+    gguf_path = os.fspath(gguf_path)
+    out = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
+    name = os.path.basename(gguf_path)
+    if any(c.isspace() or c in "\"'" for c in name):
+        raise ExportError(f"{gguf_path}: a Modelfile's FROM cannot name a file with spaces or quotes")
+    text = MODELFILE.format(modelfile="Modelfile", gguf=name, num_ctx=max_seq_len)
+    _atomic_write(out, lambda f: f.write(text.encode("utf-8")))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints and the command line
 
 def load_checkpoint(path: str) -> tuple[Transformer, dict]:
     """A model from train.py's checkpoint (.pt) or from any .bin; returns (model in eval mode, info).
 
     info holds 'config' (the training config dict, {} for a .bin) and 'tokenizer_hash' (from a
-    version 3 .bin header, else 0).
+    version 3 .bin header or the checkpoint's data record, else 0 = not recorded).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -725,7 +974,10 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ExportError(f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
-    return model.eval(), {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": 0}
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
+    recorded = data.get("tokenizer_hash")  # train.py records the shards' tokenizer hash here
+    recorded = recorded if isinstance(recorded, int) and 0 < recorded < 2**32 else 0
+    return model.eval(), {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": recorded}
 
 
 def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
@@ -760,24 +1012,64 @@ def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) ->
 
 @dataclass
 class ExportConfig:
-    out: str = ""  # output .bin file, or folder for --version=-1 (the positional argument)
+    out: str = ""  # output .bin or .gguf file, or folder for --version=-1 (the positional argument)
     checkpoint: str = "out/ckpt.pt"  # train.py checkpoint (.pt) or any model .bin
-    version: int = 3  # 0, 1, 2, 3, or -1 for Hugging Face
-    # Weight storage: "" picks the version's own (0/1: fp32, 2: int8, 3: fp32, -1: fp32);
-    # version 3 also takes int8, Hugging Face fp16 and bf16.
+    version: str = "3"  # 0, 1, 2, 3, -1 for Hugging Face, or gguf
+    # Weight storage: "" picks the version's own (0/1: fp32, 2: int8, 3: fp32, -1: fp32, gguf: f32);
+    # version 3 also takes int8, Hugging Face fp16 and bf16, GGUF f16 and q8_0.
     dtype: str = ""
     group_size: int = DEFAULT_GROUP_SIZE  # int8 group size, halved until it divides dim and hidden_dim
-    # sentencepiece .model: hashed into version 3 headers, exported for Hugging Face.
-    # "" = the one the checkpoint's config names, else data/tok<vocab_size>.model if it exists.
+    # sentencepiece .model: hashed into version 3 headers, exported for Hugging Face and GGUF
+    # (required there). "" = the one the checkpoint's config names, else data/tok<vocab_size>.model.
     tokenizer: str = ""
 
 
 USAGE = """usage: python export.py OUT [--version=N] [--dtype=D] [--checkpoint=PATH] [--tokenizer=PATH] [--group_size=N]
-  --version     3 (default, ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder)
-  --dtype       3: fp32 | int8;  -1: fp32 | fp16 | bf16;  0/1: fp32;  2: int8
+  --version     3 (default, ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder),
+                gguf (llama.cpp / ollama file, plus a Modelfile beside it)
+  --dtype       3: fp32 | int8;  -1: fp32 | fp16 | bf16;  gguf: f32 | f16 | q8_0;  0/1: fp32;  2: int8
   --checkpoint  train.py checkpoint or model .bin (default out/ckpt.pt)
   --tokenizer   sentencepiece .model (default: the checkpoint's, else data/tok<vocab>.model)
   --group_size  int8 group size (default 64; halved until it divides dim and hidden_dim)"""
+
+
+def _parse_version(text: str):
+    """--version's value: an int of BIN_VERSIONS or -1, or "gguf"."""
+    word = text.strip().lower()
+    if word == "gguf":
+        return word
+    try:
+        version = int(word)
+    except ValueError:
+        version = None
+    if version not in BIN_VERSIONS + (-1,):
+        raise ExportError(f"unknown version {text}; choose from 0, 1, 2, 3, -1 for Hugging Face, or gguf")
+    return version
+
+
+def _main_gguf(cfg: ExportConfig) -> int:
+    """export.py OUT --version=gguf: the .gguf and a Modelfile beside it."""
+    dtype = cfg.dtype or "f32"
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"--dtype={cfg.dtype} for GGUF; choose from {', '.join(GGUF_DTYPES)}")
+    _require_folder(cfg.out)  # before the (possibly slow) checkpoint load
+    if any(c.isspace() or c in "\"'" for c in os.path.basename(cfg.out)):
+        raise ExportError(f"{cfg.out}: the Modelfile's FROM cannot name a file with spaces or quotes")
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+    model, info = load_checkpoint(cfg.checkpoint)
+    tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
+    if not tok:
+        raise ExportError(f"{cfg.out}: GGUF needs the model's tokenizer; pass --tokenizer=data/tok"
+                          f"{model.params.vocab_size}.model")
+    summary = write_gguf(model, cfg.out, dtype=dtype, tokenizer_model=tok,
+                         tokenizer_hash=info["tokenizer_hash"])
+    modelfile = write_modelfile(cfg.out, max_seq_len=model.params.max_seq_len)
+    stored = ", ".join(f"{n} {k}" for k, n in sorted(summary["stored"].items()))
+    print(f"wrote {cfg.out} (GGUF llama, {dtype}: tensors {stored}; tokenizer {tok}, "
+          f"{summary['bytes']} bytes)")
+    print(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -791,21 +1083,22 @@ def main(argv: list[str]) -> int:
             raise ExportError(str(e)) from None
         if not cfg.out:
             raise ExportError("no output path given (python export.py OUT ...)")
-        if cfg.version not in BIN_VERSIONS + (-1,):
-            raise ExportError(f"unknown version {cfg.version}; choose from 0, 1, 2, 3, or -1 for Hugging Face")
+        version = _parse_version(cfg.version)
+        if version == "gguf":
+            return _main_gguf(cfg)
         # Check the dtype before the (possibly slow) checkpoint load.
         dtype = cfg.dtype or None
-        if cfg.version == -1 and (dtype or "fp32") not in HF_DTYPES:
+        if version == -1 and (dtype or "fp32") not in HF_DTYPES:
             raise ExportError(f"--dtype={cfg.dtype} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
-        if cfg.version in BIN_VERSIONS and dtype is not None:
-            allowed = ("fp32", "int8") if cfg.version == 3 else (("int8",) if cfg.version == 2 else ("fp32",))
+        if version in BIN_VERSIONS and dtype is not None:
+            allowed = ("fp32", "int8") if version == 3 else (("int8",) if version == 2 else ("fp32",))
             if dtype not in allowed:
-                raise ExportError(f"version {cfg.version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
+                raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
         if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
             raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
         model, info = load_checkpoint(cfg.checkpoint)
         tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
-        if cfg.version == -1:
+        if version == -1:
             notes = export_hf(model, cfg.out, dtype=dtype or "fp32", tokenizer_model=tok)
             for note in notes:
                 print(f"export.py: note: {note}", file=sys.stderr)
@@ -813,13 +1106,13 @@ def main(argv: list[str]) -> int:
                   f"{', tokenizer ' + tok if tok else ''})")
             return 0
         tok_hash = info["tokenizer_hash"]
-        if cfg.version == 3 and tok:
+        if version == 3 and tok:
             tok_hash = tokenizer_hash(tok, vocab_size=model.params.vocab_size)
-        summary = write_model_bin(model, cfg.out, version=cfg.version, dtype=dtype,
+        summary = write_model_bin(model, cfg.out, version=version, dtype=dtype,
                                   group_size=cfg.group_size, tokenizer_hash=tok_hash)
         extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""
-        extra += f", tokenizer hash {tok_hash:#010x}" if cfg.version == 3 and tok_hash else ""
-        print(f"wrote {cfg.out} (version {cfg.version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
+        extra += f", tokenizer hash {tok_hash:#010x}" if version == 3 and tok_hash else ""
+        print(f"wrote {cfg.out} (version {version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
         return 0
     except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
