@@ -58,8 +58,16 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) demo.py
 
+# Test-only packages (requirements-test.txt: llama.cpp through llama-cpp-python, built from source
+# the first time, then from pip's wheel cache); re-installed only when that file changes.
+# llama.cpp's multimodal library is left out of the build (about a sixth of its compile time).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
 # The test suite (builds its own engine copies in temporary folders).
-test: venv
+test: venv $(VENV)/.installed-test
 	$(PY) -m pytest tests -q
 
 # Engine benchmarks; writes BENCHMARKS.md.
