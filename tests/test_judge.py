@@ -6,6 +6,7 @@ serving a tiny random model that export.py wrote as GGUF.
 No network: every server is local, timeouts are at most 2 s, so the fake-server tests take seconds.
 """
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -444,19 +445,19 @@ def tiny_gguf(folder: Path) -> Path:
     return out
 
 
-def test_real_llama_cpp_server(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test installs it)")
+@contextlib.contextmanager
+def llama_server(gguf: Path, folder: Path, *, alias: str = "tiny"):
+    """llama_cpp.server serving gguf on a free 127.0.0.1 port; yields (base url, log reader)."""
     import requests
 
-    gguf = tiny_gguf(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    log = tmp_path / "server.log"
+    log = folder / "server.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-                                 "--model_alias", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                                 "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
                                  "--n_ctx", "4096", "--n_threads", "2", "--verbose", "false"],
-                                stdout=logf, stderr=subprocess.STDOUT, cwd=tmp_path)
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=folder)
 
     def server_log() -> str:
         return log.read_text(errors="replace")[-3000:]
@@ -472,7 +473,22 @@ def test_real_llama_cpp_server(tmp_path):
             except requests.RequestException:
                 pass
             time.sleep(0.2)
+        yield url, server_log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
+
+def test_real_llama_cpp_server(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test installs it)")
+    import requests
+
+    gguf = tiny_gguf(tmp_path)
+    with llama_server(gguf, tmp_path) as (url, server_log):
         cache = tmp_path / "judgments.jsonl"
         beginning, completion = "从前，", "有一只小兔子，它叫跳跳。"
         j = Judge(url, "tiny", timeout=60.0, retries=1, cache_path=cache, max_tokens=24)
@@ -489,13 +505,6 @@ def test_real_llama_cpp_server(tmp_path):
 
         again = j.grade(beginning, completion, lang="zh")
         assert again["cached"] is True and {**again, "cached": False} == g
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
     # With the server gone, a re-run over the same cache still has its judgment: no request made.
     rerun = Judge(url, "tiny", timeout=2.0, retries=0, cache_path=cache, max_tokens=24)
     assert rerun.grade(beginning, completion, lang="zh") == {**g, "cached": True}
