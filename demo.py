@@ -1,6 +1,6 @@
 """The whole pipeline on the built-in corpus, on a laptop CPU: what `make demo` runs.
 
-    python demo.py                    # synth -> vocab -> shards -> train -> export -> C engine stories
+    python demo.py                    # synth -> vocab -> shards -> train -> export -> C engine stories -> evaluation
     python demo.py --train_seconds=60 # a shorter training run (stories get worse)
 
 Each step is the same command a user would type (printed before it runs), and each one skips work
@@ -36,6 +36,7 @@ class DemoConfig:
     seed: int = 42
     data_root: str = "data"  # corpus, tokenizer and shards (the tests point this at a temporary folder)
     run_bin: str = "run"  # where the C engine is built
+    eval_samples: int = 2  # completions per prompt in the closing evaluation (0: skip it)
 
 
 PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
@@ -82,14 +83,14 @@ def main(argv: list[str]) -> int:
     # Only a non-default location shows up in the printed commands, which users copy.
     where = [] if cfg.data_root == "data" else [f"--data_root={data}"]
 
-    step("1/7 generate the built-in story corpus",
+    step("1/8 generate the built-in story corpus",
          [py, "tinystories.py", "synth", f"--n_stories={cfg.n_stories}", *where])
-    step("2/7 train a sentencepiece vocabulary",
+    step("2/8 train a sentencepiece vocabulary",
          [py, "tinystories.py", "train_vocab", "--dataset=synth", f"--vocab_size={V}", *where])
     if not (ROOT / tok_bin).exists():
         step("    export the tokenizer for the C engine",
              [py, "tokenizer.py", f"--tokenizer-model={tok_model}"])
-    step("3/7 pretokenize into uint16 shards",
+    step("3/8 pretokenize into uint16 shards",
          [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *where])
 
     ckpt = ROOT / out / "ckpt.pt"
@@ -99,22 +100,22 @@ def main(argv: list[str]) -> int:
                  f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--lr_decay_iters={cfg.max_iters}",
                  f"--max_seconds={cfg.train_seconds}", "--log_interval=50"]
     if done >= cfg.max_iters:
-        print(f"\n==> 4/7 train: {out / 'ckpt.pt'} already reached step {done}; skipping", flush=True)
+        print(f"\n==> 4/8 train: {out / 'ckpt.pt'} already reached step {done}; skipping", flush=True)
     else:
         if done >= 0:
             train_cmd.append("--init_from=resume")
-        step("4/7 train the model on the CPU", train_cmd)
+        step("4/8 train the model on the CPU", train_cmd)
     step("    draw the loss curve", [py, "train.py", "plot", str(out)])
 
     model_bin, model_q8 = out / "model.bin", out / "model_q8.bin"
-    step("5/7 export for the C engine (fp32 and int8)",
+    step("5/8 export for the C engine (fp32 and int8)",
          [py, "export.py", str(model_bin), f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
     step("    int8", [py, "export.py", str(model_q8), "--version=3", "--dtype=int8",
                       f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
     run_bin = "./run" if cfg.run_bin == "run" else cfg.run_bin
-    step("6/7 build the C engine", ["make", "-s", "runomp", *([] if cfg.run_bin == "run" else [f"BIN={run_bin}"])])
+    step("6/8 build the C engine", ["make", "-s", "runomp", *([] if cfg.run_bin == "run" else [f"BIN={run_bin}"])])
 
-    print("\n==> 7/7 stories from the C engine", flush=True)
+    print("\n==> 7/8 stories from the C engine", flush=True)
     for i, prompt in enumerate(PROMPTS):
         cmd = [run_bin, str(model_bin), "-z", str(tok_bin), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
                "-s", str(cfg.seed + i), "-n", str(cfg.steps), "-i", prompt]
@@ -122,6 +123,12 @@ def main(argv: list[str]) -> int:
         r = subprocess.run(cmd, cwd=ROOT)
         if r.returncode != 0:
             sys.exit(f"demo.py: ./run failed (exit {r.returncode})")
+
+    if cfg.eval_samples > 0:
+        step("8/8 how good are the stories? fp32 and int8 beside real held-out stories",
+             [py, "evaluate.py", f"--bin={model_bin}", f"--bin={model_q8}", f"--tokenizer={tok_bin}",
+              *([] if not where else [f"--data_dir={data / f'tok{V}'}"]), f"--samples={cfg.eval_samples}",
+              f"--run_bin={run_bin}", f"--out={out}/eval"])
 
     print(f"""
 Done in {time.time() - t_start:.0f} s. What is where:
@@ -131,9 +138,11 @@ Done in {time.time() - t_start:.0f} s. What is where:
   {out}/ckpt.pt        the checkpoint; {out}/log.jsonl the training log
   {out}/loss.png       the loss curves
   {model_bin}, {model_q8}   the fp32 and int8 models for ./run
+  {out}/eval/report.md  the evaluation: story metrics beside real stories, plots, samples
 Next:
   ./run {model_q8} -z {tok_bin} -i '从前，'            # the int8 model, faster
   python sample.py --checkpoint={out}/ckpt.pt --prompt='从前，'
+  python evaluate.py --checkpoint={out}/ckpt.pt --bin={model_q8} --tokenizer={tok_model}  # PyTorch vs int8
   python tinystories.py download && python tinystories.py train_vocab --vocab_size=5000 \\
       && python tinystories.py pretokenize --vocab_size=5000           # the real TinyStoriesChinese
   python train.py --preset=stories15M                                   # one GPU

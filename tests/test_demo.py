@@ -1,6 +1,8 @@
 """`make demo`'s script end to end, shrunk to seconds: corpus, vocab, shards, training, both
-exports, the OpenMP build and three stories from the C engine, all in a temporary folder."""
+exports, the OpenMP build, three stories from the C engine and the closing evaluation, all in a
+temporary folder."""
 
+import json
 import re
 import subprocess
 import sys
@@ -13,7 +15,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "demo.py", "--n_stories=1500", "--vocab_size=400", "--preset=micro",
            "--max_iters=30", "--train_seconds=120", "--steps=24", f"--data_root={tmp_path / 'data'}",
-           f"--out_dir={out}", f"--run_bin={tmp_path / 'run'}"]
+           f"--out_dir={out}", f"--run_bin={tmp_path / 'run'}", "--eval_samples=1"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600)
     text = r.stdout.decode("utf-8")
     assert r.returncode == 0, (text[-3000:], r.stderr.decode("utf-8", "replace")[-3000:])
@@ -23,6 +25,10 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     for prompt in ("从前，", "有一天，小猫", "小明和他的狗"):
         assert f"\n{prompt}" in text, prompt
     assert "Done in" in text
+    # It ends with an evaluation of both exports beside the reference stories.
+    report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert [m["engine"] for m in report["models"]] == ["c-fp32", "c-int8"]
+    assert "entity_consistency" in report["reference"] and "report:" in text
     # A second run reuses everything: no training step runs again.
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600)
     text2 = r2.stdout.decode("utf-8")
