@@ -74,6 +74,55 @@ test: venv $(VENV)/.installed-test
 bench: venv
 	$(PY) bench.py
 
+# Coverage-guided fuzzing (docs/fuzzing.md): libFuzzer harnesses in tests/fuzz/ built with clang
+# and the address + UB sanitizers, each run for FUZZ_SECONDS from seeds that the project's own
+# exporters write; harnesses, seeds, corpora and crash inputs all go under FUZZ_DIR (in out/).
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_DIR ?= out/fuzz
+FUZZ_CFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+	-fno-sanitize-recover=undefined -Wall -Wextra -std=c99
+# extra libFuzzer flags, e.g. FUZZ_ARGS=-jobs=2 or -seed=1
+FUZZ_ARGS ?=
+FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -timeout=10 -close_fd_mask=2 -print_final_stats=1
+FUZZ_MAX_LEN_model = 65536
+FUZZ_MAX_LEN_tokenizer = 65536
+FUZZ_MAX_LEN_encode = 4096
+.PHONY: fuzz fuzz-model fuzz-tokenizer fuzz-encode fuzz-shard
+
+# All four harnesses, one after another (make -j4 fuzz runs them side by side).
+fuzz: fuzz-model fuzz-tokenizer fuzz-encode fuzz-shard
+
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_hooks.c run.c run_tok.c
+	@mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< -lm
+
+$(FUZZ_DIR)/seeds/.done: tests/test_fuzz.py export.py tokenizer.py tinystories.py model.py $(VENV)/.installed
+	rm -rf $(FUZZ_DIR)/seeds
+	$(PY) tests/test_fuzz.py seeds $(FUZZ_DIR)/seeds
+	touch $@
+
+# One C harness for FUZZ_SECONDS: the log goes to FUZZ_DIR/NAME.log, crash inputs to FUZZ_DIR/crashes/.
+fuzz-model fuzz-tokenizer fuzz-encode: fuzz-%: $(FUZZ_DIR)/fuzz_% $(FUZZ_DIR)/seeds/.done
+	@mkdir -p $(FUZZ_DIR)/corpus/$* $(FUZZ_DIR)/crashes
+	FUZZ_TOKENIZER=$(FUZZ_DIR)/seeds/encode_tokenizer.bin $(FUZZ_DIR)/fuzz_$* $(FUZZ_RUN) \
+		-max_len=$(FUZZ_MAX_LEN_$*) -artifact_prefix=$(FUZZ_DIR)/crashes/$*- $(FUZZ_ARGS) \
+		$(FUZZ_DIR)/corpus/$* $(FUZZ_DIR)/seeds/$* > $(FUZZ_DIR)/$*.log 2>&1 \
+		|| { tail -n 40 $(FUZZ_DIR)/$*.log; exit 1; }
+	@grep -E '^(Done|stat::number_of_executed_units)' $(FUZZ_DIR)/$*.log | sed 's/^/fuzz-$*: /'
+
+# The shard reader is Python only (tinystories.py): fuzzed with atheris, installed on first use.
+$(VENV)/.installed-atheris: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check atheris
+	touch $@
+
+fuzz-shard: $(VENV)/.installed-atheris $(FUZZ_DIR)/seeds/.done
+	@mkdir -p $(FUZZ_DIR)/corpus/shard $(FUZZ_DIR)/crashes
+	$(PY) tests/fuzz/fuzz_shard.py $(FUZZ_RUN) -max_len=4096 -artifact_prefix=$(FUZZ_DIR)/crashes/shard- \
+		$(FUZZ_ARGS) $(FUZZ_DIR)/corpus/shard $(FUZZ_DIR)/seeds/shard > $(FUZZ_DIR)/shard.log 2>&1 \
+		|| { tail -n 40 $(FUZZ_DIR)/shard.log; exit 1; }
+	@grep -E '^(Done|stat::number_of_executed_units)' $(FUZZ_DIR)/shard.log | sed 's/^/fuzz-shard: /'
+
 # Remove everything this Makefile builds (not data/ or out/).
 clean:
 	rm -f run runfast runomp rundebug runsan tests/engine_logits tests/engine_kernels
