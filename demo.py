@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
         step("8/8 how good are the stories? fp32 and int8 beside real held-out stories",
              [py, "evaluate.py", f"--bin={model_bin}", f"--bin={model_q8}", f"--tokenizer={tok_bin}",
               *([] if not where else [f"--data_dir={data / f'tok{V}'}"]), f"--samples={cfg.eval_samples}",
-              f"--run_bin={run_bin}", f"--out={out}/eval"])
+              "--val_stories=100", f"--run_bin={run_bin}", f"--out={out}/eval"])
 
     print(f"""
 Done in {time.time() - t_start:.0f} s. What is where:
