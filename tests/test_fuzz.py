@@ -198,12 +198,13 @@ def test_shard_reader_smoke(seeds, tmp_path):
     """The atheris harness's target on every seed and a few broken shards: only DataError."""
     sys.path.insert(0, str(FUZZ_DIR))
     import fuzz_shard
+    path = tmp_path / "train_000.bin"
     for p in sorted((seeds / "shard").iterdir()):
-        fuzz_shard.check_one(p.read_bytes())
+        fuzz_shard.check_one(p.read_bytes(), path)
     data = (seeds / "shard" / "train_000.bin").read_bytes()
     for broken in (b"", data[:10], data[:255], data[:-1], data + b"\0", b"\xff" * 300,
                    data[:8] + b"\xff\xff\xff\xff" + data[12:]):
-        fuzz_shard.check_one(broken)
+        fuzz_shard.check_one(broken, path)
 
 
 def main(argv: list[str]) -> int:

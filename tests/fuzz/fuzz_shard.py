@@ -2,7 +2,7 @@
 
 The pretokenized shards are read by Python only (train.py through tinystories.read_shard; run.c
 never reads them), so the shard reader is fuzzed in Python, with coverage of tinystories.py.
-Each input is a whole shard file, written to a temporary folder as train_000.bin. The property:
+Each input is a whole shard file, written to an in-memory file (memfd). The property:
 read_shard either raises DataError (one line for the user) or returns a header whose n_tokens is
 the number of tokens it maps, every one of them a valid id (< vocab_size). Any other exception
 is a finding.
@@ -12,7 +12,6 @@ is a finding.
 """
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
@@ -28,14 +27,14 @@ if atheris is not None and __name__ == "__main__":
 else:
     import tinystories
 
-_DIR = tempfile.mkdtemp(prefix="fuzz_shard_")
-_PATH = Path(_DIR) / "train_000.bin"
+_PATH = None   # the file each input is written to: a memfd's /proc/self/fd path (see main)
 
 
-def check_one(data: bytes) -> None:
-    _PATH.write_bytes(data)
+def check_one(data: bytes, path: Path = None) -> None:
+    path = path or _PATH
+    path.write_bytes(data)
     try:
-        head, tokens = tinystories.read_shard(_PATH)
+        head, tokens = tinystories.read_shard(path)
     except tinystories.DataError as e:
         assert "\n" not in str(e), f"DataError spans lines: {e!r}"
         return
@@ -50,12 +49,11 @@ def check_one(data: bytes) -> None:
 def main() -> None:
     if atheris is None:
         sys.exit("fuzz_shard.py: atheris is not installed (pip install atheris)")
+    global _PATH
+    # an in-memory file: libFuzzer ends the process with exit(), so nothing on disk to clean up
+    _PATH = Path(f"/proc/self/fd/{os.memfd_create('fuzz_shard')}")
     atheris.Setup(sys.argv, check_one)
-    try:
-        atheris.Fuzz()
-    finally:
-        if _PATH.exists():
-            os.unlink(_PATH)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":
