@@ -44,7 +44,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, non_finite_weight
 from options import OptionError, apply_options
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
@@ -481,7 +481,14 @@ def load_model_bin(path: str) -> Transformer:
             take = take_q80 if h.dtype == "int8" else take_f32
             put(model.output.weight, take(h.vocab_size * d))
     assert pos == len(data), f"read {pos} of {len(data)} body bytes"
+    _refuse_non_finite(model, path)
     return model.eval()
+
+
+def _refuse_non_finite(model: Transformer, path: str) -> None:
+    bad = non_finite_weight(model)
+    if bad:
+        raise ExportError(f"{path}: weight {bad}; the file is damaged or the run diverged")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -974,6 +981,7 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ExportError(f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
+    _refuse_non_finite(model, path)
     data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
     recorded = data.get("tokenizer_hash")  # train.py records the shards' tokenizer hash here
     recorded = recorded if isinstance(recorded, int) and 0 < recorded < 2**32 else 0
@@ -992,6 +1000,30 @@ def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
         if isinstance(path, str) and path and os.path.isfile(path):
             return path
     return None
+
+
+def check_tokenizer_identity(*, model_path: str, recorded: int, tokenizer_path: str, actual: int) -> None:
+    """The one-line refusal of a tokenizer whose hash is not the one the model file records
+    (recorded 0 = nothing recorded, anything goes). Shared by export.py and sample.py."""
+    if recorded and actual != recorded:
+        raise ExportError(f"{tokenizer_path}: tokenizer hash {actual:#010x} differs from the {recorded:#010x} "
+                          f"that {model_path} records; pass the tokenizer the model was trained with")
+
+
+def pick_tokenizer_hash(*, model_path: str, recorded: int, tokenizer_path: Optional[str],
+                        vocab_size: int, retokenized: bool = False) -> int:
+    """The tokenizer hash an export stamps: the recorded one, checked against tokenizer_path if
+    one is given; another tokenizer's only with retokenized=True (the user says the weights were
+    retrained for it). Without a recorded hash, tokenizer_path's (0 if none)."""
+    if retokenized and not tokenizer_path:
+        raise ExportError("--retokenized=true needs --tokenizer=PATH, the tokenizer to record instead")
+    if not tokenizer_path:
+        return recorded
+    actual = tokenizer_hash(tokenizer_path, vocab_size=vocab_size)
+    if not retokenized:
+        check_tokenizer_identity(model_path=model_path, recorded=recorded, tokenizer_path=tokenizer_path,
+                                 actual=actual)
+    return actual
 
 
 def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) -> int:
@@ -1022,6 +1054,9 @@ class ExportConfig:
     # sentencepiece .model: hashed into version 3 headers, exported for Hugging Face and GGUF
     # (required there). "" = the one the checkpoint's config names, else data/tok<vocab_size>.model.
     tokenizer: str = ""
+    # true: the weights really were retrained for --tokenizer, so record its hash instead of the one
+    # the checkpoint or .bin records (without it a mismatch is an error; see USAGE)
+    retokenized: bool = False
 
 
 USAGE = """usage: python export.py OUT [--version=N] [--dtype=D] [--checkpoint=PATH] [--tokenizer=PATH] [--group_size=N]
@@ -1030,7 +1065,11 @@ USAGE = """usage: python export.py OUT [--version=N] [--dtype=D] [--checkpoint=P
   --dtype       3: fp32 | int8;  -1: fp32 | fp16 | bf16;  gguf: f32 | f16 | q8_0;  0/1: fp32;  2: int8
   --checkpoint  train.py checkpoint or model .bin (default out/ckpt.pt)
   --tokenizer   sentencepiece .model (default: the checkpoint's, else data/tok<vocab>.model)
-  --group_size  int8 group size (default 64; halved until it divides dim and hidden_dim)"""
+  --group_size  int8 group size (default 64; halved until it divides dim and hidden_dim)
+  --retokenized true: record --tokenizer's hash although the checkpoint records another one (only
+                when the weights really were retrained for that tokenizer). Without it, a tokenizer
+                whose hash differs from the recorded one is refused, and a .bin -> .bin conversion
+                keeps the recorded hash"""
 
 
 def _parse_version(text: str):
@@ -1096,8 +1135,17 @@ def main(argv: list[str]) -> int:
                 raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
         if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
             raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+        if cfg.retokenized and not cfg.tokenizer:
+            raise ExportError("--retokenized=true needs --tokenizer=PATH, the tokenizer to record instead")
         model, info = load_checkpoint(cfg.checkpoint)
+        recorded = info["tokenizer_hash"]
         tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
+        # An explicit --tokenizer is always checked against the recorded hash, and so is the one a
+        # Hugging Face folder will hold; a .bin whose input records a hash keeps it whatever
+        # tokenizer of that size happens to lie in data/.
+        checked = tok if cfg.tokenizer or (tok and (version == -1 or (version == 3 and not recorded))) else None
+        tok_hash = pick_tokenizer_hash(model_path=cfg.checkpoint, recorded=recorded, tokenizer_path=checked,
+                                       vocab_size=model.params.vocab_size, retokenized=cfg.retokenized)
         if version == -1:
             notes = export_hf(model, cfg.out, dtype=dtype or "fp32", tokenizer_model=tok)
             for note in notes:
@@ -1105,9 +1153,6 @@ def main(argv: list[str]) -> int:
             print(f"wrote {cfg.out} (Hugging Face LlamaForCausalLM, {dtype or 'fp32'}"
                   f"{', tokenizer ' + tok if tok else ''})")
             return 0
-        tok_hash = info["tokenizer_hash"]
-        if version == 3 and tok:
-            tok_hash = tokenizer_hash(tok, vocab_size=model.params.vocab_size)
         summary = write_model_bin(model, cfg.out, version=version, dtype=dtype,
                                   group_size=cfg.group_size, tokenizer_hash=tok_hash)
         extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""

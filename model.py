@@ -328,12 +328,27 @@ class Transformer(nn.Module):
         return out
 
 
+def non_finite_weight(model: nn.Module) -> Optional[str]:
+    """None if every parameter is finite, else which tensor is not, e.g. "layers.0.attention.wq.weight
+    holds nan at (3, 17)": what the loaders report, since a NaN weight only shows later as garbage."""
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p.detach())
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            value = p.detach()[where].item()
+            return f"{name} holds {value} at {where if len(where) > 1 else where[0]}"
+    return None
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row from logits (B, vocab): greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so that the largest is 0 before scaling: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) instead of overflowing to inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

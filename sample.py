@@ -19,6 +19,7 @@ From Python:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -33,6 +34,9 @@ from options import OptionError, apply_options
 from model import Transformer
 
 SEPARATOR = "-" * 40
+# The smallest positive temperature: float32's smallest normal number. A denormal one (1e-45) is a
+# typo, not a choice, and 0 already means greedy.
+MIN_TEMPERATURE = 1.1754943508222875e-38
 
 
 @dataclass
@@ -57,14 +61,22 @@ def check_config(cfg: SampleConfig) -> None:
         problems.append(f"--num_samples={cfg.num_samples} must be >= 1")
     if cfg.steps < 0:
         problems.append(f"--steps={cfg.steps} must be >= 0")
-    if not cfg.temperature >= 0.0:  # also rejects nan
-        problems.append(f"--temperature={cfg.temperature} must be >= 0")
+    if not (cfg.temperature == 0.0 or MIN_TEMPERATURE <= cfg.temperature < math.inf):  # also rejects nan
+        problems.append(f"--temperature={cfg.temperature} must be 0 (greedy) or a finite number "
+                        f">= {MIN_TEMPERATURE:.3g} (float32's smallest normal)")
     if not 0.0 < cfg.top_p <= 1.0:
         problems.append(f"--top_p={cfg.top_p} must be in (0, 1]")
     if cfg.top_k < 0:
         problems.append(f"--top_k={cfg.top_k} must be >= 0")
     if cfg.seed < 0:
         problems.append(f"--seed={cfg.seed} must be >= 0")
+    try:
+        cfg.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # The OS hands undecodable argument bytes to Python as lone surrogates (PEP 383).
+        bad = cfg.prompt[e.start]
+        shown = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        problems.append(f"--prompt is not valid UTF-8 ({shown} at character {e.start})")
     if problems:
         raise ExportError("; ".join(problems))
 
@@ -84,8 +96,9 @@ def find_tokenizer(cfg: SampleConfig, config: dict, vocab_size: int) -> str:
     return found
 
 
-def load_tokenizer(path: str, *, vocab_size: int, expected_hash: int = 0):
-    """tokenizer.Tokenizer for path, checked against the model's vocab size and recorded hash."""
+def load_tokenizer(path: str, *, vocab_size: int, expected_hash: int = 0, model_path: str = "the model file"):
+    """tokenizer.Tokenizer for path, checked against the model's vocab size and the hash model_path
+    records (a .bin's header or a checkpoint's data record; 0 = not recorded)."""
     import tokenizer as tokenizer_mod  # imported lazily: only sampling needs it
     try:
         tok = tokenizer_mod.Tokenizer(path)
@@ -94,9 +107,8 @@ def load_tokenizer(path: str, *, vocab_size: int, expected_hash: int = 0):
     if tok.vocab_size != vocab_size:
         raise ExportError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
                           f"is {vocab_size}; pass the tokenizer it was trained with")
-    if expected_hash and tok.hash() != expected_hash:
-        raise ExportError(f"{path}: tokenizer hash {tok.hash():#010x} differs from the {expected_hash:#010x} "
-                          f"recorded in the model file; pass the tokenizer it was trained with")
+    export.check_tokenizer_identity(model_path=model_path, recorded=expected_hash, tokenizer_path=path,
+                                    actual=tok.hash())
     return tok
 
 
@@ -169,7 +181,8 @@ def main(argv: list[str]) -> int:
         model, info = export.load_checkpoint(cfg.checkpoint)
         p = model.params
         tok_path = find_tokenizer(cfg, info["config"], p.vocab_size)
-        tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"])
+        tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"],
+                             model_path=cfg.checkpoint)
         model = model.to(device)
         t0 = time.perf_counter()
         texts = generate_text(model, tok, cfg.prompt, num_samples=cfg.num_samples, steps=cfg.steps,

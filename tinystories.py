@@ -41,7 +41,6 @@ import shutil
 import struct
 import sys
 import tarfile
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -60,6 +59,86 @@ DEFAULT_DATA_ROOT = REPO_ROOT / "data"
 
 class DataError(Exception):
     """A problem with the user's data, files or network: reported as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per folder
+
+class FolderLock:
+    """An exclusive flock on a lock file (its text: the holder's pid), e.g. out/.lock for train.py
+    or data/.tok512.lock for train_vocab and pretokenize of tok512.
+
+    A second process is refused at once (DataError naming the holder's pid). The kernel drops a
+    flock when its holder dies, even by SIGKILL, so the file a killed run leaves behind is free:
+    the next run takes it over (`stale_pid` says whose it was) and removes it when done.
+    """
+
+    def __init__(self, path: Path, *, what: str):
+        self.path = Path(path)
+        self.fd = None
+        self.stale_pid = None
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): run unlocked
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._pid_in(fd)
+                os.close(fd)
+                raise DataError(f"{what} is in use by another run (pid {holder or 'unknown'}, which holds "
+                                f"{self.path}); wait for it to end or use another folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder before us may have removed the file after we opened it: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = self._pid_in(fd)
+        self.stale_pid = old if old and old != os.getpid() else None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    @staticmethod
+    def _pid_in(fd: int):
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still locked, so no one else is holding it
+        except OSError:
+            pass
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_stage_output(root: Path, name: str) -> FolderLock:
+    """The lock of one data stage's output (data/<name> and data/<name>.*), beside it in root:
+    the output folder itself is replaced by a rename when done, so it cannot hold the lock."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(root / f".{name}.lock", what=str(root / name))
+    if lock.stale_pid:
+        print(f"{root / name}: taking over the lock of pid {lock.stale_pid}, which has ended")
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,11 +200,21 @@ def read_shard_header(path: Path) -> dict:
 
 
 def read_shard(path: Path) -> tuple[dict, np.ndarray]:
-    """Header dict and the tokens as a read-only uint16 memmap (n_tokens,)."""
+    """Header dict and the tokens as a read-only uint16 memmap (n_tokens,).
+
+    Every id is checked against the header's vocab_size here, once (one vectorized pass over the
+    file), so a bad shard fails when it is opened, not as an IndexError (or a device assert on a
+    GPU) at whichever step first draws the bad window."""
     head = read_shard_header(path)
     if head["n_tokens"] == 0:
         return head, np.zeros(0, dtype=np.uint16)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(head["n_tokens"],))
+    top = int(tokens.max())
+    if top >= head["vocab_size"]:
+        at = int(np.argmax(tokens >= head["vocab_size"]))
+        raise DataError(f"{path}: token id {top} (first bad one at token {at}) is out of range for the "
+                        f"header's vocab_size {head['vocab_size']}; the shard is damaged, re-run "
+                        "`python tinystories.py pretokenize --force=true`")
     return head, tokens
 
 
@@ -749,6 +838,11 @@ def cmd_synth(cfg: SynthConfig) -> None:
     if cfg.n_stories < 1 or cfg.shard_size < 1:
         raise DataError(f"--n_stories={cfg.n_stories} and --shard_size={cfg.shard_size} must be >= 1")
     root = data_root(cfg)
+    with lock_stage_output(root, "synth"):
+        _synth(cfg, root)
+
+
+def _synth(cfg: SynthConfig, root: Path) -> None:
     out = root / "synth"
     want = {"generator": "storygen", "n_stories": cfg.n_stories, "seed": cfg.seed,
             "shard_size": cfg.shard_size}
@@ -863,8 +957,12 @@ def choose_kept_characters(char_counts: np.ndarray, vocab_size: int,
     (sentencepiece's advice for CJK) when not all fit. sentencepiece will not go below
     character_coverage=0.98 itself, so train_vocab applies this choice to the training text.
     """
+    # Besides the 3 special and 256 byte pieces, ▁ (the dummy prefix, and every space) is always a
+    # piece of its own: the characters compete for what is left. A space is ▁, so it costs nothing.
     nz = np.flatnonzero(char_counts)
-    budget = max(1, vocab_size - 3 - 256)
+    has_space = bool(char_counts[32])
+    nz = nz[nz != 32]
+    budget = max(0, vocab_size - 3 - 256 - 1)
     order = nz[np.argsort(-char_counts[nz], kind="stable")]
     counts = char_counts[order]
     utf8_len = np.where(order < 0x80, 1, np.where(order < 0x800, 2, np.where(order < 0x10000, 3, 4)))
@@ -873,12 +971,14 @@ def choose_kept_characters(char_counts: np.ndarray, vocab_size: int,
     pair_value = np.sort(pair_counts)[::-1][:budget] if pair_counts is not None else np.zeros(0)
     values = np.concatenate([char_value, pair_value])
     best = np.argsort(-values, kind="stable")[:budget]
-    keep = max(1, int((best < char_value.size).sum()))
+    keep = int((best < char_value.size).sum())
     if nz.size <= keep:
         return None
     cum = np.cumsum(counts) / counts.sum()
     m = int(np.searchsorted(cum, 0.9995 - 1e-12)) + 1  # fewest characters covering 99.95%
     kept = order[:min(m, keep)]
+    if has_space:
+        kept = np.append(kept, 32)
     return kept[np.argsort(-char_counts[kept], kind="stable")]
 
 
@@ -886,7 +986,8 @@ def _drop_rare_characters(src: str, dst: str, kept: np.ndarray) -> int:
     """Copy the training text, cutting lines at characters not in kept (a rare character ends
     the sentence, so no merge is learned across it). Returns the lines written."""
     import re
-    rare = re.compile("[^" + "".join(re.escape(chr(c)) for c in sorted(kept.tolist())) + "]+")
+    rare = re.compile("[^" + "".join(re.escape(chr(c)) for c in sorted(kept.tolist())) + "]+"
+                      if kept.size else r"[\s\S]+")
     n = 0
     with open(src, encoding="utf-8") as fin, open(dst, "w", encoding="utf-8") as fout:
         while True:
@@ -896,14 +997,24 @@ def _drop_rare_characters(src: str, dst: str, kept: np.ndarray) -> int:
             parts = [p for p in rare.sub("\n", "".join(lines)).split("\n") if p.strip()]
             fout.write("\n".join(parts) + ("\n" if parts else ""))
             n += len(parts)
+        if n == 0:
+            # No character kept (the smallest vocab): ▁ is the only piece left to learn, and
+            # sentencepiece needs one line to learn it from.
+            fout.write(" \n")
+            n = 1
     return n
 
 
 def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
-    import sentencepiece as spm
-
     check_vocab_size(cfg.vocab_size)
     root = data_root(cfg)
+    with lock_stage_output(root, f"tok{cfg.vocab_size}"):  # the same lock as pretokenize's
+        _train_vocab(cfg, root)
+
+
+def _train_vocab(cfg: TrainVocabConfig, root: Path) -> None:
+    import sentencepiece as spm
+
     folder, files = source_files(cfg)
     N = cfg.vocab_size
     model_path = root / f"tok{N}.model"
@@ -927,10 +1038,17 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
     n_pairs = 0
     val_sample: list[str] = []
     n_train = n_lines = 0
-    fd, text_path = tempfile.mkstemp(dir=root, prefix=f".tok{N}_", suffix=".txt")
-    prefix = root / f".tok{N}.tmp{os.getpid()}"
+    # sentencepiece records its input and output names in the .model (trainer_spec), so they are
+    # fixed, relative names inside a work folder of fixed name: the .model's bytes are then the
+    # same on every run. The stage's lock keeps other runs out of the folder; a killed run's is
+    # simply replaced.
+    work = root / f".tok{N}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    text_path = str(work / "input.txt")
+    prefix = work / f"tok{N}"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with open(text_path, "w", encoding="utf-8") as out:
             buf: list[str] = []
             buf_chars = 0
 
@@ -993,9 +1111,11 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
         print(f"training a {N}-piece BPE tokenizer on {n_train} stories ({n_lines} lines, "
               f"{n_chars} distinct characters: {note})")
         t1 = time.time()
+        cwd = os.getcwd()
         try:
+            os.chdir(work)  # for the relative names; restored right after
             spm.SentencePieceTrainer.train(
-                input=text_path, model_prefix=str(prefix), model_type="bpe", vocab_size=N,
+                input="input.txt", model_prefix=prefix.name, model_type="bpe", vocab_size=N,
                 byte_fallback=True,  # any character, seen or not, encodes losslessly
                 normalization_rule_name="identity",  # text is kept exactly as written
                 remove_extra_whitespaces=False,
@@ -1015,13 +1135,12 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
                        "pieces; use a smaller --vocab_size or more data")
             raise DataError(f"sentencepiece could not train a {N}-piece tokenizer on {folder}: "
                             f"{msg}") from None
+        finally:
+            os.chdir(cwd)
         os.replace(f"{prefix}.vocab", root / f"tok{N}.vocab")
         os.replace(f"{prefix}.model", model_path)
     finally:
-        for p in (Path(text_path), Path(text_path + ".kept"), Path(f"{prefix}.model"),
-                  Path(f"{prefix}.vocab")):
-            if p.exists():
-                p.unlink()
+        shutil.rmtree(work, ignore_errors=True)
     _write_json(meta_path, sig)
     print(f"{model_path}: done in {time.time() - t0:.1f}s ({t_read:.1f}s reading the stories, "
           f"{time.time() - t1:.1f}s in sentencepiece)")
@@ -1130,13 +1249,18 @@ def _encode_file(job: dict) -> dict:
 
 
 def cmd_pretokenize(cfg: PretokenizeConfig) -> None:
+    check_vocab_size(cfg.vocab_size)
+    root = data_root(cfg)
+    with lock_stage_output(root, f"tok{cfg.vocab_size}"):  # tok<N>.model must not change meanwhile
+        _pretokenize(cfg, root)
+
+
+def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
     from tqdm import tqdm
 
-    check_vocab_size(cfg.vocab_size)
     N = cfg.vocab_size
-    root = data_root(cfg)
     model_path = root / f"tok{N}.model"
     if not model_path.exists():
         raise DataError(f"{model_path}: not found; run `python tinystories.py train_vocab "

@@ -21,7 +21,12 @@ Data: `--vocab_source=custom --vocab_size=N` reads data/tokN/ (what `tinystories
 Outputs in out_dir: ckpt.pt (latest), best.pt (lowest val loss), ckpt_<iter>.pt with
 --keep_every=N (one kept every N steps, for `evaluate.py --checkpoint='out/ckpt_*.pt'`), log.jsonl (one JSON object per
 log line: {"type": "train", "iter", "tokens", "loss", "lr", "ms", "tok_per_s", "mfu"} and
-{"type": "eval", "iter", "tokens", "train_loss", "val_loss", "lr"}).
+{"type": "eval", "iter", "tokens", "train_loss", "val_loss", "lr"}), and .lock while a run is on: one
+run per out_dir, a second one is refused naming the first one's pid (a killed run's lock is free).
+
+Ctrl-C or SIGTERM: a last evaluation, ckpt.pt saved, then exit status 130 or 143 (not 0), so that
+`python train.py && python export.py ...` stops there. A resume reads shards of the tokenizer the
+checkpoint was trained on (the hash it records), unless --retokenized=true says otherwise.
 
 Exact resume: the data order is a pure function of (seed, step, micro-batch, rank), and a
 checkpoint holds the weights, optimizer, grad scaler, every rank's RNG states and the step, so a
@@ -51,7 +56,7 @@ import numpy as np
 import torch
 
 import tinystories
-from model import PRESETS, ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer, non_finite_weight
 from options import OptionError, parse_options
 
 CKPT_FORMAT = "tinystories-zh-train-checkpoint"
@@ -87,6 +92,10 @@ class TrainConfig:
     vocab_source: str = "custom"  # custom: our own sentencepiece vocab, shards in data/tok<vocab_size>/
     data_dir: str = ""  # folder of pretokenized shards; overrides vocab_source
     tokenizer: str = ""  # .model to check the shards against; default: <data_dir>.model if it exists
+    # Resume only: true lets the run continue on shards of another tokenizer than the checkpoint's
+    # (same vocab size, other pieces: the embeddings then mean other strings). Without it such a
+    # resume is refused; it is never kept in the checkpoint, so each resume must say it again.
+    retokenized: bool = False
     seed: int = 1337  # model init, data order and dropout all follow from it
     # model (the fields of model.ModelArgs; 0 means "derive it" where noted)
     dim: int = 288
@@ -328,6 +337,9 @@ def model_from_checkpoint(path) -> tuple[Transformer, dict]:
     ckpt = load_checkpoint(path)
     model = Transformer(ModelArgs(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"], strict=True)
+    bad = non_finite_weight(model)
+    if bad:
+        raise TrainError(f"{path}: weight {bad}; the run diverged or the file is damaged")
     model.eval()
     return model, ckpt
 
@@ -562,12 +574,25 @@ def check_tokenizer(cfg: TrainConfig, data_dir: Path, train) -> None:
                              f"{train.tokenizer_hash:#010x} ({data_dir}); re-run pretokenize")
 
 
+def check_resume_tokenizer(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: Path, train) -> None:
+    """A resumed run must read shards of the tokenizer its checkpoint was trained on (the hash the
+    checkpoint's data record holds), unless --retokenized=true says the switch is meant."""
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
+    recorded = int(data.get("tokenizer_hash") or 0)
+    if not recorded or not train.tokenizer_hash or recorded == train.tokenizer_hash or cfg.retokenized:
+        return  # 0: not recorded, nothing to compare
+    shard = tinystories.shard_paths(data_dir, "train")[0]
+    raise TrainError(f"{shard}: shards of tokenizer hash {train.tokenizer_hash:#010x}, but {ckpt_path} was "
+                     f"trained on tokenizer hash {recorded:#010x} ({data.get('data_dir', '?')}); resume with "
+                     "that data, or pass --retokenized=true to continue on the new tokenizer on purpose")
+
+
 def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, dict]:
     """The checkpoint's config with the command line's non-architecture overrides applied."""
     out_dir = Path(cfg_cli.out_dir)
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     types = config_types()
-    saved = {k: v for k, v in ckpt["config"].items() if k in types}
+    saved = {k: v for k, v in ckpt["config"].items() if k in types and k != "retokenized"}
     base = TrainConfig(**saved)
     given = dict(overrides)
     # A preset on resume only states the shape it expects; its training defaults are not applied
@@ -588,13 +613,34 @@ def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, d
     return cfg, ckpt
 
 
+def lock_out_dir(out_dir: Path) -> tinystories.FolderLock:
+    """One run per out_dir: an exclusive lock on out_dir/.lock, which holds the pid (see FolderLock)."""
+    check_out_dir(out_dir)
+    try:
+        lock = tinystories.FolderLock(out_dir / ".lock", what=f"out_dir {out_dir}")
+    except tinystories.DataError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"out_dir {out_dir} is not writable ({e.strerror or e})") from None
+    if lock.stale_pid:
+        print(f"{out_dir / '.lock'}: taking over the lock of pid {lock.stale_pid}, which has ended", flush=True)
+    return lock
+
+
 def train(cfg: TrainConfig, overrides: dict) -> int:
     d = Dist()
+    lock = None
     try:
         device = pick_device(cfg, Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
         d = setup_distributed(device)
+        if d.master:
+            # Rank 0 alone: all ranks share out_dir, and only rank 0 writes there. A refused rank 0
+            # exits, and torchrun then stops the other ranks.
+            lock = lock_out_dir(Path(cfg.out_dir))
         return _train(cfg, overrides, d)
     finally:
+        if lock is not None:
+            lock.release()
         if d.enabled:
             import torch.distributed as dist
 
@@ -623,6 +669,8 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
     if d.master:
         clean_stale_temps(out_dir)
     data_dir, train_batches, eval_train, eval_val = open_data(cfg, d, grad_accum)
+    if ckpt is not None:
+        check_resume_tokenizer(cfg, ckpt, out_dir / "ckpt.pt", data_dir, train_batches)
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
     args = model_args_of(cfg).resolved()
@@ -828,7 +876,9 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
             signal.signal(s, h)
         if wandb_run is not None:
             wandb_run.finish()
-    return 0
+    # Stopped by Ctrl-C or SIGTERM: the checkpoint is saved, but the run did not finish, so the
+    # shell's convention (128 + signal) keeps `train.py && export.py` from going on.
+    return 128 + stop["signal"] if stop["signal"] else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -866,6 +916,9 @@ def main(argv: list[str]) -> int:
         if rank == "0":
             print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop's handler is in place
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
