@@ -6,6 +6,9 @@
    cache, SwiGLU; the prompt in blocks of up to 64 tokens as matrix-matrix products, then one
    token at a time), samples (greedy, temperature, top-k, top-p) and streams UTF-8 text. The
    kernels have AVX-512 / AVX512-VNNI paths, each beside the plain-C loop it is tested against.
+   llama2.c's own version 2 files whose int8 groups run across the row ends of w2 (its 42M shape)
+   are regrouped exactly at load time (weights_regroup_w2); every file is refused, naming the
+   tensor, if a weight is NaN or infinite.
    What it does not do: training, batching several prompts, GPUs, or any format conversion
    (export.py writes every format this reads).
 
@@ -21,6 +24,7 @@
 #define _GNU_SOURCE     /* sched_setaffinity and the CPU_* macros (pin_threads) */
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <sched.h>
@@ -107,6 +111,9 @@ typedef struct {
     int shared_classifier; /* 1: the classifier is the token embedding */
     int quantized;    /* 1: matrices are int8 Q8_0 */
     int group_size;   /* int8 values per fp32 scale (0 when fp32) */
+    int w2_group_size; /* group_size of w2's rows after loading: group_size, or for a version 2 file
+                          whose groups run across w2's row ends gcd(group_size, hidden_dim) (see
+                          weights_regroup_w2); w2's input activations are quantized in groups of it */
     float norm_eps;   /* RMSNorm epsilon (1e-5 for versions 0-2) */
     float rope_theta; /* rotary base (10000 for versions 0-2) */
     uint32_t tokenizer_hash; /* version 3 only; 0 = not recorded */
@@ -114,7 +121,7 @@ typedef struct {
 } Config;
 
 /* One weight matrix (rows, cols), row-major like PyTorch's nn.Linear: fp32 in w, or int8 values
-   in q with one fp32 scale per group_size consecutive values in s. */
+   in q with one fp32 scale per group of consecutive values of a row in s (q8_group_size). */
 typedef struct {
     const float *w;    /* (rows, cols) fp32, or NULL */
     const int8_t *q;   /* (rows, cols) int8, or NULL */
@@ -182,6 +189,7 @@ typedef struct {
     void *data;          /* the mmap'd file */
     size_t file_size;
     float *owned;        /* scales copied out of the mapping when misaligned (else NULL) */
+    float *regrouped;    /* w2's scales regrouped per row (weights_regroup_w2), else NULL */
     void *packed;        /* the int8 matrices repacked for the VNNI kernels (else NULL) */
 } Transformer;
 
@@ -232,7 +240,12 @@ static const char *config_problem(const Config *c, char *buf, size_t n) {
         return buf;
     }
     if (c->quantized) {
-        if (c->group_size < 1 || c->dim % c->group_size || c->hidden_dim % c->group_size) {
+        /* Version 2 is llama2.c's Q8_0, whose exporter picks the group size for dim alone and
+           groups each tensor's flattened values: dim % group_size == 0 makes every tensor split
+           into whole groups, and w2 (rows of hidden_dim) is regrouped at load time when its
+           groups cross row ends. Our version 3 exporter always picks one dividing both. */
+        int ffn_ok = c->version == 2 || (c->group_size > 0 && c->hidden_dim % c->group_size == 0);
+        if (c->group_size < 1 || c->dim % c->group_size || !ffn_ok) {
             snprintf(buf, n, "group_size=%d does not divide dim=%d and hidden_dim=%d", c->group_size,
                      c->dim, c->hidden_dim);
             return buf;
@@ -379,6 +392,101 @@ static Matrix take_matrix(Cursor *cur, const Config *c, int64_t rows, int64_t co
     return m;
 }
 
+/* The int8 group size of a matrix whose rows (its input) are m wide: w2's (m = hidden_dim) may be
+   regrouped at load time (weights_regroup_w2); every other matrix takes inputs of width dim (and
+   where hidden_dim equals dim, w2 is never regrouped, so the two agree). */
+static int q8_group_size(const Config *c, int m) { return m == c->hidden_dim ? c->w2_group_size : c->group_size; }
+
+static int gcd_int(int a, int b) {
+    while (b) {
+        int r = a % b;
+        a = b;
+        b = r;
+    }
+    return a;
+}
+
+/* A version 2 file whose hidden_dim is not a multiple of group_size (llama2.c's 42M shape: dim 512,
+   hidden_dim 1376, group_size 64) has w2's groups (its rows are hidden_dim long) running across
+   row ends, which the row-wise kernels cannot take. Regrouped exactly: with g = gcd(group_size,
+   hidden_dim), every run of g values within a row lies inside one of the file's groups (g divides
+   group_size, and each row starts at a multiple of g), so w2 becomes per-row groups of g whose
+   scale is their file group's: the int8 values stay where they are, the same weights to the bit.
+   Only w2's input (SwiGLU's output) is then quantized in groups of g instead of group_size, a
+   finer rounding than the file's own groups would give. Cost, for the 42M shape (g = 32): 0.7 MB
+   of regrouped scales (8 layers x 512 rows x 43 floats, twice the file's) beside 5.6 MB of w2
+   weights, and w2's activations in groups of 32; a g that is not a multiple of 16 leaves w2 on
+   the plain-C kernel. */
+static void weights_regroup_w2(Transformer *t) {
+    Config *c = &t->config;
+    c->w2_group_size = c->group_size;
+    if (!c->quantized || c->hidden_dim % c->group_size == 0) return;
+    int gs = c->group_size, g = gcd_int(gs, c->hidden_dim);
+    int64_t d = c->dim, h = c->hidden_dim, per_row = h / g;
+    t->regrouped = xmalloc((size_t)(c->n_layers * d * per_row) * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        Matrix *w2 = &t->weights.layers[l].w2;
+        float *dst = t->regrouped + (size_t)(l * d * per_row);
+        for (int64_t r = 0; r < d; r++)
+            for (int64_t j = 0; j < per_row; j++) dst[r * per_row + j] = w2->s[(r * h + j * g) / gs];
+        w2->s = dst;
+    }
+    c->w2_group_size = g;
+}
+
+/* 1 when none of x[0..n) is NaN or +-Inf. Integer compares on the bit patterns (largest magnitude
+   below the all-ones exponent), so that the compiler vectorizes it without -ffast-math: one
+   streaming pass at memory speed. */
+static int floats_finite(const float *x, int64_t n) {
+    uint32_t worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        u &= 0x7fffffffu;
+        worst = u > worst ? u : worst;
+    }
+    return worst < 0x7f800000u;
+}
+
+/* Refuses a model whose fp32 values (norm gains, fp32 matrices, int8 matrices' scales) hold a
+   NaN or an infinity, naming the tensor: such a file is damaged (a bad copy, a diverged training
+   run), and would otherwise print one token forever. Run once at load. Cost, measured on the
+   largest model bench.py builds (zh110M, 355 MB in fp32, one thread, file in the page cache):
+   24-27 ms for fp32 (about 14 GB/s, with or without -march=native) against 135-170 ms for the
+   whole load; under 1 ms for int8, whose scan covers only the scales (1/16 of its bytes). */
+static void weights_check_finite(const Transformer *t) {
+    const Config *c = &t->config;
+    const Weights *w = &t->weights;
+    int64_t d = c->dim, h = c->hidden_dim, kv = c->kv_dim, V = c->vocab_size;
+    const char *kinds[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    int64_t numel[7] = {d * d, kv * d, kv * d, d * d, h * d, d * h, h * d};
+    char name[64];
+#define CHECK_VALUES(ptr, n, ...)                                                                  \
+    do {                                                                                           \
+        if (!floats_finite((ptr), (n))) {                                                          \
+            snprintf(name, sizeof name, __VA_ARGS__);                                              \
+            fatal("%s: %s holds NaN/Inf; the file is damaged, re-export it", t->path, name);      \
+        }                                                                                          \
+    } while (0)
+#define CHECK_MATRIX(m, n, ...)                                                                    \
+    do {                                                                                           \
+        if ((m)->w) CHECK_VALUES((m)->w, (n), __VA_ARGS__);                                        \
+        else CHECK_VALUES((m)->s, (n) / c->group_size, __VA_ARGS__);                               \
+    } while (0)
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        const Matrix *mats[7] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
+        CHECK_VALUES(lw->rms_att, d, "layer %d attention norm", l);
+        CHECK_VALUES(lw->rms_ffn, d, "layer %d ffn norm", l);
+        for (int k = 0; k < 7; k++) CHECK_MATRIX(mats[k], numel[k], "layer %d %s", l, kinds[k]);
+    }
+    CHECK_VALUES(w->rms_final, d, "the final norm");
+    CHECK_MATRIX(&w->token_embedding, V * d, "the token embedding");
+    if (!c->shared_classifier) CHECK_MATRIX(&w->wcls, V * d, "the classifier");
+#undef CHECK_MATRIX
+#undef CHECK_VALUES
+}
+
 static void weights_map(Transformer *t) {
     const Config *c = &t->config;
     Weights *w = &t->weights;
@@ -442,7 +550,7 @@ static void run_state_init(RunState *s, const Config *c, int kv_half) {
     s->q = xmalloc_aligned(B * d * sizeof(float));
     s->logits = xmalloc_aligned((size_t)c->vocab_size * sizeof(float));
     s->xq = xmalloc_aligned(B * wide);
-    size_t n_groups = B * (c->quantized ? wide / (size_t)c->group_size : 1);
+    size_t n_groups = B * (c->quantized ? wide / (size_t)c->w2_group_size : 1); /* the smaller size */
     s->xs = xmalloc_aligned(n_groups * sizeof(float));
     s->xsum = xmalloc_aligned(n_groups * sizeof(int32_t));
     s->kv_half = kv_half;
@@ -510,11 +618,15 @@ enum { KV_DEFAULT = -1, KV_F32 = 0, KV_F16 = 1 };
 static void transformer_init(Transformer *t, const char *path, int kv) {
     memset(t, 0, sizeof *t);
     t->path = path;
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO that has no writer would wait forever; fstat refuses it (and any
+       other non-regular file) before a byte is read. Reads of a regular file ignore the flag. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) fatal("%s: cannot open model file (%s)", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) fatal("%s: cannot stat model file (%s)", path, strerror(errno));
-    if (!S_ISREG(st.st_mode)) fatal("%s: not a regular file", path);
+    if (!S_ISREG(st.st_mode))
+        fatal("%s: %s, not a model file; pass the .bin that export.py wrote", path,
+              S_ISDIR(st.st_mode) ? "is a directory" : "is not a regular file (a FIFO, socket or device?)");
     t->file_size = (size_t)st.st_size;
     unsigned char header[MODEL_HEADER_SIZE];
     size_t want = t->file_size < MODEL_HEADER_SIZE ? t->file_size : MODEL_HEADER_SIZE;
@@ -536,6 +648,8 @@ static void transformer_init(Transformer *t, const char *path, int kv) {
     if (t->data == MAP_FAILED) fatal("%s: mmap failed (%s)", path, strerror(errno));
     close(fd);
     weights_map(t);
+    weights_check_finite(t);
+    weights_regroup_w2(t);
     weights_pack(t);
     run_state_init(&t->state, &t->config, kv == KV_DEFAULT ? t->config.quantized : kv == KV_F16);
 }
@@ -543,6 +657,7 @@ static void transformer_init(Transformer *t, const char *path, int kv) {
 static void transformer_free(Transformer *t) {
     run_state_free(&t->state);
     free(t->packed);
+    free(t->regrouped);
     free(t->owned);
     free(t->weights.layers);
     if (t->data && t->data != MAP_FAILED) munmap(t->data, t->file_size);
@@ -1014,7 +1129,7 @@ static void drop_pages(Transformer *t, const Matrix *m, int rows, int cols) {
     uintptr_t base = (uintptr_t)t->data;
     uintptr_t sc = (uintptr_t)m->s;
     if (sc >= base && sc < base + t->file_size) /* the scales too, unless copied out (take_scales) */
-        hi = sc + (uintptr_t)rows * (uintptr_t)(cols / t->config.group_size) * sizeof(float);
+        hi = sc + (uintptr_t)rows * (uintptr_t)(cols / q8_group_size(&t->config, cols)) * sizeof(float);
     hi = (hi + page - 1) & ~(page - 1);
     if (hi > base + t->file_size) hi = (base + t->file_size + page - 1) & ~(page - 1);
     madvise((void *)lo, hi - lo, MADV_DONTNEED);
@@ -1030,23 +1145,26 @@ static void weights_pack(Transformer *t) {
     const Config *c = &t->config;
     Weights *w = &t->weights;
     if (!c->quantized || !q8_packable(c->group_size)) return;
-    int gs = c->group_size, d = c->dim, h = c->hidden_dim, kv = c->kv_dim;
-    size_t total = q8_packed_bytes(c->vocab_size, d, gs);
-    for (int l = 0; l < c->n_layers; l++)
-        total += 2 * q8_packed_bytes(d, d, gs) + 2 * q8_packed_bytes(kv, d, gs) + 2 * q8_packed_bytes(h, d, gs) +
-                 q8_packed_bytes(d, h, gs);
+    int d = c->dim, h = c->hidden_dim, kv = c->kv_dim;
+    int rows[7] = {d, kv, kv, d, h, d, h}, cols[7] = {d, d, d, d, d, h, d};
+    size_t total = q8_packed_bytes(c->vocab_size, d, c->group_size);
+    for (int k = 0; k < 7; k++) {
+        int gs = q8_group_size(c, cols[k]);
+        if (q8_packable(gs)) total += (size_t)c->n_layers * q8_packed_bytes(rows[k], cols[k], gs);
+    }
     unsigned char *buf = t->packed = xmalloc_aligned(total);
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights *lw = &w->layers[l];
         Matrix *mats[7] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
-        int rows[7] = {d, kv, kv, d, h, d, h}, cols[7] = {d, d, d, d, d, h, d};
         for (int k = 0; k < 7; k++) {
+            int gs = q8_group_size(c, cols[k]);
+            if (!q8_packable(gs)) continue; /* a regrouped w2 of a group size the kernel lacks */
             q8_pack(mats[k], buf, rows[k], cols[k], gs);
             drop_pages(t, mats[k], rows[k], cols[k]);
             buf += q8_packed_bytes(rows[k], cols[k], gs);
         }
     }
-    q8_pack(&w->wcls, buf, c->vocab_size, d, gs);
+    q8_pack(&w->wcls, buf, c->vocab_size, d, c->group_size);
     drop_pages(t, &w->wcls, c->vocab_size, d);
 }
 
@@ -1058,7 +1176,7 @@ static int matrix_rows(const Matrix *w) { return w->w ? 4 : q8_block_rows(w); }
 static void matrix_block(const Transformer *t, float *out, const Matrix *w, const float *x, const int8_t *xq,
                          const float *xs, const int32_t *xsum, int n, int d, int m, int i0) {
     if (w->w) block_f32(out, x, w->w, n, d, m, i0);
-    else block_q8(out, xq, xs, xsum, w, n, d, m, t->config.group_size, i0);
+    else block_q8(out, xq, xs, xsum, w, n, d, m, q8_group_size(&t->config, m), i0);
 }
 
 /* One product of a group that shares its input: out (n, d) = x @ W^T. */
@@ -1438,18 +1556,18 @@ static void prefill_norm(Transformer *t, float *x, const float *add, float *out,
 }
 
 /* Rows [0, n) of x (n, m): SwiGLU's gate first when up is not NULL (x = silu(x) * up), then the
-   quantized form for int8 weights. */
-static void prefill_quantize(Transformer *t, float *x, const float *up, int n, int m) {
+   quantized form in groups of gs for int8 weights. */
+static void prefill_quantize(Transformer *t, float *x, const float *up, int n, int m, int gs) {
     const Config *c = &t->config;
     RunState *s = &t->state;
-    int groups = c->quantized ? m / c->group_size : 0, i;
+    int groups = c->quantized ? m / gs : 0, i;
     if (!up && !c->quantized) return;
     OMP_PARALLEL_FOR
     for (i = 0; i < n; i++) {
         if (up) swiglu(x + (size_t)i * m, up + (size_t)i * m, (size_t)m);
         if (c->quantized)
             quantize_rows(s->xq + (size_t)i * m, s->xs + (size_t)i * groups, s->xsum + (size_t)i * groups,
-                          x + (size_t)i * m, 1, m, c->group_size);
+                          x + (size_t)i * m, 1, m, gs);
     }
 }
 
@@ -1515,14 +1633,14 @@ OMP_PARALLEL_FOR
             attention_head(out, qh, kv_at(kc, kv_off, kv16), kv_at(vc, kv_off, kv16), kv16, att, len, kv, hs,
                            att_scale);
         }
-        prefill_quantize(t, s->xb, NULL, n, d);
+        prefill_quantize(t, s->xb, NULL, n, d, c->group_size);
         matmul(t, s->xb2, s->xb, &lw->wo, n, d, d);
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x), after wo's output joins x */
         prefill_norm(t, s->x, s->xb2, s->xb, lw->rms_ffn, 0, n);
         MatJob up[2] = {{s->hb, &lw->w1, hd}, {s->hb2, &lw->w3, hd}};
         matmul_jobs(t, up, 2, s->xb, n, d);
-        prefill_quantize(t, s->hb, s->hb2, n, hd);
+        prefill_quantize(t, s->hb, s->hb2, n, hd, c->w2_group_size);
         matmul(t, s->xb2, s->hb, &lw->w2, n, d, hd);
     }
 
@@ -1564,7 +1682,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
     int rep = c->n_heads / c->n_kv_heads, q8 = c->quantized, kv16 = s->kv_half;
     float att_scale = 1.0f / sqrtf((float)hs);
     const float *cs = s->rope_cos + (size_t)pos * (hs / 2), *sn = s->rope_sin + (size_t)pos * (hs / 2);
-    size_t wide = (size_t)(d > hd ? d : hd), gwide = q8 ? wide / (size_t)gs : 1;
+    size_t wide = (size_t)(d > hd ? d : hd), gwide = q8 ? wide / (size_t)c->w2_group_size : 1; /* as run_state_init */
     embedding_lookup(t, s->x, token);
 #ifdef _OPENMP
     int team = omp_get_max_threads() < s->slots ? omp_get_max_threads() : s->slots;
@@ -1634,7 +1752,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
                 matrix_block(t, s->hb2, &lw->w3, xn, xq, xs, xsum, 1, hd, d, i0);
                 swiglu(s->hb + i0, s->hb2 + i0, (size_t)(i1 - i0));
             }
-            if (q8) quantize_rows(xq, xs, xsum, s->hb, 1, hd, gs);
+            if (q8) quantize_rows(xq, xs, xsum, s->hb, 1, hd, c->w2_group_size);
             decode_residual(t, s->x, s->xb2, &lw->w2, s->hb, xq, xs, xsum, hd);
         }
         rmsnorm(xn, s->x, w->rms_final, d, c->norm_eps);
@@ -1796,6 +1914,11 @@ static void sampler_softmax(float *x, int n) {
 static int sampler_sample(Sampler *s, float *logits) {
     int n = s->vocab_size;
     if (s->temperature == 0.0f) return argmax(logits, n);
+    /* A temperature so small that the largest logit divided by it overflows (main refuses only
+       subnormal ones) is greedy in its limit, and without this every probability would be
+       inf - inf = NaN. */
+    int best = argmax(logits, n);
+    if (!isfinite(logits[best] / s->temperature)) return best;
     for (int i = 0; i < n; i++) logits[i] /= s->temperature;
     int k = (s->top_k > 0 && s->top_k < n) ? s->top_k : n;
     if (k == n && s->top_p >= 1.0f) {
@@ -1983,7 +2106,11 @@ static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const
     if (n_prompt > c->max_seq_len)
         fatal("the prompt is %d tokens (BOS included), more than the model's max_seq_len=%d; shorten it",
               n_prompt, c->max_seq_len);
-    int room = c->max_seq_len - n_prompt;
+    /* Token k after the prompt is sampled from the logits of position n_prompt - 1 + k, and the
+       last one sampled is never fed back: so max_seq_len - n_prompt + 1 tokens fit, the last
+       from the logits of the context's last position (a prompt that fills the context still
+       gets one). */
+    int room = c->max_seq_len - n_prompt + 1;
     int limit = (steps == 0 || steps > room) ? room : steps;
     fputs(prompt, out);
     fflush(out);
@@ -2009,7 +2136,7 @@ static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const
 static void usage(FILE *f) {
     fputs("usage: run model.bin [options]\n"
           "       run -m encode -z tokenizer.bin -i text\n"
-          "  -t <float>  temperature in [0, inf); 0 = greedy (default 1.0)\n"
+          "  -t <float>  temperature: 0 = greedy, else a normal float >= 1.18e-38 (default 1.0)\n"
           "  -p <float>  top-p (nucleus) mass in (0, 1]; 1 = off (default 0.9)\n"
           "  -k <int>    top-k, >= 0; 0 = off (default 0)\n"
           "  -s <int>    random seed, >= 0; 0 = from the clock (default 0)\n"
@@ -2204,7 +2331,12 @@ int main(int argc, char **argv) {
         switch (flag[1]) {
         case 't':
             temperature = parse_float(flag, val);
-            if (temperature < 0.0f) usage_error("-t must be >= 0, got %s", val);
+            if (temperature < 0.0f || strtod(val, NULL) < 0.0) usage_error("-t must be >= 0, got %s", val);
+            /* a positive value that rounds to 0 or to a subnormal float: 1/t overflows, and
+               taking it as 0 (greedy) would be a silent change */
+            if (strtod(val, NULL) > 0.0 && !(temperature >= FLT_MIN))
+                usage_error("-t %s is too small (a positive temperature must be >= %g; 0 is greedy)", val,
+                            (double)FLT_MIN);
             break;
         case 'p':
             top_p = parse_float(flag, val);

@@ -26,7 +26,7 @@
  *     off 40 uint32 tokenizer_hash     FNV-1a over pieces, see tokenizer_hash_pieces
  *     off 44 uint32 charsmap_len       bytes of the precompiled charsmap (0 = none)
  *     off 48 uint32 unk_surface_len    bytes of the text decoding prints for unk
- *     off 52..63 zero
+ *     off 52..63 zero (checked)
  *   charsmap_len bytes: sentencepiece's precompiled_charsmap blob as is
  *   unk_surface_len bytes: UTF-8
  *   vocab_size pieces: float32 score, uint8 type (sentencepiece enum:
@@ -34,10 +34,14 @@
  *     uint32 byte length, the piece's UTF-8 bytes (U+2581 kept as is).
  * ------------------------------------------------------------------------- */
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define TOK_MAGIC 0x6b746b61u
 #define TOK_VERSION 1
@@ -234,6 +238,12 @@ static void tok_load_ours(Tokenizer *t, const unsigned char *d, size_t size, int
         tok_fail(t->path, msg);
     }
     if (model_type != 2) tok_fail(t->path, "not a BPE tokenizer (model_type != 2)");
+    for (size_t i = 52; i < TOK_HEADER_SIZE; i++) {
+        if (d[i]) {
+            snprintf(msg, sizeof msg, "header padding byte %zu is not zero; re-run tokenizer.py", i);
+            tok_fail(t->path, msg);
+        }
+    }
     if (t->max_token_length < 0 || t->max_token_length > (1 << 20)) tok_fail(t->path, "max_piece_len out of range");
     if (d[20] > 1 || d[21] > 1 || d[22] > 1 || d[23] > 1) tok_fail(t->path, "flag byte is not 0 or 1; re-run tokenizer.py");
     tok_check_special(t, t->unk_id, "unk");
@@ -401,20 +411,30 @@ void tokenizer_init(Tokenizer *t, const char *path, int vocab_size) {
     memset(t, 0, sizeof *t);
     t->path = tok_malloc(strlen(path) + 1);
     strcpy(t->path, path);
-    FILE *f = fopen(path, "rb");
-    if (!f) tok_fail(path, "cannot open (does the file exist? make one with tokenizer.py)");
-    /* read to EOF in growing chunks: no ftell, which is meaningless on a directory or pipe */
-    size_t size = 0, cap = 1 << 16;
-    unsigned char *d = tok_malloc(cap);
-    for (;;) {
-        size += fread(d + size, 1, cap - size, f);
-        if (ferror(f)) tok_fail(path, "read error (is it a directory?)");
-        if (size < cap) break;
-        if (cap > ((size_t)1 << 30)) tok_fail(path, "larger than 1 GiB; not a tokenizer file");
-        cap *= 2;
-        d = tok_realloc(d, cap);
+    /* O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever; fstat then refuses
+       anything but a regular file before a single byte is read (a regular file ignores the flag) */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "cannot open (%s; does the file exist? make one with tokenizer.py)", strerror(errno));
+        tok_fail(path, msg);
     }
-    fclose(f);
+    struct stat st;
+    if (fstat(fd, &st) != 0) tok_fail(path, "cannot stat the file");
+    if (!S_ISREG(st.st_mode))
+        tok_fail(path, S_ISDIR(st.st_mode) ? "is a directory, not a tokenizer file"
+                                           : "is not a regular file (a FIFO, socket or device?); pass a tokenizer .bin file");
+    if ((uint64_t)st.st_size > ((uint64_t)1 << 30)) tok_fail(path, "larger than 1 GiB; not a tokenizer file");
+    size_t want = (size_t)st.st_size, size = 0;
+    unsigned char *d = tok_malloc(want);
+    while (size < want) {
+        ssize_t r = read(fd, d + size, want - size);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) tok_fail(path, "read error");
+        if (r == 0) tok_fail(path, "the file shrank while it was read");
+        size += (size_t)r;
+    }
+    close(fd);
     if (size >= 4 && tok_u32(d) == TOK_MAGIC) tok_load_ours(t, d, size, vocab_size);
     else tok_load_legacy(t, d, size, vocab_size);
     free(d);

@@ -426,7 +426,7 @@ def greedy_text(story_model, prompt: str, n_new: int, *, hooks_gs: int = 0, mode
     tok = story_model["tok"]
     model = model or story_model["model"]
     ids = tok.encode(prompt, bos=True)
-    n_new = min(n_new, model.params.max_seq_len - len(ids))
+    n_new = min(n_new, model.params.max_seq_len - len(ids) + 1)  # the last token is never fed back
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), n_new, temperature=0.0)[0, len(ids):].tolist()
     for i, t in enumerate(out):
