@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -334,9 +335,22 @@ class BinHeader:
         return self.header_size + 4 * n_norms + n_mat + 4 * (n_mat // self.group_size)
 
 
+def require_regular_file(path: str, what: str = "model file") -> None:
+    """ExportError unless path is a regular file: checked before any open, since opening a FIFO
+    blocks until a writer comes (forever, for a typo), and a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ExportError(f"{path}: {'no such file' if isinstance(e, FileNotFoundError) else e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ExportError(f"{path}: is {kind}, not a {what}")
+
+
 def read_bin_header(path: str) -> BinHeader:
     """Parse and sanity-check a .bin header (any version); raises ExportError naming the file."""
     path = os.fspath(path)
+    require_regular_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_SIZE)
@@ -956,8 +970,7 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
     version 3 .bin header or the checkpoint's data record, else 0 = not recorded).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ExportError(f"{path}: no such file")
+    require_regular_file(path, "checkpoint or model file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import sys
 import tarfile
@@ -177,7 +178,10 @@ def read_shard_header(path: Path) -> dict:
     """Read and check a shard's header against its file size; DataError naming the file if bad."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # before open: opening a FIFO blocks until a writer comes
+            raise DataError(f"{path}: not a regular file (a FIFO or device?); a shard must be a file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as e:

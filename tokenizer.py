@@ -203,6 +203,8 @@ class Tokenizer:
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
+            if os.path.exists(model_path):  # a FIFO, a device, a folder: refused before any open
+                raise TokenizerError(f"{model_path}: not a regular file, not a tokenizer model")
             raise TokenizerError(f"{model_path}: no such tokenizer model (train one with tinystories.py)")
         self.model_path = model_path
         self.sp = spm.SentencePieceProcessor()

@@ -314,6 +314,8 @@ def save_atomic(obj, path: Path) -> None:
 def load_checkpoint(path) -> dict:
     """Read a checkpoint written by this file; TrainError naming the file if missing or corrupt."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the open below
+        raise TrainError(f"{path}: not a regular file, not a checkpoint")
     if not path.is_file():
         raise TrainError(f"{path}: checkpoint not found (train first, or check --out_dir)")
     try:
@@ -582,9 +584,9 @@ def check_resume_tokenizer(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_d
     if not recorded or not train.tokenizer_hash or recorded == train.tokenizer_hash or cfg.retokenized:
         return  # 0: not recorded, nothing to compare
     shard = tinystories.shard_paths(data_dir, "train")[0]
-    raise TrainError(f"{shard}: shards of tokenizer hash {train.tokenizer_hash:#010x}, but {ckpt_path} was "
-                     f"trained on tokenizer hash {recorded:#010x} ({data.get('data_dir', '?')}); resume with "
-                     "that data, or pass --retokenized=true to continue on the new tokenizer on purpose")
+    raise TrainError(f"{shard}: shards of tokenizer hash {train.tokenizer_hash:#010x}, but {ckpt_path} "
+                     f"was trained on tokenizer hash {recorded:#010x} ({data.get('data_dir', '?')}); resume "
+                     "with that data, or pass --retokenized=true to continue on the new tokenizer on purpose")
 
 
 def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, dict]:

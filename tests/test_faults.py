@@ -401,6 +401,27 @@ def test_a_signal_saves_then_exits_non_zero(two_shard_sets, tmp_path, sig):
     assert not (tmp_path / ".lock").exists()
 
 
+def test_fifos_are_refused_before_any_open(models, toks, tmp_path):
+    """A FIFO (or another non-regular file) as a model, checkpoint or shard: one line at once,
+    not an open that blocks until a writer comes."""
+    fifo = tmp_path / "model.bin"
+    os.mkfifo(fifo)
+    runs = [[str(ROOT / "sample.py"), f"--checkpoint={fifo}", f"--tokenizer={toks['ours']}"],
+            [str(ROOT / "export.py"), str(tmp_path / "x.bin"), f"--checkpoint={fifo}"],
+            [str(ROOT / "export.py"), str(tmp_path / "y.bin"), f"--checkpoint={models['v3']}",
+             f"--tokenizer={fifo}"],
+            [str(ROOT / "sample.py"), f"--checkpoint={tmp_path}"]]
+    for argv in runs:
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV1)
+        assert r.returncode == 1 and one_line_error(r.stderr) and str(tmp_path) in r.stderr, (argv, r.stderr)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    os.mkfifo(shards / "train_000.bin")
+    code = f"import tinystories; tinystories.TokenBatches({str(shards)!r}, 'train', 2, 8, seed=0)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV1)
+    assert r.returncode != 0 and "not a regular file" in r.stderr
+
+
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
