@@ -156,6 +156,14 @@ def test_bin_to_bin_keeps_the_recorded_hash(models, toks, tmp_path, capsys, monk
     assert rc == 0 and header_hash(out) == toks["h_other"]
 
 
+def test_hf_export_refuses_a_tokenizer_the_checkpoint_does_not_record(models, toks, tmp_path, capsys):
+    out = tmp_path / "hf"
+    rc, _, err = run_export(capsys, out, "--version=-1", f"--checkpoint={models['ckpt']}",
+                            f"--tokenizer={toks['other']}")
+    assert rc == 1 and one_line_error(err) and not out.exists(), err
+    assert f"{toks['h_other']:#010x}" in err and str(models["ckpt"]) in err
+
+
 def test_retokenized_is_documented():
     assert "--retokenized" in export.USAGE
     assert "retokenized" in train.usage()
