@@ -369,7 +369,7 @@ def torch_completions(cfg: EvalConfig, entry: ModelEntry, model, tok, prompts: l
     out = []
     for i, prompt in enumerate(prompts):
         ids = tok.encode(prompt, bos=True)
-        limit = min(cfg.steps, entry.max_seq_len - len(ids))
+        limit = completion_limit(cfg, entry, len(ids))
         head = tok.decode(ids)
         for j in range(cfg.samples):
             s = seed_of(cfg, i, j)
@@ -411,9 +411,16 @@ def build_engine(cfg: EvalConfig) -> Path:
     return run
 
 
+def completion_limit(cfg: EvalConfig, entry: ModelEntry, n_prompt_ids: int) -> int:
+    """Tokens a completion may have: --steps, within the context (both engines get this limit,
+    so a completion that fills the context is as long in each)."""
+    return min(cfg.steps, entry.max_seq_len - n_prompt_ids)
+
+
 def engine_completions(cfg: EvalConfig, entry: ModelEntry, run: Path, tok_bin: Path,
-                       prompts: list[str]) -> list[Completion]:
+                       prompts: list[str], tok) -> list[Completion]:
     """./run once per completion, several at a time with one thread each (these models are small)."""
+    limits = [completion_limit(cfg, entry, len(tok.encode(p, bos=True))) for p in prompts]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
 
@@ -421,7 +428,7 @@ def engine_completions(cfg: EvalConfig, entry: ModelEntry, run: Path, tok_bin: P
         i, j = job
         s = seed_of(cfg, i, j)
         cmd = [str(run), str(entry.path), "-z", str(tok_bin), "-t", repr(cfg.temperature), "-p", repr(cfg.top_p),
-               "-k", str(cfg.top_k), "-s", str(s), "-n", str(cfg.steps), "-i", prompts[i]]
+               "-k", str(cfg.top_k), "-s", str(s), "-n", str(limits[i]), "-i", prompts[i]]
         r = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
         err = r.stderr.decode("utf-8", "replace").strip()
         if r.returncode != 0:
@@ -815,7 +822,7 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
         if e.engine == "pytorch":
             comps = torch_completions(cfg, e, model, tok, prompts)
         else:
-            comps = engine_completions(cfg, e, run, tok_bin, prompts)
+            comps = engine_completions(cfg, e, run, tok_bin, prompts, tok)
         del model
         agg, per = text_metrics(comps, lang=lang, index=index, k=copy_k, lexicon=lexicon)
         row.update(agg)
