@@ -60,7 +60,7 @@ demo: venv
 
 # Test-only packages (requirements-test.txt: llama.cpp through llama-cpp-python, built from source
 # the first time, then from pip's wheel cache); re-installed only when that file changes.
-# llama.cpp's multimodal library is left out of the build (about a sixth of its compile time).
+# llama.cpp's multimodal library is left out of the build (a quarter of its compile time).
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
