@@ -25,7 +25,7 @@ FUZZ_DIR = REPO / "tests" / "fuzz"
 HARNESSES = ("model", "tokenizer", "encode")   # tests/fuzz/fuzz_<name>.c
 FUZZ_FLAGS = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=fuzzer,address,undefined",
               "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-std=c99"]
-SMOKE_RUNS = 2000        # per harness: a few seconds each under the sanitizers
+SMOKE_RUNS = 5000        # per harness: a few seconds each under the sanitizers
 CLANG = os.environ.get("FUZZ_CC", "clang")
 
 # Prompts for the encoder harness: the encoder's corner cases as seeds.
