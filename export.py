@@ -398,17 +398,23 @@ def read_bin_header(path: str) -> BinHeader:
     return hdr
 
 
-def _check_header(path: str, h: BinHeader) -> None:
-    problems = []
-    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-        v = getattr(h, name)
-        if not 1 <= v <= 1 << 20:
-            problems.append(f"{name}={v}")
+def _shape_problems(c, *, largest: int) -> list[str]:
+    """What is wrong with the sizes of c (a BinHeader or ModelArgs): each size in 1..largest,
+    then whole, even-sized heads and kv heads that divide the heads."""
+    problems = [f"{name}={getattr(c, name)}" for name in
+                ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
+                if not 1 <= getattr(c, name) <= largest]
     if not problems:
-        if h.dim % h.n_heads or (h.dim // h.n_heads) % 2:
-            problems.append(f"dim={h.dim} does not split into n_heads={h.n_heads} even-sized heads")
-        if h.n_heads % h.n_kv_heads:
-            problems.append(f"n_heads={h.n_heads} is not a multiple of n_kv_heads={h.n_kv_heads}")
+        if c.dim % c.n_heads or (c.dim // c.n_heads) % 2:
+            problems.append(f"dim={c.dim} does not split into n_heads={c.n_heads} even-sized heads")
+        if c.n_heads % c.n_kv_heads:
+            problems.append(f"n_heads={c.n_heads} is not a multiple of n_kv_heads={c.n_kv_heads}")
+    return problems
+
+
+def _check_header(path: str, h: BinHeader) -> None:
+    problems = _shape_problems(h, largest=1 << 20)
+    if not problems:
         if h.dtype == "int8" and (h.group_size < 1 or h.dim % h.group_size or h.hidden_dim % h.group_size):
             problems.append(f"group_size={h.group_size} does not divide dim={h.dim} and hidden_dim={h.hidden_dim}")
     if h.version == 3 and not (h.norm_eps > 0 and h.rope_theta > 0):
@@ -811,16 +817,7 @@ def _check_gguf_tokenizer(spec, path: str) -> None:
 def _check_gguf_shape(p: ModelArgs, path: str) -> None:
     """What llama.cpp's llama architecture needs: whole, even-sized heads, kv heads dividing the
     heads, sizes that fit its int32 fields, and norm_eps and rope_theta positive as float32."""
-    problems = []
-    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
-        v = getattr(p, name)
-        if not 1 <= v < 2**31:
-            problems.append(f"{name}={v}")
-    if not problems:
-        if p.dim % p.n_heads or (p.dim // p.n_heads) % 2:
-            problems.append(f"dim={p.dim} does not split into n_heads={p.n_heads} even-sized heads")
-        if p.n_heads % p.n_kv_heads:
-            problems.append(f"n_heads={p.n_heads} is not a multiple of n_kv_heads={p.n_kv_heads}")
+    problems = _shape_problems(p, largest=2**31 - 1)
     for name in ("norm_eps", "rope_theta"):
         v = float(np.float32(getattr(p, name)))
         if not (np.isfinite(v) and v > 0):
