@@ -265,6 +265,15 @@ def c_logits(engine: Engine, path: Path, ids: list[int], mode: str, tmp_path: Pa
     return np.fromfile(out, dtype=np.float32).reshape(len(ids), -1)
 
 
+def cut_at_stop(ids: list[int]) -> list[int]:
+    """ids up to and including the first EOS (2) or BOS (1): run.c stops there, model.generate
+    does not."""
+    for i, t in enumerate(ids):
+        if t in (1, 2):
+            return ids[:i + 1]
+    return ids
+
+
 def describe_diff(got: np.ndarray, want: np.ndarray) -> str:
     d = np.abs(got - want)
     pos, tok = np.unravel_index(int(np.argmax(d)), d.shape)
@@ -369,11 +378,7 @@ def test_greedy_matches_pytorch(engine, models, shape, version, dtype):
         want = ref.generate(torch.tensor([prompt]), n_new, temperature=0.0)[0, len(prompt):].tolist()
     for h in hooks:
         h.remove()
-    # run.c stops at EOS (2) and BOS (1), including the stopping id; model.generate does not stop.
-    for i, t in enumerate(want):
-        if t in (1, 2):
-            want = want[:i + 1]
-            break
+    want = cut_at_stop(want)
     got = engine.harness("greedy", path, " ".join(map(str, prompt)), n_new).stdout.decode().split()
     assert [int(t) for t in got] == want
 

@@ -21,7 +21,7 @@ import sentencepiece as spm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine import (INT8_EMULATION_MIN_CLOSE, INT8_EMULATION_RTOL, assert_one_line_error,  # noqa: E402
+from test_engine import (INT8_EMULATION_MIN_CLOSE, INT8_EMULATION_RTOL, assert_one_line_error, cut_at_stop,  # noqa: E402
                          c_logits, describe_diff, engine, spread_weights, tok_files, torch_logits)
 
 from export import HEADER_SIZE, MAGIC, write_model_bin  # noqa: E402
@@ -158,10 +158,7 @@ def test_llama2c_v2_groups_across_rows(engine, shape, tmp_path):
         want = ref.generate(torch.tensor([prompt]), 30, temperature=0.0)[0, len(prompt):].tolist()
     for h in hooks:
         h.remove()
-    for i, t in enumerate(want):
-        if t in (1, 2):
-            want = want[:i + 1]
-            break
+    want = cut_at_stop(want)
     got = engine.harness("greedy", path, " ".join(map(str, prompt)), 30, "f32").stdout.decode().split()
     assert [int(t) for t in got] == want
 

@@ -26,7 +26,8 @@ import sample
 import tinystories
 import train
 from model import Transformer, model_args_from_preset, sample_next
-from test_train import ENV1, TINY, VOCAB, make_shards, train_losses, write_stories
+from test_train import (ENV1, TINY, VOCAB, make_shards, one_thread, start_endless_training,  # noqa: F401 (one_thread: autouse)
+                        train_losses, write_stories)
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,13 +40,6 @@ STORIES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (as in test_train.py)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def one_line_error(err: str) -> bool:
@@ -264,14 +258,8 @@ def test_second_train_run_on_one_out_dir_is_refused(two_shard_sets, tmp_path, ca
 
 def test_train_run_holds_its_lock_while_running(two_shard_sets, tmp_path):
     a = two_shard_sets[0]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={a}",
-                             f"--out_dir={tmp_path}", "--max_iters=1000000", "--eval_interval=1000000"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV1)
+    proc = start_endless_training(a, tmp_path, min_steps=1, stdout=subprocess.DEVNULL, poll=0.02)
     try:
-        deadline = time.time() + 60
-        while not ((tmp_path / "log.jsonl").exists() and train_losses(tmp_path)):
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.02)
         second = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={a}",
                                  f"--out_dir={tmp_path}", "--max_iters=2"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=60, env=ENV1)
@@ -390,14 +378,8 @@ def test_shard_ids_out_of_range_are_found_when_opened(tmp_path, capsys):
 def test_a_signal_saves_then_exits_non_zero(two_shard_sets, tmp_path, sig):
     """Defect: Ctrl-C ended train.py with exit 0, so `train.py && export.py` went on."""
     a = two_shard_sets[0]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={a}",
-                             f"--out_dir={tmp_path}", "--max_iters=1000000", "--eval_interval=1000000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV1)
+    proc = start_endless_training(a, tmp_path, min_steps=2)
     try:
-        deadline = time.time() + 60
-        while not ((tmp_path / "log.jsonl").exists() and len(train_losses(tmp_path)) >= 2):
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.01)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:

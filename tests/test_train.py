@@ -89,6 +89,25 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in train.read_log(out_dir / "log.jsonl") if r["type"] == "train"}
 
 
+def start_endless_training(data_dir: Path, out_dir: Path, *, min_steps: int, stdout=subprocess.PIPE,
+                           poll: float = 0.01) -> subprocess.Popen:
+    """train.py in a subprocess that would run for ever, returned once it has logged min_steps
+    steps (within 60 s); the caller stops it."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={data_dir}",
+                             f"--out_dir={out_dir}", "--max_iters=1000000", "--eval_interval=1000000"],
+                            cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV1)
+    deadline = time.time() + 60
+    try:
+        while not ((out_dir / "log.jsonl").exists() and len(train_losses(out_dir)) >= min_steps):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(poll)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def run_train(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=ENV1, **kw)
@@ -443,14 +462,8 @@ def test_max_seconds_stops_and_saves(shards, tmp_path, capsys):
 
 
 def test_sigterm_stops_gracefully_with_a_checkpoint(shards, tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={shards}",
-                             f"--out_dir={tmp_path}", "--max_iters=1000000", "--eval_interval=1000000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV1)
+    proc = start_endless_training(shards, tmp_path, min_steps=3)
     try:
-        deadline = time.time() + 60
-        while not ((tmp_path / "log.jsonl").exists() and len(train_losses(tmp_path)) >= 3):
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
