@@ -60,3 +60,67 @@ def test_errors_are_one_line_and_name_the_option(argv, message):
 def test_valid_list_spelling_and_positional_left_out():
     with pytest.raises(OptionError, match="valid: --steps, --temperature, --legacy, --data-dir$"):
         parse_options(Cfg, ["--nope=1"], positional="out", spell="-")
+
+
+# ---- the error and help contract every script shares (options.cli, render_help) ----
+
+import errno
+import signal
+
+from options import OptionError as _OptionError, Terminated, UserError, cli, opt, render_help
+
+
+@dataclass
+class Helped:
+    out: str = opt("", "where to write")
+    steps: int = opt(10, "how many steps")
+    legacy: bool = opt(False, "write the old format")
+
+
+def test_help_is_rendered_from_the_fields():
+    text = render_help(Helped, "python x.py OUT [--key=value ...]", "Does x.", positional="out")
+    assert text.splitlines()[:2] == ["usage: python x.py OUT [--key=value ...]", "Does x."]
+    assert "--steps=10" in text and "(int) how many steps" in text
+    assert "--legacy=false" in text and "(bool) write the old format" in text
+    assert "--out=" not in text  # the positional word is in the usage line instead
+
+
+def _raise(e):
+    def body():
+        raise e
+    return body
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (_OptionError("--steps=x: not a valid int"), 2, "prog: error: --steps=x: not a valid int"),
+    (UserError("data/x.bin: truncated"), 1, "prog: error: data/x.bin: truncated"),
+    (OSError(errno.ENOSPC, "No space left on device", "out/ckpt.pt"), 1,
+     "prog: error: out/ckpt.pt: no space left on device"),
+    (KeyboardInterrupt(), 130, "prog: interrupted"),
+    (Terminated(), 143, "prog: terminated"),
+])
+def test_one_line_and_the_exit_status(capsys, error, status, line):
+    assert cli("prog", _raise(error)) == status
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_an_os_error_wrapped_by_another_is_still_one_line(capsys):
+    def body():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    assert cli("prog", body) == 1
+    assert capsys.readouterr().err == "prog: error: no space left on device\n"
+
+
+def test_a_bug_is_not_hidden():
+    with pytest.raises(ZeroDivisionError):
+        cli("prog", lambda: 1 / 0)
+
+
+def test_sigterm_becomes_exit_143(capsys):
+    def body():
+        signal.raise_signal(signal.SIGTERM)
+    assert cli("prog", body) == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored afterwards
