@@ -1,0 +1,226 @@
+"""Stories written to a request (TinyStories-Instruct): the one home of the instruction template,
+the feature names, the feature detectors and the held-out combinations.
+
+An instruction is a few lines before the story, one per field given, in a fixed order, then the
+story's own label; the model learns to write the story after it:
+
+    词语：苹果，跑，开心          Words: apple, run, happy
+    特点：对话，寓意              Features: Dialogue, MoralValue
+    摘要：小明丢了皮球……          Summary: Tom loses his ball ...
+    句子：……                      Sentence: ...
+    故事：                        Story:
+
+The prompt is the text up to and including `故事：` / `Story:`; the story follows directly
+(pretokenize encodes the two separately, so the prompt's tokens are exactly what `./run` and
+sample.py encode from the same text). During training each story gets a random subset of its
+fields, as the TinyStories paper did, so any combination can be asked for later. docs/formats.md
+records the template; run.c carries the same strings.
+Kept free of torch and sentencepiece so the data stages and the tests use it directly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+from options import UserError
+
+FIELDS = ("words", "features", "summary", "sentence")  # the order they appear in a prompt
+
+# Per language: the label of each field, the story's label, and the separator between words.
+TEMPLATES = {
+    "zh": {"words": "词语：", "features": "特点：", "summary": "摘要：", "sentence": "句子：",
+           "story": "故事：", "sep": "，"},
+    "en": {"words": "Words: ", "features": "Features: ", "summary": "Summary: ",
+           "sentence": "Sentence: ", "story": "Story:", "sep": ", "},
+}
+
+# Feature id -> (Chinese name, English name as the English TinyStories records spell it).
+FEATURES = {
+    "dialogue": ("对话", "Dialogue"),
+    "moral": ("寓意", "MoralValue"),
+    "twist": ("转折", "Twist"),
+    "bad_ending": ("坏结局", "BadEnding"),
+    "conflict": ("冲突", "Conflict"),
+    "foreshadowing": ("伏笔", "Foreshadowing"),
+}
+_FEATURE_BY_NAME = {name.lower(): fid for fid, names in FEATURES.items() for name in (fid, *names)}
+
+
+class InstructError(UserError):
+    pass
+
+
+@dataclass
+class Instruction:
+    """What a story should contain; empty fields are left out of the prompt."""
+    words: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)  # feature ids (FEATURES keys)
+    summary: str = ""
+    sentence: str = ""
+
+    def empty(self) -> bool:
+        return not (self.words or self.features or self.summary or self.sentence)
+
+
+def feature_id(name: str) -> str:
+    """A feature given in any spelling (对话, Dialogue, dialogue) -> its id; InstructError if unknown."""
+    fid = _FEATURE_BY_NAME.get(name.strip().lower())
+    if fid is None:
+        known = ", ".join(f"{zh} ({en})" for zh, en in FEATURES.values())
+        raise InstructError(f"unknown feature {name!r}; features: {known}")
+    return fid
+
+
+def split_list(text: str) -> list[str]:
+    """`苹果,跑，开心` -> ['苹果', '跑', '开心']: ASCII or full-width commas, spaces trimmed."""
+    return [w.strip() for w in re.split(r"[,，、]", text) if w.strip()]
+
+
+def make_instruction(words: str = "", features: str = "", summary: str = "", sentence: str = "") -> Instruction:
+    """An Instruction from command-line strings, with one clear error for what cannot work."""
+    ins = Instruction(split_list(words), [feature_id(f) for f in split_list(features)],
+                      summary.strip(), sentence.strip())
+    for w in ins.words:
+        if "\n" in w:
+            raise InstructError(f"word {w!r}: a word cannot hold a line break")
+    if "\n" in ins.summary or "\n" in ins.sentence:
+        raise InstructError("--summary and --sentence must be one line each")
+    if ins.empty():
+        raise InstructError("an instruction needs at least one of words, features, summary, sentence")
+    return ins
+
+
+def render_prompt(ins: Instruction, lang: str) -> str:
+    """The prompt text for ins: one line per given field, then the story's label."""
+    t = TEMPLATES[lang]
+    lines = []
+    if ins.words:
+        lines.append(t["words"] + t["sep"].join(ins.words))
+    if ins.features:
+        names = [FEATURES[f][0 if lang == "zh" else 1] for f in ins.features]
+        lines.append(t["features"] + t["sep"].join(names))
+    if ins.summary:
+        lines.append(t["summary"] + ins.summary)
+    if ins.sentence:
+        lines.append(t["sentence"] + ins.sentence)
+    lines.append(t["story"])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a random subset of a story's own fields, never a held-out word combination.
+
+def held_out(words: list[str]) -> bool:
+    """True for the word triples kept out of training by construction (1 in 8 of all triples),
+    so evaluation can ask for combinations the model never saw together."""
+    if len(words) != 3:
+        return False
+    return zlib.crc32("|".join(sorted(words)).encode("utf-8")) % 8 == 0
+
+
+def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
+    """A random subset of full's fields (each kept with probability 1/2, at least one present
+    one), with up to three of its words; a held-out triple is asked as its first two words."""
+    present = [f for f in FIELDS if getattr(full, f)]
+    if not present:
+        return Instruction()
+    keep = {f: rng.random() < 0.5 for f in FIELDS}
+    if not any(keep[f] for f in present):
+        keep[present[int(rng.random() * len(present))]] = True
+    words = rng.sample(full.words, min(3, len(full.words))) if keep["words"] else []
+    if held_out(words):
+        words = words[:2]
+    return Instruction(words, list(full.features) if keep["features"] else [],
+                       full.summary if keep["summary"] else "",
+                       full.sentence if keep["sentence"] else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors: does a story have a feature? Checked against storygen's own labels in the tests.
+
+_DIALOGUE = {"zh": re.compile(r"“[^”]+”"), "en": re.compile(r"\"[^\"]+\"|“[^”]+”")}
+_CUES = {
+    "zh": {
+        "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理", "从那以后", "从此以后"),
+        "twist": ("突然", "忽然", "没想到", "原来", "这时候", "就在这时"),
+        "bad_ending": ("再也没有找到", "哭了起来", "很难过", "伤心地回家", "再也不能", "只好回家"),
+        "conflict": ("吵", "抢", "不肯", "生气", "不愿意", "不同意"),
+        "foreshadowing": ("想起", "果然", "早就", "记得"),
+    },
+    "en": {
+        "moral": ("learned", "lesson", "from that day", "always remember", "the moral"),
+        "twist": ("suddenly", "but then", "to their surprise", "turned out"),
+        "bad_ending": ("never saw", "was sad forever", "never came back", "cried and cried", "the end was sad"),
+        "conflict": ("argued", "fight", "angry", "did not want to share", "refused"),
+        "foreshadowing": ("remembered", "just as", "knew that one day"),
+    },
+}
+
+
+def detect_features(story: str, lang: str) -> set[str]:
+    """The feature ids a story shows by its surface cues (docs/evaluation.md lists them)."""
+    found = set()
+    if _DIALOGUE[lang].search(story):
+        found.add("dialogue")
+    low = story.lower() if lang == "en" else story
+    for fid, cues in _CUES[lang].items():
+        if any(c in low for c in cues):
+            found.add(fid)
+    return found
+
+
+def has_word(story: str, word: str, lang: str) -> bool:
+    """A required word is present: as a substring in Chinese; in English as a word, allowing the
+    usual inflections (run -> runs, running; an irregular ran is not caught)."""
+    if lang == "zh":
+        return word in story
+    w = word.lower()
+    doubled = f"(?:{re.escape(w[-1])})?" if w else ""  # run -> running, stop -> stopped
+    pattern = rf"\b{re.escape(w)}(?:s|es|d|{doubled}(?:ed|ing|er|est))?\b"
+    return re.search(pattern, story.lower()) is not None
+
+
+def content_words(text: str, lang: str) -> list[str]:
+    """The words of a summary that adherence counts: Chinese character bigrams without
+    punctuation, English words of three letters or more."""
+    if lang == "zh":
+        chars = re.sub(r"[^\u4e00-\u9fff]", " ", text).split()
+        return [run[i:i + 2] for run in chars for i in range(len(run) - 1)]
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3]
+
+
+def summary_adherence(story: str, summary: str, lang: str) -> Optional[float]:
+    """Share of the summary's content words found in the story (None for an empty summary)."""
+    words = content_words(summary, lang)
+    if not words:
+        return None
+    hay = story.lower() if lang == "en" else story
+    return sum(w in hay for w in words) / len(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the fields a data set's record carries.
+
+def from_record(rec: dict) -> Optional[Instruction]:
+    """The Instruction a jsonl record carries, or None when it has no instruct fields.
+
+    Our synth records hold `words`, `features` (ids), `summary`, `sentence` at the top level. The
+    English TinyStories records hold `instruction: {words, features}` and `summary`; features are
+    spelled as in FEATURES' English names. Unknown feature names are dropped, not guessed."""
+    inner = rec.get("instruction") if isinstance(rec.get("instruction"), dict) else {}
+    words = rec.get("words", inner.get("words", []))
+    feats = rec.get("features", inner.get("features", []))
+    summary = rec.get("summary", "")
+    sentence = rec.get("sentence", "")
+    if not isinstance(words, list) or not isinstance(feats, list):
+        return None
+    ins = Instruction([w.strip() for w in words if isinstance(w, str) and w.strip()],
+                      [_FEATURE_BY_NAME[f.strip().lower()] for f in feats
+                       if isinstance(f, str) and f.strip().lower() in _FEATURE_BY_NAME],
+                      summary.strip() if isinstance(summary, str) else "",
+                      sentence.strip() if isinstance(sentence, str) else "")
+    return None if ins.empty() else ins
