@@ -51,7 +51,8 @@ def test_detectors_and_adherence():
     assert instruct.has_word(story, "皮球", "zh") and not instruct.has_word(story, "苹果", "zh")
     assert instruct.has_word("Tom was running home.", "run", "en")
     assert not instruct.has_word("Tom was brunning.", "run", "en")
-    assert instruct.summary_adherence(story, "小明的皮球", "zh") == 1.0
+    assert instruct.summary_adherence(story, "他的皮球", "zh") == 1.0  # 他的 的皮 皮球
+    assert instruct.summary_adherence(story, "小明的皮球", "zh") == 0.75  # 明的 is not in it
     assert instruct.summary_adherence(story, "。", "zh") is None
 
 
