@@ -64,14 +64,6 @@ def step(title: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def trained_iters(ckpt: Path) -> int:
-    """The step a checkpoint reached, or -1 when there is none."""
-    if not ckpt.exists():
-        return -1
-    import torch
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("iter_num", -1))
-
-
 def main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     py = sys.executable
@@ -93,8 +85,9 @@ def main(argv: list[str]) -> int:
     step("3/8 pretokenize into uint16 shards",
          [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *where])
 
-    ckpt = ROOT / out / "ckpt.pt"
-    done = trained_iters(ckpt)
+    from checkpoint import trained_iters  # imports torch: only once the data steps are done
+
+    done = trained_iters(ROOT / out / "ckpt.pt")
     data_flag = "--vocab_source=custom" if not where else f"--data_dir={data / f'tok{V}'}"
     train_cmd = [py, "train.py", f"--preset={cfg.preset}", data_flag, f"--vocab_size={V}",
                  f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--lr_decay_iters={cfg.max_iters}",

@@ -340,6 +340,32 @@ def non_finite_weight(model: nn.Module) -> Optional[str]:
     return None
 
 
+def pick_device(name: str, local_rank: Optional[int] = None) -> str:
+    """The torch device for --device=name: auto is cuda when there is a GPU, else cpu.
+
+    local_rank (a torchrun process's GPU) turns cuda into cuda:<local_rank>. UserError naming the
+    option when the device does not exist here."""
+    from options import OptionError, UserError
+
+    device = name
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={name}: no CUDA GPU is available (use --device=cpu)")
+        index = device.partition(":")[2]
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise UserError(f"--device={name}: no such GPU ({torch.cuda.device_count()} here)")
+        if local_rank is not None:
+            device = f"cuda:{local_rank}"
+    elif device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device={name}: MPS is not available here (use --device=cpu)")
+    elif device != "cpu":
+        raise OptionError(f"--device={name}: must be auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row from logits (B, vocab): greedy at temperature 0, else top-k / nucleus sampling."""

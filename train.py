@@ -55,15 +55,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+import checkpoint
 import tinystories
-from model import PRESETS, ModelArgs, Transformer, non_finite_weight
-from options import OptionError, parse_options
-
-CKPT_FORMAT = "tinystories-zh-train-checkpoint"
-CKPT_VERSION = 1
+from model import PRESETS, ModelArgs, Transformer, pick_device
+from options import OptionError, UserError, parse_options
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A user-facing problem (bad option, bad data, bad checkpoint): printed as one line, exit 1."""
 
 
@@ -280,82 +278,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename over path, fsync the folder.
-
-    A crash (even SIGKILL) at any point leaves either the old file or the new one, never a mix.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not let a folder be opened; the rename is still atomic
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by this file; TrainError naming the file if missing or corrupt."""
-    path = Path(path)
-    if path.exists() and not path.is_file():  # a FIFO would block the open below
-        raise TrainError(f"{path}: not a regular file, not a checkpoint")
-    if not path.is_file():
-        raise TrainError(f"{path}: checkpoint not found (train first, or check --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged zip/pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"{path}: corrupt or unreadable checkpoint ({first[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise TrainError(f"{path}: not a train.py checkpoint")
-    if ckpt.get("version") != CKPT_VERSION:
-        raise TrainError(f"{path}: checkpoint version {ckpt.get('version')} not supported "
-                         f"(expected {CKPT_VERSION})")
-    for key in ("model", "model_args", "config", "iter_num", "optimizer"):
-        if key not in ckpt:
-            raise TrainError(f"{path}: checkpoint has no {key!r} entry")
-    return ckpt
-
-
-def model_from_checkpoint(path) -> tuple[Transformer, dict]:
-    """The trained model (eval mode, CPU, fp32) and the checkpoint dict, e.g. for export/sampling."""
-    ckpt = load_checkpoint(path)
-    model = Transformer(ModelArgs(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"], strict=True)
-    bad = non_finite_weight(model)
-    if bad:
-        raise TrainError(f"{path}: weight {bad}; the run diverged or the file is damaged")
-    model.eval()
-    return model, ckpt
-
-
-def clean_stale_temps(out_dir: Path) -> None:
-    """Remove temp files a killed save left behind (the real checkpoints are untouched)."""
-    for pattern in (".ckpt.pt.*.tmp", ".best.pt.*.tmp", ".ckpt_*.pt.*.tmp"):
-        for p in out_dir.glob(pattern):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-
-
 # ----------------------------------------------------------------------------------------------
 # logging and plots
 
@@ -469,6 +391,13 @@ class Dist:
         return self.world_size > 1
 
 
+def distributed_local_rank() -> Optional[int]:
+    """This process's GPU index under torchrun with more than one process, else None."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group if launched by torchrun (RANK in the environment)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -482,20 +411,6 @@ def setup_distributed(device: str) -> Dist:
         torch.cuda.set_device(d.local_rank)
     dist.init_process_group(backend=backend)
     return d
-
-
-def pick_device(cfg: TrainConfig, d: Dist) -> str:
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device={cfg.device}: no CUDA GPU is available (use --device=cpu)")
-        if d.enabled:
-            device = f"cuda:{d.local_rank}"
-    elif device not in ("cpu", "mps"):
-        raise TrainError(f"--device={cfg.device}: must be auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 def pick_dtype(cfg: TrainConfig, device_type: str) -> str:
@@ -580,7 +495,7 @@ def check_resume_tokenizer(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_d
     """A resumed run must read shards of the tokenizer its checkpoint was trained on (the hash the
     checkpoint's data record holds), unless --retokenized=true says the switch is meant."""
     data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
-    recorded = int(data.get("tokenizer_hash") or 0)
+    recorded = checkpoint.tokenizer_hash(ckpt)
     if not recorded or not train.tokenizer_hash or recorded == train.tokenizer_hash or cfg.retokenized:
         return  # 0: not recorded, nothing to compare
     shard = tinystories.shard_paths(data_dir, "train")[0]
@@ -592,7 +507,7 @@ def check_resume_tokenizer(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_d
 def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, dict]:
     """The checkpoint's config with the command line's non-architecture overrides applied."""
     out_dir = Path(cfg_cli.out_dir)
-    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    ckpt = checkpoint.load(out_dir / "ckpt.pt")
     types = config_types()
     saved = {k: v for k, v in ckpt["config"].items() if k in types and k != "retokenized"}
     base = TrainConfig(**saved)
@@ -633,7 +548,7 @@ def train(cfg: TrainConfig, overrides: dict) -> int:
     d = Dist()
     lock = None
     try:
-        device = pick_device(cfg, Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+        device = pick_device(cfg.device, distributed_local_rank())
         d = setup_distributed(device)
         if d.master:
             # Rank 0 alone: all ranks share out_dir, and only rank 0 writes there. A refused rank 0
@@ -664,12 +579,12 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
             import wandb
         except ImportError:
             raise TrainError("--wandb_log=true but wandb is not installed (pip install wandb)") from None
-    device = pick_device(cfg, d)
+    device = pick_device(cfg.device, d.local_rank if d.enabled else None)
     device_type = "cuda" if device.startswith("cuda") else device
     dtype = pick_dtype(cfg, device_type)
     check_out_dir(out_dir)  # on every rank: an error on rank 0 alone would leave the others waiting
     if d.master:
-        clean_stale_temps(out_dir)
+        checkpoint.sweep_temps(out_dir)
     data_dir, train_batches, eval_train, eval_val = open_data(cfg, d, grad_accum)
     if ckpt is not None:
         check_resume_tokenizer(cfg, ckpt, out_dir / "ckpt.pt", data_dir, train_batches)
@@ -762,7 +677,7 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
         train_loss, val_loss = (reduce_sum(totals) / cfg.eval_iters).tolist()
         return train_loss, val_loss
 
-    def checkpoint(which: list[str]) -> None:
+    def save_checkpoint(which: list[str]) -> None:
         # Every rank's RNG state, so a resumed DDP run draws the same dropout masks everywhere.
         states = [rng_state()]
         if d.enabled:
@@ -773,7 +688,7 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
         if not d.master:
             return
         obj = {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION,
+            "format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION,
             "model": raw_model.state_dict(),
             "model_args": dataclasses.asdict(args),
             "config": dataclasses.asdict(cfg),
@@ -787,7 +702,7 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
                      "vocab_size": train_batches.vocab_size, "tokenizer_hash": train_batches.tokenizer_hash},
         }
         for name in which:
-            save_atomic(obj, out_dir / name)
+            checkpoint.save(out_dir / name, obj)
         log.note(f"saved {', '.join(str(out_dir / n) for n in which)} at iter {iter_num}")
 
     stop = {"signal": None}
@@ -822,9 +737,9 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
                     which = ["ckpt.pt"] if (cfg.always_save_checkpoint or improved or stopping) else []
                     which += ["best.pt"] if improved else []
                     if which:
-                        checkpoint(which)
+                        save_checkpoint(which)
             if cfg.keep_every > 0 and iter_num % cfg.keep_every == 0 and iter_num > start_iter and not cfg.eval_only:
-                checkpoint([f"ckpt_{iter_num}.pt"])
+                save_checkpoint([f"ckpt_{iter_num}.pt"])
             if stopping:
                 if stop["signal"]:
                     log.note(f"stopped by signal {stop['signal']} at iter {iter_num}")
@@ -913,7 +828,7 @@ def main(argv: list[str]) -> int:
         if cfg.init_from != "resume":
             check_config(cfg)
         return train(cfg, overrides)
-    except TrainError as e:
+    except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"train.py: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import checkpoint
 import export
 import sample
 import tinystories
@@ -76,7 +77,7 @@ def tiny_model(*, vocab_size: int = TOK_VOCAB, max_seq_len: int = 64) -> Transfo
 
 def save_ckpt(model: Transformer, path: Path, *, tokenizer_hash: int, config: dict | None = None) -> Path:
     """A checkpoint in train.py's format, recording tokenizer_hash as train.py does."""
-    torch.save({"format": train.CKPT_FORMAT, "version": train.CKPT_VERSION, "model": model.state_dict(),
+    torch.save({"format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION, "model": model.state_dict(),
                 "model_args": dataclasses.asdict(model.params), "config": config or {}, "iter_num": 1,
                 "optimizer": {}, "best_val_loss": 1.0,
                 "data": {"tokenizer_hash": tokenizer_hash, "vocab_size": model.params.vocab_size}}, path)
@@ -204,7 +205,7 @@ def test_resume_refuses_shards_of_another_tokenizer(two_shard_sets, tmp_path, ca
     # On purpose: --retokenized=true continues, and the checkpoint then records the new hash...
     assert train.main(["--init_from=resume", f"--out_dir={out}", f"--data_dir={b}", "--max_iters=4",
                        "--retokenized=true"]) == 0
-    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["data"]["tokenizer_hash"] == hb and ckpt["iter_num"] == 4
     # ... but does not keep the override: going back to a's shards must be said again.
     assert train.main(["--init_from=resume", f"--out_dir={out}", f"--data_dir={a}", "--max_iters=6"]) == 1
@@ -352,8 +353,8 @@ def test_non_finite_weights_are_refused_at_load(nan_files, toks, tmp_path, capsy
         assert rc == 1 and one_line_error(err) and w2 in err
     with pytest.raises(export.ExportError, match=r"norm\.weight holds inf at 0"):
         export.load_model_bin(str(nan_files["v1"]))
-    with pytest.raises(train.TrainError, match=w2.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-        train.model_from_checkpoint(nan_files["ckpt"])
+    with pytest.raises(checkpoint.CheckpointError, match=w2.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        checkpoint.model_from_checkpoint(nan_files["ckpt"])
 
 
 def test_shard_ids_out_of_range_are_found_when_opened(tmp_path, capsys):
@@ -387,7 +388,7 @@ def test_a_signal_saves_then_exits_non_zero(two_shard_sets, tmp_path, sig):
             kill(proc)
     assert proc.returncode == 128 + sig, err
     assert f"stopped by signal {int(sig)}" in out and "Traceback" not in err
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
+    assert checkpoint.load(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
     assert not (tmp_path / ".lock").exists()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import tinystories
 import train
 from model import ModelArgs, Transformer
@@ -234,18 +235,18 @@ def test_loss_goes_down_on_real_shards(trained):
 
 def test_checkpoint_contents(trained, shards):
     for name in ("ckpt.pt", "best.pt"):
-        ckpt = train.load_checkpoint(trained / name)
-        assert ckpt["format"] == train.CKPT_FORMAT and ckpt["version"] == train.CKPT_VERSION
+        ckpt = checkpoint.load(trained / name)
+        assert ckpt["format"] == checkpoint.CKPT_FORMAT and ckpt["version"] == checkpoint.CKPT_VERSION
         assert ckpt["iter_num"] == 40 and ckpt["data"]["step"] == 40
         assert ckpt["config"]["max_iters"] == 40 and ckpt["model_args"]["dim"] == 32
         assert ckpt["best_val_loss"] < 5.0 and ckpt["optimizer"]["state"]
         assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-    model, ckpt = train.model_from_checkpoint(trained / "ckpt.pt")
+    model, ckpt = checkpoint.model_from_checkpoint(trained / "ckpt.pt")
     x, y = tinystories.TokenBatches(shards, "val", 4, 64, seed=5).get(0)
     _, loss = model(x, y)
     assert loss.item() < 5.0
-    assert not list(trained.glob(".*.tmp"))
+    assert not list(trained.glob(".*.tmp*"))
 
 
 def test_plot_draws_png_from_real_log(trained, capsys):
@@ -332,7 +333,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    saved_at = train.load_checkpoint(killed / "ckpt.pt")["iter_num"]
+    saved_at = checkpoint.load(killed / "ckpt.pt")["iter_num"]
     assert 5 <= saved_at < 30 and saved_at % 5 == 0
     assert max(train_losses(killed)) >= saved_at  # it was killed after moving on
 
@@ -346,16 +347,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     for k in wk:
         assert torch.equal(wk[k], ww[k]), k
     assert train_losses(killed) == train_losses(tmp_path / "whole")  # later records win per iter
-    assert not list(killed.glob(".*.tmp"))  # a temp file left by the kill is cleaned on resume
+    assert not list(killed.glob(".*.tmp*"))  # a temp file left by the kill is cleaned on resume
 
 
 SAVER = """
-import sys, torch, train
+import sys, torch, checkpoint
 path = sys.argv[1]
 i = 1
 while True:
     # ~32 MB per save, so a kill often lands while the file is being written
-    train.save_atomic({"i": i, "x": torch.full((8_000_000,), float(i))}, path)
+    checkpoint.save(path, {"i": i, "x": torch.full((8_000_000,), float(i))})
     print(i, flush=True)
     i += 1
 """
@@ -449,7 +450,7 @@ def test_max_seconds_stops_and_saves(shards, tmp_path, capsys):
                        "--eval_interval=1000000", "--max_seconds=1.5"]) == 0
     assert time.time() - t0 < 30
     assert "stopped after max_seconds=1.5" in capsys.readouterr().out
-    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = checkpoint.load(tmp_path / "ckpt.pt")
     steps = train_losses(tmp_path)
     assert ckpt["iter_num"] == max(steps) + 1 > 1
     assert read_log(tmp_path)[-1]["type"] == "eval"  # final evaluation before the save
@@ -472,7 +473,7 @@ def test_sigterm_stops_gracefully_with_a_checkpoint(shards, tmp_path):
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err  # saved, but not finished: `&&` stops
     assert f"stopped by signal {int(signal.SIGTERM)}" in out
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
+    assert checkpoint.load(tmp_path / "ckpt.pt")["iter_num"] == max(train_losses(tmp_path)) + 1
 
 
 def test_wandb_only_when_asked_and_installed(capsys, tmp_path):
