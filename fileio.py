@@ -154,10 +154,34 @@ def atomic_dir(final: PathLike) -> Iterator[Path]:
             _remove(old)
     except BaseException as e:
         _remove(tmp)
-        err = _as_user_error(final, e) if isinstance(e, Exception) else None
+        _raise_as_user_error(e, final, tmp, final)
+
+
+@contextmanager
+def scratch_dir(beside: PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder named temp_path(beside), removed when the block ends however
+    it ends (work files that never become an output; sweep_stale finds it after a kill)."""
+    tmp = temp_path(beside)
+    make_parent(tmp)
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+    except BaseException as e:
+        _raise_as_user_error(e, tmp, tmp, tmp)
+    finally:
+        _remove(tmp)
+
+
+def _raise_as_user_error(e: BaseException, path: Path, tmp: Path, shown: Path):
+    """Re-raise e; an Exception with an OSError in its chain (or a UserError) as UserError
+    `PATH: reason`, path naming the file when the error does not and any file under the
+    temporary folder tmp named as under shown."""
+    if isinstance(e, Exception):
+        err = e if isinstance(e, UserError) else _as_user_error(path, e)
         if err is not None:
-            raise err from None
-        raise
+            raise type(err)(str(err).replace(str(tmp), str(shown))) from None
+    raise e
 
 
 def _umask() -> int:

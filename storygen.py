@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
+from options import OptionError, apply_options, cli, opt, render_help
+
 # --------------------------------------------------------------------------- vocabulary tables
 
 
@@ -1050,33 +1052,22 @@ def generate_stories(n_stories: int, seed: int, *, start: int = 0) -> Iterator[s
 
 @dataclass
 class Config:
-    n_stories: int = 5
-    seed: int = 0
-    start: int = 0  # index of the first story printed
+    n_stories: int = opt(5, "number of stories to print")
+    seed: int = opt(0, "generator seed; story i depends only on (seed, i)")
+    start: int = opt(0, "index of the first story printed")
 
 
-def parse_args(argv: list[str]) -> Config:
-    cfg = Config()
-    fields = {k: type(v) for k, v in vars(cfg).items()}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__.strip(), flush=True)
-            raise SystemExit(0)
-        key, eq, val = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or not eq or key not in fields:
-            raise SystemExit(f"storygen.py: bad argument {a!r}; valid keys: "
-                             + ", ".join(f"--{k}=<{t.__name__}>" for k, t in fields.items()))
-        try:
-            setattr(cfg, key, fields[key](val))
-        except ValueError:
-            raise SystemExit(f"storygen.py: --{key} expects an integer, got {val!r}") from None
+USAGE = "python storygen.py [--n_stories=5] [--seed=0] [--start=0]"
+
+
+def parse_config(argv: list[str]) -> Config:
+    cfg = apply_options(Config(), argv)
     if cfg.n_stories < 0 or cfg.start < 0:
-        raise SystemExit("storygen.py: --n_stories and --start must be >= 0")
+        raise OptionError("--n_stories and --start must be >= 0")
     return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+def print_stories(cfg: Config) -> None:
     try:
         for i, text in enumerate(generate_stories(cfg.n_stories, cfg.seed, start=cfg.start)):
             print(f"# story {cfg.start + i} (seed {cfg.seed}, {len(text)} chars)")
@@ -1089,5 +1080,13 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(render_help(Config, USAGE, "Print stories of the built-in corpus."))
+        return 0
+    return cli("storygen.py", lambda: print_stories(parse_config(argv)))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

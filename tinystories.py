@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
-import shutil
 import stat
 import struct
 import sys
@@ -50,15 +50,18 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from options import OptionError, parse_options
+import fileio
+from options import OptionError, UserError, cli, opt, parse_options, render_help
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO_ROOT / "data"
+if str(REPO_ROOT) not in sys.path:  # storygen.py and tokenizer.py, imported lazily by the stages
+    sys.path.insert(0, str(REPO_ROOT))
 
 # ----------------------------------------------------------------------------------------------
 # errors
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the user's data, files or network: reported as one line, exit status 1."""
 
 
@@ -159,19 +162,11 @@ def shard_header(*, vocab_size: int, tokenizer_hash: int, n_tokens: int, n_stori
 
 def write_shard(path: Path, tokens: np.ndarray, *, vocab_size: int, tokenizer_hash: int,
                 n_stories: int) -> None:
-    """Write a shard atomically (temp file + os.replace), so a crash never leaves half a shard."""
+    """Write a shard atomically (fileio), so a crash never leaves half a shard."""
     tokens = np.ascontiguousarray(tokens, dtype="<u2")
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(shard_header(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash,
-                                 n_tokens=int(tokens.size), n_stories=n_stories))
-            f.write(tokens.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    head = shard_header(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash,
+                        n_tokens=int(tokens.size), n_stories=n_stories)
+    fileio.write_bytes(path, head + tokens.tobytes())
 
 
 def read_shard_header(path: Path) -> dict:
@@ -483,10 +478,6 @@ def is_val_story(text: str, val_fraction: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 # configuration and command line
 
-def opt(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DownloadConfig:
     dataset: str = opt("zh", "zh (TinyStoriesChinese, adam89) or en (roneneldan/TinyStories)")
@@ -533,16 +524,9 @@ class PretokenizeConfig(SourceConfig):
 STAGES = {}  # name -> (config class, function, one-line description); filled below
 
 
-class UsageError(Exception):
-    pass
-
-
 def parse_config(cls, args: list[str]):
-    """A stage's config from its `--key=value` options (options.py's parser)."""
-    try:
-        return cls(**parse_options(cls, args))
-    except OptionError as e:
-        raise UsageError(str(e)) from None
+    """A stage's config from its `--key=value` options (OptionError, exit 2, if one is bad)."""
+    return cls(**parse_options(cls, args))
 
 
 def usage() -> str:
@@ -556,26 +540,11 @@ def usage() -> str:
 
 def stage_help(name: str) -> str:
     cls, _, desc = STAGES[name]
-    lines = [f"usage: python tinystories.py {name} [--key=value ...]", f"{desc}", "", "options:"]
-    for f in dataclasses.fields(cls):
-        default = str(f.default).lower() if f.type == "bool" else f.default
-        lines.append(f"  {f'--{f.name}={default}':<30} ({f.type}) {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return render_help(cls, f"python tinystories.py {name} [--key=value ...]", desc)
 
 
 def data_root(cfg) -> Path:
     return Path(cfg.data_root) if cfg.data_root else DEFAULT_DATA_ROOT
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder into place; the old one is removed only after the swap."""
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path):
@@ -586,9 +555,7 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,37 +719,36 @@ def check_member(m: tarfile.TarInfo, root: Path, archive: Path) -> None:
 
 
 def extract_archive(archive: Path, target: Path) -> int:
-    """Extract into a temp folder beside target, then swap it in; returns the member count."""
+    """Extract into a temp folder beside target (fileio.atomic_dir), then swap it in; returns the
+    member count."""
     archive, target = Path(archive), Path(target)
-    tmp = target.with_name(f"{target.name}.extract{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    root = tmp.resolve()
     n = 0
     # Python's own 'data' filter (3.11.4+) as a second line of defence behind check_member.
     kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with fileio.atomic_dir(target) as tmp, tarfile.open(archive, "r:*") as tar:
+            root = tmp.resolve()
             for m in tar:
                 check_member(m, root, archive)
                 tar.extract(m, root, **kw)
                 n += 1
-        _replace_dir(tmp, target)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DataError(f"{archive}: damaged archive ({e}); delete it and download again") from None
-    except OSError as e:
-        raise DataError(f"{e.filename or target}: cannot extract {archive.name} ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return n
 
 
 def cmd_download(cfg: DownloadConfig) -> None:
     if cfg.dataset not in HF_DATASETS:
         raise DataError(f"--dataset={cfg.dataset}: choose one of {', '.join(HF_DATASETS)}")
-    repo, filename = HF_DATASETS[cfg.dataset]
     root = data_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    with lock_stage_output(root, cfg.dataset):
+        fileio.sweep_stale(root)
+        fileio.sweep_stale(root / cfg.dataset)
+        _download(cfg, root)
+
+
+def _download(cfg: DownloadConfig, root: Path) -> None:
+    repo, filename = HF_DATASETS[cfg.dataset]
     archive = root / filename
     target = root / cfg.dataset
     marker = target / ".complete"
@@ -819,22 +785,14 @@ def cmd_download(cfg: DownloadConfig) -> None:
 def write_jsonl_shards(stories: Iterable[str], out_dir: Path, *, shard_size: int,
                        key: str = "story_zh") -> tuple[int, int]:
     """data00.jsonl, data01.jsonl, ... with one {key: story} object per line, as the downloaded
-    zh data is laid out. Returns (stories, shards)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    zh data is laid out, each written atomically. Returns (stories, shards)."""
+    stories = iter(stories)
     n = shards = 0
-    f = None
-    try:
-        for story in stories:
-            if n % shard_size == 0:
-                if f:
-                    f.close()
-                f = open(out_dir / f"data{shards:02d}.jsonl", "w", encoding="utf-8")
-                shards += 1
-            f.write(json.dumps({key: story}, ensure_ascii=False) + "\n")
-            n += 1
-    finally:
-        if f:
-            f.close()
+    while batch := list(itertools.islice(stories, shard_size)):
+        fileio.write_text(out_dir / f"data{shards:02d}.jsonl",
+                          "".join(json.dumps({key: s}, ensure_ascii=False) + "\n" for s in batch))
+        n += len(batch)
+        shards += 1
     return n, shards
 
 
@@ -843,6 +801,7 @@ def cmd_synth(cfg: SynthConfig) -> None:
         raise DataError(f"--n_stories={cfg.n_stories} and --shard_size={cfg.shard_size} must be >= 1")
     root = data_root(cfg)
     with lock_stage_output(root, "synth"):
+        fileio.sweep_stale(root)
         _synth(cfg, root)
 
 
@@ -853,21 +812,13 @@ def _synth(cfg: SynthConfig, root: Path) -> None:
     if _read_json(out / ".complete") == want and list_text_files(out):
         print(f"{out}: already holds {cfg.n_stories} stories (seed {cfg.seed}); nothing to do")
         return
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     import storygen  # lazy: only this stage needs it
 
     t0 = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"synth.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with fileio.atomic_dir(out) as tmp:
         n, shards = write_jsonl_shards(storygen.generate_stories(cfg.n_stories, cfg.seed), tmp,
                                        shard_size=cfg.shard_size)
         _write_json(tmp / ".complete", want)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{out}: wrote {n} stories in {shards} shards in {time.time() - t0:.1f}s")
 
 
@@ -913,33 +864,16 @@ def _files_signature(folder: Path, files: list[Path]) -> list:
     return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def tokenizer_hash(model_path: Path) -> int:
-    """Tokenizer.hash() of tokenizer.py (the value model and shard headers record)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    try:
-        import tokenizer
-        return int(tokenizer.Tokenizer(str(model_path)).hash())
-    except ImportError:  # tokenizer.py absent: the same FNV-1a over the raw pieces, in id order
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        h = 0x811C9DC5
-        for i in range(sp.get_piece_size()):
-            for b in sp.id_to_piece(i).encode("utf-8") + b"\0":
-                h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-        return h or 1
+def load_tokenizer(model_path: Path, vocab_size: int):
+    """tokenizer.Tokenizer of model_path (its hash is the one shard headers record), checked to
+    hold vocab_size pieces."""
+    import tokenizer  # lazy: download and synth do not need sentencepiece
 
-
-def _load_sp(model_path: Path, vocab_size: int):
-    import sentencepiece as spm
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"{model_path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-    if sp.get_piece_size() != vocab_size:
-        raise DataError(f"{model_path}: has {sp.get_piece_size()} pieces, not {vocab_size}; "
+    tok = tokenizer.Tokenizer(str(model_path))
+    if tok.vocab_size != vocab_size:
+        raise DataError(f"{model_path}: has {tok.vocab_size} pieces, not {vocab_size}; "
                         f"re-run train_vocab --vocab_size={vocab_size} --force=true")
-    return sp
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1013,12 +947,11 @@ def cmd_train_vocab(cfg: TrainVocabConfig) -> None:
     check_vocab_size(cfg.vocab_size)
     root = data_root(cfg)
     with lock_stage_output(root, f"tok{cfg.vocab_size}"):  # the same lock as pretokenize's
+        fileio.sweep_stale(root)
         _train_vocab(cfg, root)
 
 
 def _train_vocab(cfg: TrainVocabConfig, root: Path) -> None:
-    import sentencepiece as spm
-
     folder, files = source_files(cfg)
     N = cfg.vocab_size
     model_path = root / f"tok{N}.model"
@@ -1031,142 +964,157 @@ def _train_vocab(cfg: TrainVocabConfig, root: Path) -> None:
     if not cfg.force and model_path.exists() and _read_json(meta_path) == sig:
         print(f"{model_path}: already trained on {folder}; nothing to do (--force=true retrains)")
         return
-    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-
-    # The train split only, one line per paragraph (sentencepiece reads one sentence per line;
-    # newlines themselves become the <0x0A> byte piece). Val stories are kept to measure on.
-    problems = ProblemLog(cfg.strict)
-    char_counts = np.zeros(0x110000, dtype=np.int64)  # occurrences per code point
-    pairs: list[np.ndarray] = []  # adjacent code point pairs (a << 21 | b) of the first lines
-    n_pairs = 0
-    val_sample: list[str] = []
-    n_train = n_lines = 0
-    # sentencepiece records its input and output names in the .model (trainer_spec), so they are
-    # fixed, relative names inside a work folder of fixed name: the .model's bytes are then the
-    # same on every run. The stage's lock keeps other runs out of the folder; a killed run's is
-    # simply replaced.
-    work = root / f".tok{N}.work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    text_path = str(work / "input.txt")
-    prefix = work / f"tok{N}"
-    try:
-        with open(text_path, "w", encoding="utf-8") as out:
-            buf: list[str] = []
-            buf_chars = 0
-
-            def flush():
-                nonlocal buf_chars, n_pairs
-                text = "\n".join(buf) + "\n"
-                out.write(text)
-                cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
-                char_counts[:] += np.bincount(cps, minlength=0x110000)
-                char_counts[10] -= len(buf)  # the newlines we added
-                if n_pairs < 4_000_000:  # a sample is enough to rank the frequent pairs
-                    p = (cps[:-1] << 21) | cps[1:]
-                    p = p[(cps[:-1] != 10) & (cps[1:] != 10)]
-                    pairs.append(p)
-                    n_pairs += p.size
-                buf.clear()
-                buf_chars = 0
-
-            for path in files:
-                for story in iter_file_stories(path, text_key=cfg.text_key, problems=problems):
-                    if is_val_story(story, cfg.val_fraction):
-                        if len(val_sample) < 5000:
-                            val_sample.append(story)
-                        continue
-                    if n_train >= cfg.max_stories:
-                        continue
-                    n_train += 1
-                    for line in story.split("\n"):
-                        if line.strip():
-                            buf.append(line)
-                            buf_chars += len(line)
-                            n_lines += 1
-                    if buf_chars > 2_000_000:
-                        flush()
-                if n_train >= cfg.max_stories and len(val_sample) >= 2000:
-                    break  # enough of both; the rest of the corpus is not needed
-            if buf:
-                flush()
-        problems.report()
-        if n_train == 0:
-            raise DataError(f"{folder}: no usable stories for training"
-                            + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
+    # sentencepiece records its input and output names in the .model, so it works under fixed
+    # relative names inside a scratch folder: the .model's bytes are then the same on every run.
+    with fileio.scratch_dir(root / f"tok{N}.train") as work:
+        text = write_training_text(cfg, folder, files, work / "input.txt")
         t_read = time.time() - t0
-        n_chars = int((char_counts > 0).sum())
-        coverage, kept = cfg.character_coverage, None
-        if not coverage:
-            coverage = 1.0
-            _, pair_counts = np.unique(np.concatenate(pairs), return_counts=True)
-            kept = choose_kept_characters(char_counts, N, pair_counts)
-        if not 0.98 <= coverage <= 1.0:
-            raise DataError(f"--character_coverage={coverage}: sentencepiece accepts 0.98 to 1")
-        note = f"character_coverage={coverage:g}"
-        if kept is not None:
-            filtered = text_path + ".kept"
-            n_lines = _drop_rare_characters(text_path, filtered, kept)
-            os.replace(filtered, text_path)
-            share = char_counts[kept].sum() / char_counts.sum()
-            note = (f"{kept.size} most frequent kept as base pieces, {100 * share:.3f}% of the "
-                    "text; the rest fall back to bytes")
-        print(f"training a {N}-piece BPE tokenizer on {n_train} stories ({n_lines} lines, "
-              f"{n_chars} distinct characters: {note})")
+        coverage, note = choose_characters(cfg, text, work / "input.txt")
+        print(f"training a {N}-piece BPE tokenizer on {text.n_stories} stories ({text.n_lines} "
+              f"lines, {int((text.char_counts > 0).sum())} distinct characters: {note})")
         t1 = time.time()
-        cwd = os.getcwd()
-        try:
-            os.chdir(work)  # for the relative names; restored right after
-            spm.SentencePieceTrainer.train(
-                input="input.txt", model_prefix=prefix.name, model_type="bpe", vocab_size=N,
-                byte_fallback=True,  # any character, seen or not, encodes losslessly
-                normalization_rule_name="identity",  # text is kept exactly as written
-                remove_extra_whitespaces=False,
-                add_dummy_prefix=True,  # as llama2.c's tokenizers, so its C encoder convention holds
-                split_digits=True, allow_whitespace_only_pieces=True,
-                character_coverage=coverage,
-                input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-                max_sentence_length=1 << 16,  # bytes; the default 4192 drops long paragraphs
-                num_threads=os.cpu_count() or 1,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                minloglevel=2, self_test_sample_size=0,
-            )
-        except (RuntimeError, OSError) as e:
-            msg = str(e).strip().splitlines()[-1]
-            if "Vocabulary size too high" in msg:  # too little text for that many merges
-                msg = (f"the {n_train} stories support at most {msg.split('<=')[-1].strip(' .')} "
-                       "pieces; use a smaller --vocab_size or more data")
-            raise DataError(f"sentencepiece could not train a {N}-piece tokenizer on {folder}: "
-                            f"{msg}") from None
-        finally:
-            os.chdir(cwd)
-        os.replace(f"{prefix}.vocab", root / f"tok{N}.vocab")
-        os.replace(f"{prefix}.model", model_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _write_json(meta_path, sig)
+        run_sentencepiece(cfg, work, coverage, folder, text.n_stories)
+        t_sp = time.time() - t1
+        write_outputs(work, root, N)
+    _write_json(meta_path, sig)  # last: without it a re-run trains again
     print(f"{model_path}: done in {time.time() - t0:.1f}s ({t_read:.1f}s reading the stories, "
-          f"{time.time() - t1:.1f}s in sentencepiece)")
+          f"{t_sp:.1f}s in sentencepiece)")
+    report_compression(load_tokenizer(model_path, N), text.val_sample)
 
-    sp = _load_sp(model_path, N)
-    if val_sample:
-        n_tok = sum(len(x) for x in sp.encode(val_sample))
-        chars = sum(len(s) for s in val_sample)
-        print(f"val compression: {chars / max(n_tok, 1):.3f} characters per token "
-              f"({len(val_sample)} val stories, {chars} characters, {n_tok} tokens)")
-    else:
+
+@dataclass
+class TrainingText:
+    """What write_training_text saw of the train split, for choose_characters and the report."""
+    n_stories: int = 0
+    n_lines: int = 0
+    char_counts: np.ndarray = dataclasses.field(  # occurrences per code point
+        default_factory=lambda: np.zeros(0x110000, dtype=np.int64))
+    pairs: list = dataclasses.field(default_factory=list)  # adjacent code points (a << 21 | b)
+    n_pairs: int = 0
+    val_sample: list = dataclasses.field(default_factory=list)
+
+    def add(self, out, lines: list[str]) -> None:
+        """Write lines to out and count their characters (and, for a sample, their pairs)."""
+        chunk = "\n".join(lines) + "\n"
+        out.write(chunk)
+        self.n_lines += len(lines)
+        cps = np.frombuffer(chunk.encode("utf-32-le"), dtype="<u4").astype(np.int64)
+        self.char_counts += np.bincount(cps, minlength=0x110000)
+        self.char_counts[10] -= len(lines)  # the newlines we added
+        if self.n_pairs < 4_000_000:  # a sample is enough to rank the frequent pairs
+            p = (cps[:-1] << 21) | cps[1:]
+            p = p[(cps[:-1] != 10) & (cps[1:] != 10)]
+            self.pairs.append(p)
+            self.n_pairs += p.size
+
+
+def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
+                        text_path: Path) -> TrainingText:
+    """The train split, one line per paragraph (sentencepiece reads one sentence per line;
+    newlines themselves become the <0x0A> byte piece). Val stories are kept to measure on."""
+    problems = ProblemLog(cfg.strict)
+    text = TrainingText()
+    with open(text_path, "w", encoding="utf-8") as out:
+        buf: list[str] = []
+        buf_chars = 0
+        for path in files:
+            for story in iter_file_stories(path, text_key=cfg.text_key, problems=problems):
+                if is_val_story(story, cfg.val_fraction):
+                    if len(text.val_sample) < 5000:
+                        text.val_sample.append(story)
+                    continue
+                if text.n_stories >= cfg.max_stories:
+                    continue
+                text.n_stories += 1
+                lines = [line for line in story.split("\n") if line.strip()]
+                buf += lines
+                buf_chars += sum(map(len, lines))
+                if buf_chars > 2_000_000:  # counted in chunks: one bincount per 2M characters
+                    text.add(out, buf)
+                    buf, buf_chars = [], 0
+            if text.n_stories >= cfg.max_stories and len(text.val_sample) >= 2000:
+                break  # enough of both; the rest of the corpus is not needed
+        if buf:
+            text.add(out, buf)
+    problems.report()
+    if text.n_stories == 0:
+        raise DataError(f"{folder}: no usable stories for training"
+                        + (f" ({problems.count} malformed lines skipped)" if problems.count else ""))
+    return text
+
+
+def choose_characters(cfg: TrainVocabConfig, text: TrainingText, text_path: Path) -> tuple[float, str]:
+    """sentencepiece's character_coverage and a note for the log; with --character_coverage=0,
+    rewrite the training text keeping only choose_kept_characters' characters."""
+    if cfg.character_coverage:
+        if not 0.98 <= cfg.character_coverage <= 1.0:
+            raise DataError(f"--character_coverage={cfg.character_coverage}: sentencepiece accepts 0.98 to 1")
+        return cfg.character_coverage, f"character_coverage={cfg.character_coverage:g}"
+    _, pair_counts = np.unique(np.concatenate(text.pairs), return_counts=True)
+    kept = choose_kept_characters(text.char_counts, cfg.vocab_size, pair_counts)
+    if kept is None:
+        return 1.0, "character_coverage=1"
+    filtered = text_path.with_name(text_path.name + ".kept")
+    text.n_lines = _drop_rare_characters(str(text_path), str(filtered), kept)
+    os.replace(filtered, text_path)
+    share = text.char_counts[kept].sum() / text.char_counts.sum()
+    return 1.0, (f"{kept.size} most frequent kept as base pieces, {100 * share:.3f}% of the "
+                 "text; the rest fall back to bytes")
+
+
+def run_sentencepiece(cfg: TrainVocabConfig, work: Path, coverage: float, folder: Path,
+                      n_stories: int) -> None:
+    """Train work/tok<N>.model and .vocab from work/input.txt."""
+    import sentencepiece as spm
+
+    N = cfg.vocab_size
+    spm.set_random_generator_seed(0)  # its sample of input_sentence_size lines: the same each run
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)  # for the relative names; restored right after
+        spm.SentencePieceTrainer.train(
+            input="input.txt", model_prefix=f"tok{N}", model_type="bpe", vocab_size=N,
+            byte_fallback=True,  # any character, seen or not, encodes losslessly
+            normalization_rule_name="identity",  # text is kept exactly as written
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,  # as llama2.c's tokenizers, so its C encoder convention holds
+            split_digits=True, allow_whitespace_only_pieces=True,
+            character_coverage=coverage,
+            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,  # bytes; the default 4192 drops long paragraphs
+            num_threads=os.cpu_count() or 1,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            minloglevel=2, self_test_sample_size=0,
+        )
+    except (RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[-1]
+        if "Vocabulary size too high" in msg:  # too little text for that many merges
+            msg = (f"the {n_stories} stories support at most {msg.split('<=')[-1].strip(' .')} "
+                   "pieces; use a smaller --vocab_size or more data")
+        raise DataError(f"sentencepiece could not train a {N}-piece tokenizer on {folder}: "
+                        f"{msg}") from None
+    finally:
+        os.chdir(cwd)
+
+
+def write_outputs(work: Path, root: Path, N: int) -> None:
+    """tok<N>.vocab, tok<N>.model and run.c's tok<N>.bin in root, each atomically."""
+    import tokenizer
+
+    for suffix in (".vocab", ".model"):
+        fileio.write_bytes(root / f"tok{N}{suffix}", (work / f"tok{N}{suffix}").read_bytes())
+    print(f"{tokenizer.export_tokenizer(str(root / f'tok{N}.model'))}: written for run.c")
+
+
+def report_compression(tok, val_sample: list[str]) -> None:
+    if not val_sample:
         print("val compression: no story fell into the val split (corpus too small?)")
-
-    if (REPO_ROOT / "tokenizer.py").exists():  # the C engine's tokenizer file, if we can make it
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        try:
-            import tokenizer
-            print(f"{tokenizer.export_tokenizer(str(model_path))}: written for run.c")
-        except Exception as e:  # the .model is done and valid; say why the .bin is missing
-            print(f"warning: {root / f'tok{N}.bin'} not written ({e}); run `python tokenizer.py "
-                  f"--tokenizer-model={model_path}`", file=sys.stderr)
+        return
+    n_tok = sum(len(x) for x in tok.sp.encode(val_sample))
+    chars = sum(len(s) for s in val_sample)
+    print(f"val compression: {chars / max(n_tok, 1):.3f} characters per token "
+          f"({len(val_sample)} val stories, {chars} characters, {n_tok} tokens)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1202,53 +1150,40 @@ def _encode_file(job: dict) -> dict:
             pos += len(x) + 2
         return out
 
-    out_path = Path(job["out"])
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    train: list[str] = []
-    val: list[str] = []
+    counts = {"train_stories": 0, "train_tokens": 0, "train_chars": 0, "val_stories": 0}
     val_parts: list[np.ndarray] = []
-    n_train = n_val = n_tokens = n_chars = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(bytes(HEADER_BYTES))  # the real header once the counts are known
 
-            def flush_train():
-                nonlocal n_train, n_tokens, n_chars
-                tokens = pack(train)
-                f.write(tokens.tobytes())
-                n_train += len(train)
-                n_tokens += tokens.size
-                n_chars += sum(len(t) for t in train)
-                train.clear()
+    def add(f, batch: list[str], split: str) -> None:
+        tokens = pack(batch)
+        if split == "train":
+            f.write(tokens.tobytes())
+            counts["train_tokens"] += tokens.size
+            counts["train_chars"] += sum(len(t) for t in batch)
+        else:
+            val_parts.append(tokens)
+        counts[f"{split}_stories"] += len(batch)
+        batch.clear()
 
-            for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"],
-                                           problems=problems):
-                if is_val_story(story, job["val_fraction"]):
-                    val.append(story)
-                    if len(val) >= ENCODE_BATCH:
-                        val_parts.append(pack(val))
-                        n_val += len(val)
-                        val.clear()
-                else:
-                    train.append(story)
-                    if len(train) >= ENCODE_BATCH:
-                        flush_train()
-            if train:
-                flush_train()
-            if val:
-                val_parts.append(pack(val))
-                n_val += len(val)
-            f.seek(0)
-            f.write(shard_header(vocab_size=job["vocab_size"], tokenizer_hash=job["hash"],
-                                 n_tokens=n_tokens, n_stories=n_train))
-        if n_train:
-            os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return {"train_stories": n_train, "train_tokens": n_tokens, "train_chars": n_chars,
-            "val_stories": n_val,
-            "val": np.concatenate(val_parts) if val_parts else np.zeros(0, dtype="<u2"),
+    def write_body(f) -> None:
+        f.write(bytes(HEADER_BYTES))  # the real header once the counts are known
+        batches = {"train": [], "val": []}
+        for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"], problems=problems):
+            split = "val" if is_val_story(story, job["val_fraction"]) else "train"
+            batches[split].append(story)
+            if len(batches[split]) >= ENCODE_BATCH:
+                add(f, batches[split], split)
+        for split, batch in batches.items():
+            if batch:
+                add(f, batch, split)
+        f.seek(0)
+        f.write(shard_header(vocab_size=job["vocab_size"], tokenizer_hash=job["hash"],
+                             n_tokens=counts["train_tokens"], n_stories=counts["train_stories"]))
+
+    out_path = Path(job["out"])
+    fileio.atomic_write(out_path, write_body)
+    if not counts["train_stories"]:
+        out_path.unlink()  # a file of val stories only makes no train shard
+    return {**counts, "val": np.concatenate(val_parts) if val_parts else np.zeros(0, dtype="<u2"),
             "problems": problems.items, "problem_count": problems.count}
 
 
@@ -1256,12 +1191,36 @@ def cmd_pretokenize(cfg: PretokenizeConfig) -> None:
     check_vocab_size(cfg.vocab_size)
     root = data_root(cfg)
     with lock_stage_output(root, f"tok{cfg.vocab_size}"):  # tok<N>.model must not change meanwhile
+        fileio.sweep_stale(root)
         _pretokenize(cfg, root)
 
 
-def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
+def _encode_files(jobs: list[dict], workers: int, bar) -> list[dict]:
+    """_encode_file of every job, in order, on `workers` processes."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
+
+    results: list = [None] * len(jobs)
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            results[i] = _encode_file(job)
+            bar.update(1)
+        return results
+    # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy mid-state
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        futures = {ex.submit(_encode_file, job): i for i, job in enumerate(jobs)}
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()  # a worker's exception surfaces here
+                bar.update(1)
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+    return results
+
+
+def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
     from tqdm import tqdm
 
     N = cfg.vocab_size
@@ -1269,9 +1228,9 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
     if not model_path.exists():
         raise DataError(f"{model_path}: not found; run `python tinystories.py train_vocab "
                         f"--vocab_size={N}` first")
-    sp = _load_sp(model_path, N)
+    tok = load_tokenizer(model_path, N)
     folder, files = source_files(cfg)
-    tok_hash = tokenizer_hash(model_path)
+    tok_hash = tok.hash()
     out = root / f"tok{N}"
     sig = {"source": str(folder.resolve()), "files": _files_signature(folder, files),
            "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
@@ -1284,33 +1243,16 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
     t0 = time.time()
     cores = os.cpu_count() or 1
     workers = max(1, min(cfg.workers or cores, len(files)))
-    tmp = root / f"tok{N}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    jobs = [{"path": str(p), "model": str(model_path), "out": str(tmp / f"train_{i:03d}.bin"),
-             "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
-             "vocab_size": N, "hash": tok_hash, "bos": sp.bos_id(), "eos": sp.eos_id(),
-             "threads": max(1, cores // workers)} for i, p in enumerate(files)]
-    results: list = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), unit="file", desc=f"pretokenize tok{N}")
-    try:
-        if workers == 1:
-            for i, job in enumerate(jobs):
-                results[i] = _encode_file(job)
-                bar.update(1)
-        else:
-            # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy mid-state
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-                futures = {ex.submit(_encode_file, job): i for i, job in enumerate(jobs)}
-                try:
-                    for fut in as_completed(futures):
-                        results[futures[fut]] = fut.result()  # a worker's exception surfaces here
-                        bar.update(1)
-                except BaseException:
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
-        bar.close()
+    bar = tqdm(total=len(files), unit="file", desc=f"pretokenize tok{N}")
+    with fileio.atomic_dir(out) as tmp:
+        jobs = [{"path": str(p), "model": str(model_path), "out": str(tmp / f"train_{i:03d}.bin"),
+                 "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
+                 "vocab_size": N, "hash": tok_hash, "bos": tok.bos_id, "eos": tok.eos_id,
+                 "threads": max(1, cores // workers)} for i, p in enumerate(files)]
+        try:
+            results = _encode_files(jobs, workers, bar)
+        finally:
+            bar.close()
         problems = ProblemLog(False)
         for r in results:
             problems.merge(r["problems"], r["problem_count"])
@@ -1324,10 +1266,6 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
         n_val = sum(r["val_stories"] for r in results)
         write_shard(tmp / "val.bin", val, vocab_size=N, tokenizer_hash=tok_hash, n_stories=n_val)
         _write_json(tmp / "meta.json", sig)
-        _replace_dir(tmp, out)
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     n_shards = sum(1 for r in results if r["train_tokens"])
     chars = sum(r["train_chars"] for r in results)
     print(f"{out}: {n_train} train stories, {n_tokens} tokens in {n_shards} shards; {n_val} val "
@@ -1357,32 +1295,17 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     stage, args = argv[0], argv[1:]
-    if stage not in STAGES:
-        print(f"tinystories.py: unknown stage {stage!r}; stages: {', '.join(STAGES)}",
-              file=sys.stderr)
-        return 2
-    if any(a in ("-h", "--help") for a in args):
+    if stage in STAGES and any(a in ("-h", "--help") for a in args):
         print(stage_help(stage))
         return 0
-    cls, fn, _ = STAGES[stage]
-    try:
-        cfg = parse_config(cls, args)
-    except UsageError as e:
-        print(f"tinystories.py {stage}: {e}", file=sys.stderr)
-        return 2
-    try:
-        fn(cfg)
-    except DataError as e:
-        print(f"tinystories.py {stage}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # full disk, permissions: the path and the reason, no traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"tinystories.py {stage}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"tinystories.py {stage}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    def body():
+        if stage not in STAGES:
+            raise OptionError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        cls, fn, _ = STAGES[stage]
+        fn(parse_config(cls, args))
+
+    return cli("tinystories.py" + (f" {stage}" if stage in STAGES else ""), body)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ unigram (and word/char) models are refused, because run.c implements only the
 BPE encoder.
 
 Examples:
-    python tokenizer.py --tokenizer-model=data/tok5000.model           # -> data/tok5000.bin
-    python tokenizer.py --tokenizer-model=data/tok5000.model --legacy  # llama2.c format
-    python tokenizer.py --tokenizer-model=tok.model --output=/tmp/tok.bin
+    python tokenizer.py --tokenizer_model=data/tok5000.model           # -> data/tok5000.bin
+    python tokenizer.py --tokenizer_model=data/tok5000.model --legacy  # llama2.c format
+    python tokenizer.py --tokenizer_model=tok.model --output=/tmp/tok.bin
     python -c "from tokenizer import Tokenizer; t = Tokenizer('data/tok5000.model'); print(t.encode('从前', bos=True))"
 
 File format (version 1, little-endian) -- also documented at the top of run_tok.c:
@@ -32,16 +32,15 @@ File format (version 1, little-endian) -- also documented at the top of run_tok.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import sentencepiece as spm
 
-from options import apply_options
+import fileio
+from options import OptionError, UserError, apply_options, cli, opt, render_help
 
 MAGIC = 0x6B746B61  # b"aktk" read as a little-endian uint32
 VERSION = 1
@@ -55,7 +54,7 @@ MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 SPACE_SYMBOL = "\u2581"
 
 
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     """A tokenizer file that cannot be used; the message names the file."""
 
 
@@ -324,31 +323,12 @@ def legacy_tokenizer_bytes(model_path: str) -> bytes:
     return b"".join(out)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".bin")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; give the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_tokenizer(model_path: str, out_path: str | None = None, *, legacy: bool = False) -> str:
     """Writes the .bin for run.c next to the .model (or to out_path); returns its path."""
     if out_path is None:
         out_path = os.path.splitext(model_path)[0] + ".bin"
     data = legacy_tokenizer_bytes(model_path) if legacy else tokenizer_bytes(model_path)
-    try:
-        write_atomic(out_path, data)
-    except OSError as e:
-        raise TokenizerError(f"{out_path}: cannot write ({e.strerror})") from None
+    fileio.write_bytes(out_path, data)
     return out_path
 
 
@@ -357,37 +337,34 @@ def export_tokenizer(model_path: str, out_path: str | None = None, *, legacy: bo
 
 @dataclass
 class ExportConfig:
-    tokenizer_model: str = ""  # path of the sentencepiece .model to export
-    output: str = ""           # default: the .model path with .bin
-    legacy: bool = False       # write llama2.c's tokenizer.bin format instead of ours
+    tokenizer_model: str = opt("", "path of the sentencepiece .model to export (required)")
+    output: str = opt("", "where to write the .bin; '' means the .model path with .bin")
+    legacy: bool = opt(False, "write llama2.c's tokenizer.bin format instead of ours")
+
+
+USAGE = "python tokenizer.py --tokenizer_model=PATH.model [--output=PATH.bin] [--legacy]"
 
 
 def parse_config(argv: list[str]) -> ExportConfig:
-    """The exporter's options (options.py's parser); ValueError with a one-line message."""
-    cfg = apply_options(ExportConfig(), argv, spell="-")
+    """The exporter's options (options.py's parser); OptionError with a one-line message."""
+    cfg = apply_options(ExportConfig(), argv)
     if not cfg.tokenizer_model:
-        raise ValueError("--tokenizer-model=path/to/tok.model is required")
+        raise OptionError("--tokenizer_model=path/to/tok.model is required")
     return cfg
+
+
+def export_main(cfg: ExportConfig) -> None:
+    out = export_tokenizer(cfg.tokenizer_model, cfg.output or None, legacy=cfg.legacy)
+    tok = Tokenizer(cfg.tokenizer_model)
+    print(f"wrote {out} ({'llama2.c legacy' if cfg.legacy else 'v' + str(VERSION)} format, "
+          f"vocab {tok.vocab_size}, hash {tok.hash():#010x})")
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(render_help(ExportConfig, USAGE, "Write a sentencepiece .model as the .bin run.c reads."))
         return 0
-    try:
-        cfg = parse_config(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        out = export_tokenizer(cfg.tokenizer_model, cfg.output or None, legacy=cfg.legacy)
-    except TokenizerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    tok = Tokenizer(cfg.tokenizer_model)
-    print(f"wrote {out} ({'llama2.c legacy' if cfg.legacy else 'v' + str(VERSION)} format, "
-          f"vocab {tok.vocab_size}, hash {tok.hash():#010x})")
-    return 0
+    return cli("tokenizer.py", lambda: export_main(parse_config(argv)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import storygen
 import tinystories as ts
+from options import OptionError
 
 ROOT = Path(__file__).resolve().parent.parent
 N_STORIES = 3000
@@ -420,10 +421,13 @@ def test_cli_parsing_errors(capsys):
     assert ts.main(["pretokenize", "--vocab_sise=5"]) == 2
     err = capsys.readouterr().err
     assert "unknown option --vocab_sise" in err and "--vocab_size" in err and "--data_dir" in err
+    assert err.startswith("tinystories.py pretokenize: error: unknown option")
     assert ts.main(["pretokenize", "--strict=maybe"]) == 2
     assert "true/false" in capsys.readouterr().err
     assert ts.main(["pretokenize", "--vocab_size=big"]) == 2
+    capsys.readouterr()
     assert ts.main(["nosuchstage"]) == 2
+    assert capsys.readouterr().err.startswith("tinystories.py: error: unknown stage 'nosuchstage'")
     assert ts.main(["synth", "--help"]) == 0
     assert "--n_stories=100000" in capsys.readouterr().out
     cfg = ts.parse_config(ts.PretokenizeConfig, ["--strict=yes", "--vocab_size=512",
@@ -433,9 +437,9 @@ def test_cli_parsing_errors(capsys):
     assert cfg.data_dir == "my folder" and cfg.vocab_size == 300
     cfg = ts.parse_config(ts.PretokenizeConfig, ["--strict", "--force=1"])  # a bool alone means true
     assert cfg.strict is True and cfg.force is True
-    with pytest.raises(ts.UsageError, match="needs a value"):
+    with pytest.raises(OptionError, match="needs a value"):
         ts.parse_config(ts.PretokenizeConfig, ["--vocab_size", "--force=1"])
-    with pytest.raises(ts.UsageError, match="options are --key=value"):
+    with pytest.raises(OptionError, match="options are --key=value"):
         ts.parse_config(ts.PretokenizeConfig, ["5000"])
 
 

@@ -1,7 +1,7 @@
 """export.py: .bin versions 0-3 byte by byte and round trip, int8 quantization, the Hugging Face
 export (loaded by transformers, offline), and the CLI's error handling.
 
-The file layouts are checked with a reader written here from FORMATS.md and the version 3 contract,
+The file layouts are checked with a reader written here from docs/formats.md and the version 3 contract,
 independent of export.py's own reader.
 """
 
@@ -99,7 +99,7 @@ def f32(model_tensor: torch.Tensor) -> np.ndarray:
 
 
 def expected_fp32_order(model: Transformer, version: int) -> list[tuple[str, np.ndarray]]:
-    """The tensors of a version 0 or 1/3-fp32 body, in file order, as FORMATS.md lists them."""
+    """The tensors of a version 0 or 1/3-fp32 body, in file order, as docs/formats.md lists them."""
     L = model.layers
     tied = model.output.weight is model.tok_embeddings.weight
     per = lambda name, get: [(f"{name}{i}", f32(get(l))) for i, l in enumerate(L)]  # noqa: E731

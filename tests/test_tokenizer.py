@@ -26,6 +26,7 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fileio
 import tokenizer
 from tokenizer import Tokenizer, TokenizerError
 
@@ -536,7 +537,7 @@ def test_decode_bos_starts_a_new_text(toks, harness):
 # legacy llama2.c format
 
 def test_legacy_file_layout(toks):
-    """Byte by byte what FORMATS.md describes."""
+    """Byte by byte what docs/formats.md describes."""
     sp = spm.SentencePieceProcessor(model_file=str(toks["id_bf"]))
     data = (toks["id_bf"].parent / "id_bf.legacy.bin").read_bytes()
     (max_len,) = struct.unpack_from("<I", data, 0)
@@ -677,7 +678,7 @@ def test_cli_export(toks, tmp_path):
     r = run_py(f"--tokenizer-model={model}", "--legacy")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tok.bin").read_bytes() == (toks["id_bf"].parent / "id_bf.legacy.bin").read_bytes()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if fileio.TEMP_RE.match(p.name)]
     header = (tmp_path / "x.bin").read_bytes()[:64]
     magic, version, vocab = struct.unpack_from("<Iii", header)
     assert (magic, version, vocab) == (tokenizer.MAGIC, 1, 2000) and header[52:] == b"\0" * 12
@@ -685,8 +686,8 @@ def test_cli_export(toks, tmp_path):
 
 def test_cli_errors(toks, tmp_path):
     cases = [
-        ([], "--tokenizer-model"),
-        (["--nope=1"], "valid: --tokenizer-model"),
+        ([], "tokenizer.py: error: --tokenizer_model"),
+        (["--nope=1"], "tokenizer.py: error: unknown option --nope; valid: --tokenizer_model"),
         ([f"--tokenizer-model={toks['id_bf']}", "--legacy=maybe"], "true/false"),
         ([f"--tokenizer-model={tmp_path / 'missing.model'}"], "missing.model"),
     ]
