@@ -70,9 +70,11 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 test: venv $(VENV)/.installed-test
 	$(PY) -m pytest tests -q
 
-# Engine benchmarks; writes BENCHMARKS.md.
+# Engine benchmarks beside llama.cpp's llama-bench; writes BENCHMARKS.md. The first run builds
+# llama-bench into ~/.cache/tinystories-zh/ (about 5 minutes); LLAMA_CPP=off skips it, and
+# LLAMA_CPP=PATH times another llama-bench.
 bench: venv
-	$(PY) bench.py
+	$(PY) bench.py $(if $(LLAMA_CPP),--llama_cpp=$(LLAMA_CPP))
 
 # Coverage-guided fuzzing (docs/fuzzing.md): libFuzzer harnesses in tests/fuzz/ built with clang
 # and the address + UB sanitizers, each run for FUZZ_SECONDS from seeds that the project's own

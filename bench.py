@@ -17,6 +17,11 @@ What it does, all inside one temporary folder:
      take turns, so the ratios between them compare runs made side by side), from the engine's own
      stderr timing line; each round also probes the read bandwidth of a buffer of each file's size
      with 1 and 2 threads, so "% bw" and the 2/1 ceiling compare with the machine as it was then;
+  3b. unless --llama_cpp=off, does the same beside llama.cpp: builds its llama-bench once (from the
+     llama-cpp-python sdist requirements-test.txt pins, cached in ~/.cache/tinystories-zh/; where
+     cmake, a C++ compiler or the sdist is missing, one line says so and those rows are skipped),
+     writes each model as GGUF with export.py (f32 for our fp32, q8_0 for our int8) and runs
+     `llama-bench -p 200 -n 256 -t THREADS -r 1` right after each of our runs of the same model;
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
   5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
@@ -33,13 +38,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -68,6 +76,9 @@ class BenchConfig:
     quality_checkpoint: str = "auto"
     quality_data: str = ""  # its shard folder (default: the checkpoint's data_dir, else data/tok<vocab>)
     quality_windows: int = 32  # val windows of min(max_seq_len, 256) tokens
+    # llama.cpp's llama-bench beside our engine on GGUF exports of the same weights: "auto" builds
+    # it once from the llama-cpp-python sdist requirements-test.txt pins, "off", or a llama-bench path
+    llama_cpp: str = "auto"
     output: str = "BENCHMARKS.md"
     write: bool = True  # false: print the tables only
 
@@ -97,6 +108,8 @@ def parse_config(argv: list[str]) -> BenchConfig:
         raise BenchError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
     if cfg.quality_windows < 1:
         raise BenchError("quality_windows must be >= 1")
+    if cfg.llama_cpp not in ("auto", "off") and not os.access(cfg.llama_cpp, os.X_OK):
+        raise BenchError(f"--llama_cpp={cfg.llama_cpp}: not an executable llama-bench (or use auto or off)")
     if cfg.quality_checkpoint == "auto":
         demo = ROOT / "out" / "demo" / "ckpt.pt"
         cfg.quality_checkpoint = str(demo) if demo.exists() else ""
@@ -273,10 +286,12 @@ def probe(binary: Path, *args) -> float:
 # ----------------------------------------------------------------------------------------------
 # models
 
-def write_models(folder: Path, names: list[str], dtypes: list[str]) -> dict:
+def write_models(folder: Path, names: list[str], dtypes: list[str], *, gguf_tokenizer: str = "") -> dict:
+    """Random-weight .bin files of each shape and dtype; with gguf_tokenizer (a sentencepiece
+    .model), each with its GGUF twin of the same weights too (export.py's writer), as "gguf"."""
     import torch
 
-    from export import write_model_bin
+    from export import ExportError, write_gguf, write_model_bin
     from model import ModelArgs, Transformer
 
     files = {}
@@ -293,6 +308,13 @@ def write_models(folder: Path, names: list[str], dtypes: list[str]) -> dict:
             write_model_bin(model, path, version=3, dtype=dtype)
             files[(name, dtype)] = {"path": path, "bytes": path.stat().st_size, "n_matrix": n_matrix,
                                     "args": model.params}
+            if gguf_tokenizer and dtype in GGUF_OF:
+                gguf = folder / f"{name}_{GGUF_OF[dtype]}.gguf"
+                try:
+                    write_gguf(model, gguf, dtype=GGUF_OF[dtype], tokenizer_model=gguf_tokenizer)
+                except ExportError as e:
+                    raise BenchError(f"GGUF export for llama.cpp (--llama_cpp=off skips it): {e}") from None
+                files[(name, dtype)].update(gguf=gguf, gguf_bytes=gguf.stat().st_size)
     return files
 
 
@@ -347,6 +369,154 @@ def stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def peer_stats(ours: dict, peer: dict) -> dict:
+    """llama.cpp's tok/s and ours/llama.cpp, each ratio taken within a round (the runs made side
+    by side) before the median, so a slow spell of the machine cancels out of it."""
+    out = {}
+    for k in ("decode", "prefill"):
+        out[k] = stats(peer[k])
+        out[f"{k}_ratio"] = stats([o / q for o, q in zip(ours[k], peer[k])])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp, the engine a user would pick instead of ours: its llama-bench on GGUF exports of the
+# same random weights, f32 beside our fp32 and q8_0 beside our int8
+
+GGUF_OF = {"fp32": "f32", "int8": "q8_0"}  # our .bin dtype -> the GGUF dtype compared with it
+
+
+def llama_cpp_version() -> str:
+    """The llama-cpp-python pin of requirements-test.txt, so the benchmark times the llama.cpp the
+    tests check our GGUF against."""
+    text = (ROOT / "requirements-test.txt").read_text(encoding="utf-8")
+    m = re.search(r"^llama-cpp-python(?:\[[^\]]*\])?==([\w.]+)", text, re.M)
+    if not m:
+        raise BenchError("requirements-test.txt pins no llama-cpp-python==VERSION")
+    return m[1]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinystories-zh"
+
+
+def build_llama_bench(version: str, root: Path) -> Path:
+    """llama-bench from the llama.cpp that llama-cpp-python's sdist vendors, built once (about
+    5 minutes of 2 cores) into root/llama.cpp-VERSION and reused. Raises BenchError saying why not."""
+    home = root / f"llama.cpp-{version}"
+    exe = home / "build" / "bin" / "llama-bench"
+    if exe.is_file():
+        return exe
+    for tool in ("cmake", os.environ.get("CXX", "c++")):
+        if not shutil.which(tool):
+            raise BenchError(f"no {tool} on PATH to build it")
+    sdist = root / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        # pip's own cache answers this without the network when `make test` has built the wheel
+        print(f"bench.py: fetching the llama-cpp-python {version} sdist with pip", flush=True)
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+                            f"llama-cpp-python=={version}", "-d", sdist.parent],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0 or not sdist.is_file():
+            raise BenchError(f"pip could not fetch its sdist ({(p.stderr.strip().splitlines() or ['?'])[-1]})")
+    src = home / "src"
+    if not (src / "CMakeLists.txt").is_file():
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        tmp = home / "src.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                    m.name = m.name[len(prefix):]
+                    members.append(m)
+            if not members:
+                raise BenchError(f"{sdist} holds no vendor/llama.cpp")
+            tar.extractall(tmp, members=members, filter="data")
+        shutil.rmtree(src, ignore_errors=True)
+        os.replace(tmp, src)  # a half-extracted tree never passes for a whole one
+    print(f"bench.py: building llama.cpp's llama-bench in {home} (once; about 5 minutes on 2 cores)", flush=True)
+    # Static, CPU only, this machine's instructions (as our -march=native), and none of the
+    # network, server, test or multimodal parts llama-bench does not need.
+    sh(["cmake", "-S", src, "-B", home / "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAVA_BUILD=OFF"],
+       timeout=600, discard_stdout=True)
+    sh(["cmake", "--build", home / "build", "--target", "llama-bench", f"-j{os.cpu_count() or 1}"],
+       timeout=3600, discard_stdout=True)
+    if not exe.is_file():
+        raise BenchError(f"the build wrote no {exe}")
+    return exe
+
+
+def find_llama_bench(setting: str, *, build=build_llama_bench) -> tuple[Path | None, str]:
+    """(llama-bench, where it comes from) or (None, the one-line reason its rows are skipped).
+    setting: "off", "auto" (the cached build, built on first use) or the path of a llama-bench."""
+    if setting == "off":
+        return None, "llama.cpp rows skipped: --llama_cpp=off"
+    if setting != "auto":
+        return Path(setting), f"`{setting}`"
+    try:
+        version = llama_cpp_version()
+        return build(version, cache_root()), (f"llama-cpp-python {version}'s vendored llama.cpp, "
+                                             "built static with -DGGML_NATIVE=ON, CPU only")
+    except (BenchError, OSError, tarfile.TarError, subprocess.TimeoutExpired) as e:
+        return None, f"llama.cpp rows skipped: could not build llama-bench: {e}"
+
+
+def parse_llama_bench(text: str, *, prompt_tokens: int, decode_tokens: int) -> dict:
+    """llama-bench's `-o json` output -> {"prefill": tok/s, "decode": tok/s} from its pp<prompt_tokens>
+    and tg<decode_tokens> tests (the mean over its repetitions), plus "build": "commit (number)"
+    where it knows its commit."""
+    try:
+        tests = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"llama-bench printed no JSON ({e}): {text[:200]!r}") from None
+    out = {}
+    for t in tests if isinstance(tests, list) else []:
+        if t.get("n_prompt") == prompt_tokens and t.get("n_gen") == 0:
+            out["prefill"] = float(t["avg_ts"])
+        elif t.get("n_gen") == decode_tokens and t.get("n_prompt") == 0:
+            out["decode"] = float(t["avg_ts"])
+        # a build from the sdist, which has no .git, says "unknown"
+        if t.get("build_commit", "unknown") != "unknown":
+            out["build"] = f"{t['build_commit']} ({t.get('build_number', '?')})"
+    if "prefill" not in out or "decode" not in out:
+        raise BenchError(f"llama-bench's JSON has no pp{prompt_tokens} and tg{decode_tokens} results: {text[:200]!r}")
+    return out
+
+
+def llama_bench_run(exe: Path, gguf: Path, setting: str, cfg: BenchConfig) -> dict:
+    """One llama-bench process: a 200-token prefill and a 256-token decode, one repetition each
+    (after its own warm-up of each), as parse_llama_bench returns them."""
+    argv = [exe, "-m", gguf, "-p", cfg.prompt_tokens, "-n", cfg.decode_tokens, "-t", thread_setting(setting)[0],
+            "-r", 1, "-o", "json"]
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, argv))} failed ({p.returncode}): {p.stderr.strip()[-300:]}")
+    return parse_llama_bench(p.stdout, prompt_tokens=cfg.prompt_tokens, decode_tokens=cfg.decode_tokens)
+
+
+def train_gguf_tokenizer(folder: Path) -> str:
+    """A 5000-piece sentencepiece BPE with tinystories.py's settings, which write_gguf needs to
+    embed (llama-bench feeds random ids, so which pieces it holds does not matter)."""
+    import storygen
+
+    path = folder / "gguf_tok.model"
+    train_bpe(storygen.generate_stories(3000, seed=0), path, vocab_size=VOCAB, normalization_rule_name="identity",
+              remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
+    return str(path)
+
+
+def train_bpe(stories, path: Path, *, vocab_size: int, **options) -> None:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(stories), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, **options)
+
+
 # ----------------------------------------------------------------------------------------------
 # tokenizer benchmark
 
@@ -356,10 +526,7 @@ def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
     import storygen
     from tokenizer import export_tokenizer
 
-    stories = list(storygen.generate_stories(600, seed=0))
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(stories), model_prefix=str(folder / "zh"), vocab_size=2000, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    train_bpe(storygen.generate_stories(600, seed=0), folder / "zh.model", vocab_size=2000)
     model = str(folder / "zh.model")
     tok_bin = export_tokenizer(model, str(folder / "zh.bin"))
     text = ""
@@ -447,6 +614,10 @@ def fmt(s: dict, digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
+def fmt_ratio(s: dict) -> str:
+    return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
 def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict, tok: dict,
            quality: dict) -> str:
     lines = [
@@ -456,6 +627,7 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
     ]
     if files:
         lines += speed_tables(cfg, probes, results, files)
+        lines += llama_table(cfg, env.get("llama", {}), results, files)
     if tok:
         lines += ["", f"Tokenizer: encoding {tok['chars']} Chinese characters ({tok['tokens']} tokens with BOS, "
                   "storygen.py text, a 2000-piece byte-fallback BPE trained on the spot), best of 20: "
@@ -553,6 +725,38 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
     return lines
 
 
+def llama_table(cfg: BenchConfig, llama: dict, results: dict, files: dict) -> list:
+    """The llama.cpp rows: its tok/s beside ours and the ratio, or the line saying why there are none."""
+    if llama.get("note"):
+        return ["", f"{llama['note']}."]
+    rows = [(key, r) for key, r in results.items() if "llama" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"llama.cpp beside the engine: its `llama-bench -p {cfg.prompt_tokens} -n {cfg.decode_tokens} -t THREADS "
+        f"-r 1 -o json` ({llama['origin']}{', build ' + llama['build'] if llama['build'] else ''}; "
+        "its defaults otherwise: an f16 KV cache (ours: f32 beside fp32 weights, f16 beside int8), flash "
+        "attention auto, "
+        "one warm-up of each test) on GGUF files of the same random weights written by export.py's write_gguf, "
+        "f32 beside our fp32 and q8_0 (blocks of 32, fp16 scales) beside our int8. In each round llama-bench "
+        "runs right after our decode and prefill of the same model, weights and threads; ours/llama.cpp is "
+        "the median (min-max) of the per-round ratios of tok/s, above 1 where ours is faster. llama-bench "
+        "feeds random token ids and samples nothing, so it never stops early; our decode also picks each "
+        "token (argmax) and our prefill is a cold process (no warm-up).",
+        "",
+        "| model | weights | GGUF MB | threads | n | decode tok/s ours | llama.cpp | ours/llama.cpp "
+        "| prefill tok/s ours | llama.cpp | ours/llama.cpp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (name, dtype, t), r in rows:
+        q = r["llama"]
+        lines.append(f"| {name} | {dtype} / {GGUF_OF[dtype]} | {files[(name, dtype)]['gguf_bytes'] / 1e6:.0f} | {t} | "
+                     f"{q['decode']['n']} | {fmt(r['decode'])} | {fmt(q['decode'])} | {fmt_ratio(q['decode_ratio'])} | "
+                     f"{fmt(r['prefill'])} | {fmt(q['prefill'])} | {fmt_ratio(q['prefill_ratio'])} |")
+    return lines
+
+
 def write_section(path: Path, body: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
     section = f"{BEGIN}\n{body}\n{END}"
@@ -604,7 +808,11 @@ def main(argv: list[str]) -> int:
                       "int8": {t: probe(bins["fma"], t, "int8") for t in counts}} if names else {}
             tok_path = folder / f"tok{VOCAB}.bin"
             write_legacy_tokenizer(tok_path)
-            files = write_models(folder, names, dtypes)
+            llama, origin = find_llama_bench(cfg.llama_cpp) if names else (None, "")
+            env["llama"] = {"origin": origin, "build": ""} if llama else {"note": origin}
+            if not llama and origin:
+                print(f"bench.py: {origin}", flush=True)
+            files = write_models(folder, names, dtypes, gguf_tokenizer=train_gguf_tokenizer(folder) if llama else "")
             if files:
                 print("probes:", probes, flush=True)
                 prompt = prompt_of(bins["run"], tok_path, cfg.prompt_tokens)
@@ -615,10 +823,11 @@ def main(argv: list[str]) -> int:
             for name in names:
                 configs = [(dtype, t) for dtype in dtypes for t in threads]
                 runs = {c: {"decode": [], "prefill": [], "load": os.getloadavg()[0]} for c in configs}
+                peers = {c: {"decode": [], "prefill": []} for c in configs if "gguf" in files[(name, c[0])]}
                 bw = {(dtype, k): [] for dtype in dtypes for k in counts}
                 t0 = time.time()
                 for r in range(cfg.runs):
-                    if r and time.time() - t0 >= cfg.max_seconds * len(configs):
+                    if r and time.time() - t0 >= cfg.max_seconds * (len(configs) + len(peers)):
                         break
                     # The read bandwidth of a buffer of each file's size (this CPU's caches may hold
                     # a whole model), probed in every round beside the runs it is compared with:
@@ -632,12 +841,21 @@ def main(argv: list[str]) -> int:
                         path, got = files[(name, dtype)]["path"], runs[(dtype, t)]
                         got["decode"].append(timed_run(bins["run"], path, tok_path, t, ["-n", str(cfg.decode_tokens)])[1])
                         got["prefill"].append(timed_run(bins["run"], path, tok_path, t, ["-n", "1", "-i", prompt])[0])
+                        if (dtype, t) in peers:  # right after ours, so each ratio pairs runs made side by side
+                            peer = llama_bench_run(llama, files[(name, dtype)]["gguf"], t, cfg)
+                            for k in ("decode", "prefill"):
+                                peers[(dtype, t)][k].append(peer[k])
+                            env["llama"]["build"] = peer.get("build", "")
                 for dtype in dtypes:
                     files[(name, dtype)]["bw"] = {k: statistics.median(bw[(dtype, k)]) for k in counts}
                 for (dtype, t), got in runs.items():
                     dec, pre = stats(got["decode"]), stats(got["prefill"])
                     results[(name, dtype, t)] = {"decode": dec, "prefill": pre, "load": got["load"]}
                     print(f"{name} {dtype} threads={t}: decode {fmt(dec)} tok/s, prefill {fmt(pre)} tok/s", flush=True)
+                    if (dtype, t) in peers:
+                        q = results[(name, dtype, t)]["llama"] = peer_stats(got, peers[(dtype, t)])
+                        print(f"  llama.cpp {GGUF_OF[dtype]}: decode {fmt(q['decode'])} tok/s, prefill "
+                              f"{fmt(q['prefill'])} tok/s", flush=True)
             tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars) if cfg.tokenizer_chars > 0 else {}
             quality = quality_bench(folder, cfg) if cfg.quality_checkpoint else {}
     except (BenchError, subprocess.TimeoutExpired) as e:
