@@ -10,8 +10,6 @@ the trained checkpoint, and only prints new stories.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import shlex
 import subprocess
 import sys
@@ -19,39 +17,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from options import UserError, apply_options, cli, opt, render_help
+
 ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
 class DemoConfig:
-    n_stories: int = 60000  # built-in stories to generate
-    vocab_size: int = 2000  # the synthetic corpus uses about 1,400 distinct characters
-    preset: str = "tiny"  # model.PRESETS name; about 1M parameters
-    max_iters: int = 1500  # optimizer steps; the step count, not the clock, decides when it is done
-    train_seconds: int = 420  # safety stop for slow machines (a checkpoint is saved either way)
-    out_dir: str = "out/demo"
-    temperature: float = 0.7
-    top_p: float = 0.9
-    steps: int = 256
-    seed: int = 42
-    data_root: str = "data"  # corpus, tokenizer and shards (the tests point this at a temporary folder)
-    run_bin: str = "run"  # where the C engine is built
-    eval_samples: int = 2  # completions per prompt in the closing evaluation (0: skip it)
+    n_stories: int = opt(60000, "built-in stories to generate")
+    vocab_size: int = opt(2000, "sentencepiece vocabulary (the synthetic corpus uses about 1,400 distinct characters)")
+    preset: str = opt("tiny", "model.PRESETS name; tiny is about 1M parameters")
+    max_iters: int = opt(1500, "optimizer steps; the step count, not the clock, decides when it is done")
+    train_seconds: int = opt(420, "safety stop for slow machines (a checkpoint is saved either way)")
+    out_dir: str = opt("out/demo", "checkpoint, exports, loss curve and evaluation")
+    temperature: float = opt(0.7, "sampling temperature of the C engine's stories")
+    top_p: float = opt(0.9, "nucleus sampling threshold")
+    steps: int = opt(256, "tokens per story")
+    seed: int = opt(42, "sampling seed of the first story (the others follow)")
+    data_root: str = opt("data", "corpus, tokenizer and shards (the tests point this at a temporary folder)")
+    run_bin: str = opt("run", "where the C engine is built")
+    eval_samples: int = opt(2, "completions per prompt in the closing evaluation (0: skip it)")
 
 
 PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
-
-
-def parse_args(argv: list[str]) -> DemoConfig:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        print("options:", ", ".join(f"--{f.name}={getattr(DemoConfig(), f.name)}" for f in dataclasses.fields(DemoConfig)))
-        sys.exit(0)
-    from options import OptionError, apply_options
-    try:
-        return apply_options(DemoConfig(), argv)
-    except OptionError as e:
-        sys.exit(f"demo.py: {e}")
 
 
 def step(title: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -59,13 +47,19 @@ def step(title: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     t0 = time.time()
     result = subprocess.run(cmd, cwd=ROOT, **kwargs)
     if result.returncode != 0:
-        sys.exit(f"demo.py: step '{title}' failed (exit {result.returncode}); see the output above")
+        raise UserError(f"step '{title}' failed (exit {result.returncode}); see the output above")
     print(f"    ({time.time() - t0:.0f} s)", flush=True)
     return result
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_args(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(render_help(DemoConfig, "python demo.py [--key=value ...]", __doc__))
+        return 0
+    return cli("demo.py", lambda: run_demo(apply_options(DemoConfig(), argv)))
+
+
+def run_demo(cfg: DemoConfig) -> int:
     py = sys.executable
     t_start = time.time()
     V = cfg.vocab_size
@@ -115,7 +109,7 @@ def main(argv: list[str]) -> int:
         print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT)
         if r.returncode != 0:
-            sys.exit(f"demo.py: ./run failed (exit {r.returncode})")
+            raise UserError(f"./run failed (exit {r.returncode})")
 
     if cfg.eval_samples > 0:
         step("8/8 how good are the stories? fp32 and int8 beside real held-out stories",

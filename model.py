@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from options import OptionError, UserError, apply_options, cli, opt, render_help
+
 
 @dataclass
 class ModelArgs:
@@ -345,8 +347,6 @@ def pick_device(name: str, local_rank: Optional[int] = None) -> str:
 
     local_rank (a torchrun process's GPU) turns cuda into cuda:<local_rank>. UserError naming the
     option when the device does not exist here."""
-    from options import OptionError, UserError
-
     device = name
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -388,27 +388,28 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    names = list(PRESETS)
-    for arg in argv:
-        if arg.startswith("--preset="):
-            names = [arg.split("=", 1)[1]]
-        else:
-            print(f"model.py: unknown argument {arg!r} (try --preset=NAME)", file=sys.stderr)
-            return 2
-    for name in names:
+@dataclass
+class ModelCliConfig:
+    preset: str = opt("", "show this preset's full arguments; \"\": list every preset")
+
+
+def show_presets(cfg: ModelCliConfig) -> int:
+    for name in [cfg.preset] if cfg.preset else list(PRESETS):
         try:
             args = model_args_from_preset(name).resolved()
         except ValueError as e:
-            print(f"model.py: {e}", file=sys.stderr)
-            return 2
+            raise OptionError(f"--preset={name}: {e}") from None
         with torch.device("meta"):
             n = Transformer(args).num_params()
         print(f"{name:12s} {n / 1e6:8.2f}M params  {dataclasses.asdict(args)}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(render_help(ModelCliConfig, "python model.py [--preset=NAME]", __doc__))
+        return 0
+    return cli("model.py", lambda: show_presets(apply_options(ModelCliConfig(), argv)))
 
 
 if __name__ == "__main__":

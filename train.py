@@ -56,13 +56,15 @@ import numpy as np
 import torch
 
 import checkpoint
+import fileio
 import tinystories
+import tokenizer
 from model import PRESETS, ModelArgs, Transformer, pick_device
-from options import OptionError, UserError, parse_options
+from options import OptionError, UserError, cli, opt, os_error_text, parse_options, render_help
 
 
 class TrainError(UserError):
-    """A user-facing problem (bad option, bad data, bad checkpoint): printed as one line, exit 1."""
+    """A problem with the data, the out_dir or the run (bad options are OptionError, exit 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,60 +73,60 @@ class TrainError(UserError):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
-    eval_interval: int = 2000  # steps between evaluations (and checkpoints)
-    log_interval: int = 1  # steps between log lines
-    eval_iters: int = 100  # batches per split in each evaluation
-    eval_only: bool = False  # evaluate once (e.g. a resumed checkpoint) and exit
-    always_save_checkpoint: bool = True  # False: at eval intervals write ckpt.pt only if val loss improved
-    keep_every: int = 0  # also keep ckpt_<iter>.pt every this many steps (for evaluate.py's series); 0: off
-    init_from: str = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
-    max_seconds: float = 0.0  # stop after this many seconds of this process, saving a checkpoint; 0: no limit
-    preset: str = ""  # a model.PRESETS name; applied before the other options
+    out_dir: str = opt("out", "folder for ckpt.pt, best.pt, log.jsonl (one run at a time)")
+    eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
+    log_interval: int = opt(1, "steps between log lines")
+    eval_iters: int = opt(100, "batches per split in each evaluation")
+    eval_only: bool = opt(False, "evaluate once (e.g. a resumed checkpoint) and exit")
+    always_save_checkpoint: bool = opt(True, "false: at eval intervals write ckpt.pt only if val loss improved")
+    keep_every: int = opt(0, "also keep ckpt_<iter>.pt every this many steps (for evaluate.py's series); 0: off")
+    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
+    max_seconds: float = opt(0.0, "stop after this many seconds of this process, saving a checkpoint; 0: no limit")
+    preset: str = opt("", "a model.PRESETS name (see below); applied before the other options")
     # wandb (imported only when wandb_log is true)
-    wandb_log: bool = False
-    wandb_project: str = "tinystories-zh"
-    wandb_run_name: str = "run"
+    wandb_log: bool = opt(False, "log to Weights & Biases (needs pip install wandb)")
+    wandb_project: str = opt("tinystories-zh", "wandb project")
+    wandb_run_name: str = opt("run", "wandb run name")
     # data
-    batch_size: int = 128  # sequences per micro-batch per process
-    vocab_source: str = "custom"  # custom: our own sentencepiece vocab, shards in data/tok<vocab_size>/
-    data_dir: str = ""  # folder of pretokenized shards; overrides vocab_source
-    tokenizer: str = ""  # .model to check the shards against; default: <data_dir>.model if it exists
-    # Resume only: true lets the run continue on shards of another tokenizer than the checkpoint's
-    # (same vocab size, other pieces: the embeddings then mean other strings). Without it such a
-    # resume is refused; it is never kept in the checkpoint, so each resume must say it again.
-    retokenized: bool = False
-    seed: int = 1337  # model init, data order and dropout all follow from it
+    batch_size: int = opt(128, "sequences per micro-batch per process")
+    vocab_source: str = opt("custom", "custom: our own sentencepiece vocab, shards in data/tok<vocab_size>/")
+    data_dir: str = opt("", "folder of pretokenized shards; overrides vocab_source")
+    tokenizer: str = opt("", "sentencepiece .model to check the shards against; default: <data_dir>.model if it exists")
+    retokenized: bool = opt(False, "resume only: true lets the run continue on shards of another tokenizer than "
+                                   "the checkpoint's (same vocab size, other pieces: the embeddings then mean "
+                                   "other strings); never kept in the checkpoint, so each resume says it again")
+    seed: int = opt(1337, "model init, data order and dropout all follow from it")
     # model (the fields of model.ModelArgs; 0 means "derive it" where noted)
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int = 6  # 0: same as n_heads
-    vocab_size: int = 5000
-    hidden_dim: int = 0  # 0: Llama's rule from dim and multiple_of
-    multiple_of: int = 32
-    norm_eps: float = 1e-5
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
+    dim: int = opt(288, "model width")
+    n_layers: int = opt(6, "transformer blocks")
+    n_heads: int = opt(6, "attention (query) heads")
+    n_kv_heads: int = opt(6, "key/value heads (grouped-query attention); 0: same as n_heads")
+    vocab_size: int = opt(5000, "tokens in the vocabulary; must match the shards")
+    hidden_dim: int = opt(0, "FFN width; 0: Llama's rule from dim and multiple_of")
+    multiple_of: int = opt(32, "hidden_dim is rounded up to a multiple of this")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    max_seq_len: int = opt(256, "context length in tokens")
+    dropout: float = opt(0.0, "dropout rate while training")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    tie_embeddings: bool = opt(True, "the classifier shares the token embedding matrix")
     # optimizer: AdamW, weight decay on matrices only
-    gradient_accumulation_steps: int = 4  # total over all processes (divided by the world size)
-    learning_rate: float = 5e-4  # peak
-    max_iters: int = 100000  # optimizer steps
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step, total over all processes")
+    learning_rate: float = opt(5e-4, "peak learning rate")
+    max_iters: int = opt(100000, "optimizer steps")
+    weight_decay: float = opt(1e-1, "AdamW weight decay (matrices only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "max global gradient norm; 0: no clipping")
     # learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
-    decay_lr: bool = True  # False: constant learning_rate, no warmup
-    warmup_iters: int = 1000
-    lr_decay_iters: int = 0  # 0: max_iters
-    min_lr: float = 0.0
+    decay_lr: bool = opt(True, "false: constant learning_rate, no warmup")
+    warmup_iters: int = opt(1000, "steps of linear warmup")
+    lr_decay_iters: int = opt(0, "step where the cosine reaches min_lr; 0: max_iters")
+    min_lr: float = opt(0.0, "learning rate after the decay")
     # system
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bfloat16 if the GPU has it, else float16; float32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model (pays off on GPUs for long runs)
+    device: str = opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps")
+    dtype: str = opt("auto", "auto (bfloat16 if the GPU has it, else float16; float32 on CPU) | float32 | "
+                             "bfloat16 | float16")
+    compile: bool = opt(False, "torch.compile the model (pays off on GPUs for long runs)")
 
 
 # Fields that define the network's shape: fixed by the checkpoint on resume.
@@ -160,16 +162,13 @@ def config_types() -> dict[str, type]:
 
 def parse_overrides(argv: list[str]) -> dict:
     """`--key=value` arguments -> {key: typed value}, in order (options.py's parser)."""
-    try:
-        return parse_options(TrainConfig, argv)
-    except OptionError as e:
-        raise TrainError(str(e)) from None
+    return parse_options(TrainConfig, argv)
 
 
 def preset_overrides(name: str) -> dict:
     """The model shape and training defaults a preset stands for, as config field values."""
     if name not in PRESETS:
-        raise TrainError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+        raise OptionError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
     out = {}
     for key, value in PRESETS[name].items():
         if key in ("n_kv_heads", "hidden_dim") and value is None:
@@ -215,21 +214,21 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dtype={cfg.dtype!r} must be auto, float32, bfloat16 or float16")
     if problems:
-        raise TrainError("bad config: " + "; ".join(problems))
+        raise OptionError("bad config: " + "; ".join(problems))
     try:
         model_args_of(cfg).resolved()
     except ValueError as e:
-        raise TrainError(str(e)) from None
+        raise OptionError(str(e)) from None
 
 
 def resolve_data_dir(cfg: TrainConfig) -> Path:
     if cfg.data_dir:
         return Path(cfg.data_dir)
     if cfg.vocab_source == "llama2":
-        raise TrainError("--vocab_source=llama2 is not supported: this project trains its own vocab "
+        raise OptionError("--vocab_source=llama2 is not supported: this project trains its own vocab "
                          "(python tinystories.py train_vocab), use --vocab_source=custom")
     if cfg.vocab_source != "custom":
-        raise TrainError(f"--vocab_source={cfg.vocab_source}: must be custom (or give --data_dir)")
+        raise OptionError(f"--vocab_source={cfg.vocab_source}: must be custom (or give --data_dir)")
     return tinystories.DEFAULT_DATA_ROOT / f"tok{cfg.vocab_size}"
 
 
@@ -299,8 +298,11 @@ class RunLog:
         if not self.enabled:
             return
         print(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a write() error names no file: say which one
+            raise TrainError(os_error_text(e, self.path)) from None
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in rec.items() if k != "type"}, step=rec["iter"])
 
@@ -366,10 +368,10 @@ def plot(out_dir: Path) -> Path:
     ax.set_title(f"{out_dir}")
     fig.tight_layout()
     png = out_dir / "loss.png"
-    tmp = out_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        fileio.atomic_write(png, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return png
 
 
@@ -422,7 +424,7 @@ def pick_dtype(cfg: TrainConfig, device_type: str) -> str:
         return "float32"
     if cfg.dtype == "bfloat16" and device_type == "cpu":
         return "bfloat16"
-    raise TrainError(f"--dtype={cfg.dtype} is not supported on {device_type} (use float32)")
+    raise OptionError(f"--dtype={cfg.dtype} is not supported on {device_type} (use float32)")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -475,20 +477,13 @@ def check_tokenizer(cfg: TrainConfig, data_dir: Path, train) -> None:
         if cfg.tokenizer:
             raise TrainError(f"{path}: tokenizer not found")
         return
-    import sentencepiece as spm
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except Exception:
-        raise TrainError(f"{path}: not a sentencepiece model") from None
-    if sp.vocab_size() != train.vocab_size:
-        raise TrainError(f"{path}: tokenizer has vocab_size {sp.vocab_size()} but the shards in {data_dir} "
+    tok = tokenizer.Tokenizer(str(path))  # TokenizerError naming the file if it is not one
+    if tok.vocab_size != train.vocab_size:
+        raise TrainError(f"{path}: tokenizer has vocab_size {tok.vocab_size} but the shards in {data_dir} "
                          f"have {train.vocab_size}; re-run pretokenize with this tokenizer")
-    if train.tokenizer_hash:  # 0: not recorded
-        h = tinystories.tokenizer_hash(path)
-        if h != train.tokenizer_hash:
-            raise TrainError(f"{path}: tokenizer hash {h:#010x} differs from the shards' "
-                             f"{train.tokenizer_hash:#010x} ({data_dir}); re-run pretokenize")
+    if train.tokenizer_hash and tok.hash() != train.tokenizer_hash:  # 0: not recorded
+        raise TrainError(f"{path}: tokenizer hash {tok.hash():#010x} differs from the shards' "
+                         f"{train.tokenizer_hash:#010x} ({data_dir}); re-run pretokenize")
 
 
 def check_resume_tokenizer(cfg: TrainConfig, ckpt: dict, ckpt_path: Path, data_dir: Path, train) -> None:
@@ -519,7 +514,7 @@ def resume_config(cfg_cli: TrainConfig, overrides: dict) -> tuple[TrainConfig, d
     expected.update({k: v for k, v in given.items() if k in ARCH_FIELDS})
     for key, value in expected.items():
         if value != getattr(base, key):
-            raise TrainError(f"--{key}={value}: cannot change the architecture on resume "
+            raise OptionError(f"--{key}={value}: cannot change the architecture on resume "
                              f"(checkpoint {out_dir / 'ckpt.pt'} has {key}={getattr(base, key)})")
     given.pop("preset", None)
     cfg = dataclasses.replace(base, **given)
@@ -571,7 +566,7 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
         cfg, ckpt = resume_config(cfg, overrides)
     check_config(cfg)
     if cfg.gradient_accumulation_steps % d.world_size:
-        raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
+        raise OptionError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
                          f"by the world size {d.world_size} (it is the total over all processes)")
     grad_accum = cfg.gradient_accumulation_steps // d.world_size
     if cfg.wandb_log:  # checked early and on every rank, so a missing wandb stops all of them
@@ -802,40 +797,30 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
 # CLI
 
 def usage() -> str:
-    types = config_types()
-    defaults = dataclasses.asdict(TrainConfig())
-    lines = [__doc__.strip(), "", "options (default):"]
-    for key, kind in types.items():
-        lines.append(f"  --{key}=<{kind.__name__}>  ({defaults[key]!r})")
-    lines.append("")
-    lines.append(f"presets: {', '.join(PRESETS)}")
-    return "\n".join(lines)
+    """train.py --help."""
+    return render_help(TrainConfig, "python train.py [--key=value ...] | python train.py plot OUT_DIR", __doc__,
+                       epilog=f"presets: {', '.join(PRESETS)}")
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    try:
-        if argv and argv[0] == "plot":
-            if len(argv) != 2:
-                raise TrainError("usage: python train.py plot OUT_DIR")
-            png = plot(Path(argv[1]))
-            print(f"wrote {png}")
-            return 0
-        overrides = parse_overrides(argv)
-        cfg = build_config(overrides)
-        if cfg.init_from != "resume":
-            check_config(cfg)
-        return train(cfg, overrides)
-    except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the training loop's handler is in place
-        print("train.py: interrupted", file=sys.stderr)
-        return 130
+    # Under torchrun every rank fails alike; rank 0 alone says why.
+    return cli("train.py", lambda: _main(argv), quiet=os.environ.get("RANK", "0") != "0")
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "plot":
+        if len(argv) != 2:
+            raise OptionError("usage: python train.py plot OUT_DIR")
+        print(f"wrote {plot(Path(argv[1]))}")
+        return 0
+    overrides = parse_overrides(argv)
+    cfg = build_config(overrides)
+    if cfg.init_from != "resume":
+        check_config(cfg)
+    return train(cfg, overrides)
 
 
 if __name__ == "__main__":

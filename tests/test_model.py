@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+import model
 from model import ModelArgs, Transformer, apply_rope, model_args_from_preset, rope_tables, sample_next
+from options import OptionError, UserError
 
 
 def small_model(seed=0, **overrides) -> Transformer:
@@ -129,3 +131,26 @@ def test_preset_sizes():
     assert abs(n - 15.19e6) < 0.05e6, n
     assert model_args_from_preset("stories15M").resolved().hidden_dim == 768
     assert model_args_from_preset("stories110M").resolved().hidden_dim == 2048
+
+
+def test_cli_follows_the_error_contract(capsys):
+    assert model.main(["--preset=nope"]) == 2  # a usage error
+    err = capsys.readouterr().err
+    assert err.startswith("model.py: error: --preset=nope: unknown preset 'nope'") and err.count("\n") == 1, err
+    assert model.main(["--bogus"]) == 2 and "unknown option --bogus" in capsys.readouterr().err
+    assert model.main(["--preset=micro"]) == 0 and capsys.readouterr().out.startswith("micro ")
+    assert model.main(["--help"]) == 0 and "--preset=" in capsys.readouterr().out
+
+
+def test_pick_device_is_the_one_device_choice():
+    assert model.pick_device("cpu") == model.pick_device("cpu", local_rank=1) == "cpu"
+    assert model.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(OptionError, match=r"--device=tpu: must be auto, cpu, cuda, cuda:N or mps"):
+        model.pick_device("tpu")
+    if torch.cuda.is_available():
+        assert model.pick_device("cuda", local_rank=0) == "cuda:0"
+        with pytest.raises(UserError, match="no such GPU"):
+            model.pick_device("cuda:999")
+    else:
+        with pytest.raises(UserError, match=r"--device=cuda:0: no CUDA GPU is available"):
+            model.pick_device("cuda:0", local_rank=1)

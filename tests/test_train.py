@@ -21,6 +21,7 @@ import checkpoint
 import tinystories
 import train
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 300
@@ -172,14 +173,14 @@ def test_every_model_field_is_a_config_field():
     (["--init_from=pretrained"], "init_from='pretrained' must be scratch or resume"),
 ])
 def test_bad_options_give_one_line_errors(argv, message, capsys, tmp_path):
-    assert train.main([*argv, f"--out_dir={tmp_path}"]) == 1
+    assert train.main([*argv, f"--out_dir={tmp_path}"]) == 2  # a usage error
     err = capsys.readouterr().err
     assert message in err and err.startswith("train.py: error:") and err.count("\n") == 1, err
 
 
 def test_cli_error_exit_status_without_traceback():
     p = run_train(["--nope=3"])
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "unknown option --nope" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -396,7 +397,7 @@ def test_tokenizer_mismatch_with_data(shards, tmp_path, capsys):
     assert f"tokenizer has vocab_size 320 but the shards in {shards} have {VOCAB}" in capsys.readouterr().err
     # Same vocab size, different pieces: caught by the tokenizer hash in the shard headers.
     same_size = make_shards(tmp_path / "same", n_stories=300, vocab_size=VOCAB, seed=2)
-    h_same, h_ours = (tinystories.tokenizer_hash(p.with_suffix(".model")) for p in (same_size, shards))
+    h_same, h_ours = (Tokenizer(str(p.with_suffix(".model"))).hash() for p in (same_size, shards))
     assert h_same != h_ours
     assert train.main([*args, f"--tokenizer={same_size.with_suffix('.model')}"]) == 1
     assert "tokenizer hash" in capsys.readouterr().err
@@ -430,7 +431,7 @@ def test_resume_errors(trained, tmp_path, capsys):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"{broken / 'ckpt.pt'}: corrupt or unreadable checkpoint" in p.stderr
     # Architecture comes from the checkpoint; changing it is an error, repeating it is fine.
-    assert train.main(["--init_from=resume", f"--out_dir={trained}", "--dim=64"]) == 1
+    assert train.main(["--init_from=resume", f"--out_dir={trained}", "--dim=64"]) == 2
     assert "cannot change the architecture on resume" in capsys.readouterr().err
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -458,7 +459,7 @@ def test_max_seconds_stops_and_saves(shards, tmp_path, capsys):
     # (with the explicit --vocab_size winning over micro's 512, as it did then).
     assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", "--init_from=resume",
                        "--eval_only=1"]) == 0
-    assert train.main(["--init_from=resume", "--preset=tiny", f"--out_dir={tmp_path}"]) == 1
+    assert train.main(["--init_from=resume", "--preset=tiny", f"--out_dir={tmp_path}"]) == 2
     assert "--dim=128: cannot change the architecture on resume" in capsys.readouterr().err
 
 
@@ -500,13 +501,13 @@ def test_log_survives_a_torn_last_line_and_resumed_steps(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages for a machine without a GPU")
-@pytest.mark.parametrize("argv, message", [
-    (["--device=cuda"], "--device=cuda: no CUDA GPU is available"),
-    (["--dtype=float16", "--device=cpu"], "--dtype=float16 is not supported on cpu"),
-    (["--device=tpu"], "--device=tpu: must be auto, cpu, cuda, cuda:N or mps"),
+@pytest.mark.parametrize("argv, message, status", [
+    (["--device=cuda"], "--device=cuda: no CUDA GPU is available", 1),
+    (["--dtype=float16", "--device=cpu"], "--dtype=float16 is not supported on cpu", 2),
+    (["--device=tpu"], "--device=tpu: must be auto, cpu, cuda, cuda:N or mps", 2),
 ])
-def test_device_and_dtype_errors_on_cpu(argv, message, shards, tmp_path, capsys):
-    assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", *argv]) == 1
+def test_device_and_dtype_errors_on_cpu(argv, message, status, shards, tmp_path, capsys):
+    assert train.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path}", *argv]) == status
     assert message in capsys.readouterr().err
 
 
