@@ -33,44 +33,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import fileio
+from options import OptionError, UserError, cli, opt, parse_options, render_help
+
 ROOT = Path(__file__).resolve().parent
 PROG = "evaluate.py"
 
 
-class EvalError(Exception):
-    """A user-facing problem: printed as one line, exit 1."""
+class EvalError(UserError):
+    """A missing model, corpus or prompt file, or a refused pairing: `evaluate.py: error: ...`, exit 1."""
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""  # train.py checkpoint: a path, a glob ('out/ckpt_*.pt') or a folder; repeatable
-    bin: str = ""  # a model .bin (fp32 or int8) run by the C engine; repeatable
-    tokenizer: str = ""  # .model or .bin (the other is looked for beside it); "" = the checkpoint's
-    data_dir: str = ""  # shard folder whose meta.json names the corpus and its val split; "" = the model's (see find_corpus)
-    prompts: str = ""  # one story beginning a line ('#' lines are comments); "" = prompts/<lang>.txt
-    lang: str = "auto"  # zh | en | auto (from the corpus)
-    max_prompts: int = 0  # use only the first N prompts; 0 = all
-    samples: int = 4  # completions per prompt
-    steps: int = 256  # tokens per completion at most (the C engine's -n)
-    temperature: float = 1.0  # the TinyStories paper sampled at 1.0
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
-    seed: int = 1  # completion j of prompt i uses seed + i * samples + j (>= 1: the C engine's 0 is the clock)
-    val_stories: int = 500  # val stories for val_loss / bits_per_byte; 0 = all
-    reference_stories: int = 0  # reference stories; 0 = as many as completions per model
-    copy_k: int = 0  # a copy is a verbatim train span of at least this many characters; 0 = the language's default
-    index_dir: str = ""  # where the train split's copy index is kept; "" = <data_dir>/copyindex_k<K>
-    out: str = "out/eval"
-    run_bin: str = "run"  # the C engine (built with `make runomp` if missing)
-    jobs: int = 0  # C engine processes at once (one thread each); 0 = one per core
-    device: str = "cpu"  # PyTorch device for checkpoints and val loss
-    judge_url: str = ""  # an OpenAI-compatible server (http://HOST/v1); "" = no judge
-    judge_model: str = ""
-    judge_key_env: str = ""  # environment variable holding the API key (never logged or written)
-    judge_timeout: float = 60.0  # seconds per judge request
-    judge_retries: int = 3
-    judge_cache: str = ""  # judgments cache (jsonl); "" = <out>/judgments.jsonl
-    judge_samples: int = 1  # completions judged per prompt and model (the judge is slow)
+    checkpoint: str = opt("", "train.py checkpoint: a path, a glob ('out/ckpt_*.pt') or a folder; repeatable")
+    bin: str = opt("", "a model .bin (fp32 or int8) run by the C engine; repeatable")
+    tokenizer: str = opt("", ".model or .bin (the other is looked for beside it); \"\" = the checkpoint's")
+    data_dir: str = opt("", "shard folder whose meta.json names the corpus and its val split; \"\" = the "
+                            "model's (see find_corpus)")
+    prompts: str = opt("", "one story beginning a line ('#' lines are comments); \"\" = prompts/<lang>.txt")
+    lang: str = opt("auto", "zh | en | auto (from the corpus)")
+    max_prompts: int = opt(0, "use only the first N prompts; 0 = all")
+    samples: int = opt(4, "completions per prompt")
+    steps: int = opt(256, "tokens per completion at most (the C engine's -n)")
+    temperature: float = opt(1.0, "the TinyStories paper sampled at 1.0")
+    top_p: float = opt(1.0, "1 = off")
+    top_k: int = opt(0, "0 = off")
+    seed: int = opt(1, "completion j of prompt i uses seed + i * samples + j (>= 1: the C engine's 0 is the "
+                       "clock)")
+    val_stories: int = opt(500, "val stories for val_loss / bits_per_byte; 0 = all")
+    reference_stories: int = opt(0, "reference stories; 0 = as many as completions per model")
+    copy_k: int = opt(0, "a copy is a verbatim train span of at least this many characters; 0 = the "
+                         "language's default")
+    index_dir: str = opt("", "where the train split's copy index is kept; \"\" = <data_dir>/copyindex_k<K>")
+    out: str = opt("out/eval", "folder for report.json, report.md, the plots and samples.jsonl")
+    run_bin: str = opt("run", "the C engine (built with `make runomp` if missing)")
+    jobs: int = opt(0, "C engine processes at once (one thread each); 0 = one per core")
+    device: str = opt("cpu", "PyTorch device for checkpoints and val loss")
+    judge_url: str = opt("", "an OpenAI-compatible server (http://HOST/v1); \"\" = no judge")
+    judge_model: str = opt("", "the judge model's name on that server (with --judge_url)")
+    judge_key_env: str = opt("", "environment variable holding the API key (never logged or written)")
+    judge_timeout: float = opt(60.0, "seconds per judge request")
+    judge_retries: int = opt(3, "further tries after a failed judge request")
+    judge_cache: str = opt("", "judgments cache (jsonl); \"\" = <out>/judgments.jsonl")
+    judge_samples: int = opt(1, "completions judged per prompt and model (the judge is slow)")
 
 
 REPEATABLE = ("checkpoint", "bin")
@@ -90,19 +96,13 @@ HIGHER_IS_BETTER = {"eos_rate", "distinct2", "entity_consistency", "judge_gramma
 # options
 
 def usage() -> str:
-    from options import field_kinds
-    kinds = field_kinds(EvalConfig)
-    lines = [__doc__.strip(), "", "options (--key=value; --checkpoint and --bin may be repeated):"]
-    src = Path(__file__).read_text(encoding="utf-8")
-    for f in dataclasses.fields(EvalConfig):
-        m = re.search(rf"^    {f.name}: [^=]+= [^#\n]*#\s*(.*)$", src, re.M)
-        lines.append(f"  --{f.name}={f.default!s:<10} {kinds[f.name]:5} {m.group(1) if m else ''}")
-    return "\n".join(lines)
+    """evaluate.py --help."""
+    return render_help(EvalConfig, "python evaluate.py --checkpoint=PATH|--bin=PATH [--key=value ...]", __doc__,
+                       epilog="--checkpoint and --bin may be repeated.")
 
 
 def parse_config(argv: list[str]) -> tuple[EvalConfig, dict[str, list[str]]]:
     """The config, and every value given for the repeatable options (in order)."""
-    from options import OptionError, parse_options
     many: dict[str, list[str]] = {k: [] for k in REPEATABLE}
     rest = []
     i = 0
@@ -116,15 +116,11 @@ def parse_config(argv: list[str]) -> tuple[EvalConfig, dict[str, list[str]]]:
                 many[key].append(argv[i + 1])
                 i += 1
             else:
-                raise EvalError(f"--{key} needs a value: --{key}=PATH")
+                raise OptionError(f"--{key} needs a value: --{key}=PATH")
         else:
             rest.append(a)
         i += 1
-    try:
-        values = parse_options(EvalConfig, rest)
-    except OptionError as e:
-        raise EvalError(str(e)) from None
-    cfg = EvalConfig(**values)
+    cfg = EvalConfig(**parse_options(EvalConfig, rest))
     problems = []
     if cfg.lang not in ("auto", "zh", "en"):
         problems.append(f"--lang={cfg.lang} must be zh, en or auto")
@@ -145,9 +141,9 @@ def parse_config(argv: list[str]) -> tuple[EvalConfig, dict[str, list[str]]]:
     if cfg.judge_url and not cfg.judge_model:
         problems.append("--judge_url needs --judge_model=NAME")
     if problems:
-        raise EvalError("; ".join(problems))
+        raise OptionError("; ".join(problems))
     if not many["checkpoint"] and not many["bin"]:
-        raise EvalError("nothing to evaluate: give --checkpoint=PATH and/or --bin=PATH (--help lists the options)")
+        raise OptionError("nothing to evaluate: give --checkpoint=PATH and/or --bin=PATH (--help lists the options)")
     return cfg, many
 
 
@@ -196,16 +192,13 @@ class ModelEntry:
 
 
 def describe_checkpoint(path: Path) -> ModelEntry:
-    import train
-    try:
-        ckpt = train.load_checkpoint(path)
-    except train.TrainError as e:
-        raise EvalError(str(e)) from None
+    import checkpoint
+    ckpt = checkpoint.load(path)  # CheckpointError, a UserError, names the file
     args = ckpt["model_args"]
     data = ckpt.get("data") or {}
     return ModelEntry(name=path.stem, engine="pytorch", path=path, iter=int(ckpt["iter_num"]),
                       tokens_seen=data.get("tokens_seen"), vocab_size=int(args["vocab_size"]),
-                      max_seq_len=int(args["max_seq_len"]), tokenizer_hash=int(data.get("tokenizer_hash") or 0),
+                      max_seq_len=int(args["max_seq_len"]), tokenizer_hash=checkpoint.tokenizer_hash(ckpt),
                       config=dict(ckpt["config"]))
 
 
@@ -213,10 +206,7 @@ def describe_bin(path: Path) -> ModelEntry:
     import export
     if not path.is_file():
         raise EvalError(f"{path}: no such model file")
-    try:
-        h = export.read_bin_header(str(path))
-    except export.ExportError as e:
-        raise EvalError(str(e)) from None
+    h = export.read_bin_header(str(path))  # ExportError, a UserError, names the file
     engine = "c-int8" if h.dtype == "int8" else "c-fp32"
     return ModelEntry(name=f"{path.stem} ({engine})", engine=engine, path=path, iter=None, tokens_seen=None,
                       vocab_size=h.vocab_size, max_seq_len=h.max_seq_len, tokenizer_hash=h.tokenizer_hash,
@@ -226,15 +216,12 @@ def describe_bin(path: Path) -> ModelEntry:
 def load_torch_model(entry: ModelEntry, device: str):
     """The PyTorch model of an entry; for a .bin, its weights as the C engine reads them (int8
     dequantized), so val_loss of an int8 file is the loss of the int8 weights."""
+    import checkpoint
     import export
-    import train
-    try:
-        if entry.engine == "pytorch":
-            model, _ = train.model_from_checkpoint(entry.path)
-        else:
-            model = export.load_model_bin(str(entry.path))
-    except (train.TrainError, export.ExportError) as e:
-        raise EvalError(str(e)) from None
+    if entry.engine == "pytorch":
+        model, _ = checkpoint.model_from_checkpoint(entry.path)
+    else:
+        model = export.load_model_bin(str(entry.path))
     return model.to(device).eval()
 
 
@@ -628,7 +615,7 @@ def write_report_md(path: Path, report: dict, samples: dict) -> None:
                 text = (prompt + c.text).replace("\n", " ")
                 lines.append(f"- *{m['name']}*{'' if c.ended else ' (no EOS)'}: {text}")
         lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    fileio.write_text(path, "\n".join(lines))
 
 
 def plot(out: Path, report: dict) -> list[str]:
@@ -687,16 +674,6 @@ def plot(out: Path, report: dict) -> list[str]:
     return written
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # the whole evaluation
 
@@ -717,7 +694,7 @@ def open_copy_index(cfg: EvalConfig, corpus: Corpus, lang: str):
           file=sys.stderr, flush=True)
     try:
         idx = metrics.CopyIndex.build(corpus.split("train"), folder, k=k)
-        write_atomic_text(folder / "evaluate.json", json.dumps(stamp))
+        fileio.write_text(folder / "evaluate.json", json.dumps(stamp))
     except OSError as e:
         raise EvalError(f"{folder}: cannot write the copy index ({e.strerror})") from None
     print(f"{PROG}: copy index built in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -789,6 +766,7 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EvalError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    fileio.sweep_stale(out)
     index, copy_k = open_copy_index(cfg, corpus, lang)
     lexicon = metrics.Lexicon.storygen() if corpus.storygen else \
         metrics.Lexicon.from_corpus(list(_take(corpus.split("train"), 20000)), lang)
@@ -847,17 +825,17 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     }
     report["config"].pop("checkpoint", None)
     report["config"].pop("bin", None)
-    with open(out / ".samples.jsonl.tmp", "w", encoding="utf-8") as f:
+    def write_samples(f):
         for c, m, g in all_rows:
             rec = {"model": c.model, "engine": c.engine, "prompt_index": c.prompt_index, "sample": c.sample,
                    "seed": c.seed, "prompt": c.prompt, "completion": c.text, **m}
             if g is not None:
                 rec["judge"] = {k: v for k, v in g.items() if k != "raw"} | {"raw": g.get("raw", "")[:2000]}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(out / ".samples.jsonl.tmp", out / "samples.jsonl")
+    fileio.atomic_write(out / "samples.jsonl", write_samples, mode="w")
     report["plots"] = plot(out, report)
     report["seconds"] = round(time.time() - t_start, 2)
-    write_atomic_text(out / "report.json", json.dumps(report, ensure_ascii=False, indent=1))
+    fileio.write_text(out / "report.json", json.dumps(report, ensure_ascii=False, indent=1))
     write_report_md(out / "report.md", report, first_samples)
     return report
 
@@ -887,12 +865,12 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    try:
-        cfg, many = parse_config(argv)
-        report = evaluate(cfg, many)
-    except EvalError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    return cli(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    cfg, many = parse_config(argv)
+    report = evaluate(cfg, many)
     print_summary(report, cfg.out)
     return 0
 

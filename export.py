@@ -31,22 +31,22 @@ Exporters never modify the model they are given, and every output is written to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import stat
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+import checkpoint
+import fileio
 from model import ModelArgs, Transformer, non_finite_weight
-from options import OptionError, apply_options
+from options import OptionError, UserError, apply_options, cli, opt, os_error_text, render_help
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256  # versions 1, 2 and 3
@@ -56,8 +56,8 @@ DEFAULT_GROUP_SIZE = 64
 BIN_VERSIONS = (0, 1, 2, 3)
 
 
-class ExportError(Exception):
-    """A user-facing problem (bad file, bad option): the CLI prints it as one line and exits 1."""
+class ExportError(UserError):
+    """A bad model file, tokenizer or export request: one line `export.py: error: ...`, exit 1."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,56 +193,6 @@ def _header(model: Transformer, *, version: int, weight_type: int, group_size: i
     return head + b"\0" * (HEADER_SIZE - len(head))
 
 
-def _atomic_write(path: str, write_body) -> None:
-    """Run write_body(f) on a temporary file next to path, then rename it onto path.
-
-    On any failure the temporary file is removed and path is left as it was.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    _make_folder(path, folder)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-    except OSError as e:
-        raise ExportError(f"{path}: cannot write here ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_body(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise ExportError(f"{path}: write failed ({e.strerror or e})") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _make_folder(path: str, folder: str) -> None:
-    """Create the output's parent folder if needed, with a clear error when that is impossible."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except FileExistsError:
-        raise ExportError(f"{path}: cannot write here ({folder} is not a folder)") from None
-    except OSError as e:
-        raise ExportError(f"{path}: cannot create folder {folder} ({e.strerror})") from None
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optional[str] = None,
                     group_size: int = DEFAULT_GROUP_SIZE, tokenizer_hash: int = 0) -> dict:
     """Write model as a llama2.c-family .bin file.
@@ -285,7 +235,8 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
             f.write(q.tobytes())
             f.write(s.tobytes())
 
-    _atomic_write(path, body)
+    fileio.sweep_stale(os.path.dirname(os.path.abspath(path)))
+    fileio.atomic_write(path, body)
     return {"version": version, "dtype": dtype, "group_size": gs, "bytes": os.path.getsize(path)}
 
 
@@ -669,23 +620,23 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
     """Write a Hugging Face LlamaForCausalLM folder: config.json, model.safetensors, and with a
     tokenizer, tokenizer.model + tokenizer.json + tokenizer_config.json (LlamaTokenizer).
 
-    Built in a temporary folder beside out_dir, then moved into place (files in an existing
-    out_dir are replaced one by one). Returns notes for the user.
+    Built in fileio's hidden temporary folder beside out_dir, then moved into place (files in an
+    existing out_dir are replaced one by one, other files there are kept). Returns notes for the user.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
     if dtype not in HF_DTYPES:
         raise ExportError(f"dtype={dtype!r} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"{out_dir}: exists and is not a folder")
-    parent = os.path.dirname(out_dir)
-    _make_folder(out_dir, parent)
-    try:
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise ExportError(f"{out_dir}: cannot write here ({e.strerror})") from None
+    fileio.make_parent(out_dir)
+    fileio.sweep_stale(os.path.dirname(out_dir))
+    fileio.sweep_stale(out_dir)
+    staging = str(fileio.temp_path(out_dir))
+    shutil.rmtree(staging, ignore_errors=True)
     notes = []
     try:
+        os.mkdir(staging)
         bos_id, eos_id = 1, 2
         if tokenizer_model:
             import sentencepiece as spm
@@ -697,27 +648,37 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
                 raise ExportError(f"{tokenizer_model}: {sp.get_piece_size()} pieces but the model's "
                                   f"vocab_size is {model.params.vocab_size}")
             bos_id, eos_id = sp.bos_id(), sp.eos_id()
-            notes += _write_hf_tokenizer(tokenizer_model, tmp, max_seq_len=model.params.max_seq_len)
+            notes += _write_hf_tokenizer(tokenizer_model, staging, max_seq_len=model.params.max_seq_len)
         else:
             notes.append("no tokenizer given: exported the model only (pass --tokenizer=data/tokN.model)")
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config(model, dtype=dtype, bos_id=bos_id, eos_id=eos_id), f, indent=2)
-            f.write("\n")
-        save_file(hf_state_dict(model, HF_DTYPES[dtype][0]), os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        config = json.dumps(hf_config(model, dtype=dtype, bos_id=bos_id, eos_id=eos_id), indent=2) + "\n"
+        _write_staged(staging, out_dir, "config.json", config.encode("utf-8"))
+        # Serialized in memory and written by us, so that a full disk is an OSError we can name
+        # (safetensors' own save_file reports it as a SafetensorError).
+        weights = safetensors_bytes(hf_state_dict(model, HF_DTYPES[dtype][0]), metadata={"format": "pt"})
+        _write_staged(staging, out_dir, "model.safetensors", weights)
         if not os.path.exists(out_dir):
-            os.replace(tmp, out_dir)
+            os.replace(staging, out_dir)
         else:
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-            os.rmdir(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"{out_dir}: write failed ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            for name in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            os.rmdir(staging)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        text = os_error_text(e, out_dir) if isinstance(e, Exception) and not isinstance(e, UserError) else None
+        if text is not None:
+            raise UserError(text) from None
         raise
     return notes
+
+
+def _write_staged(staging: str, out_dir: str, name: str, data: bytes) -> None:
+    """staging/name holding data; a failed write names out_dir/name, the file the user asked for."""
+    try:
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise UserError(os_error_text(OSError(e.errno, e.strerror), os.path.join(out_dir, name))) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -916,9 +877,10 @@ def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_m
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.fout = None  # _atomic_write closes f
+        w.fout = None  # fileio.atomic_write closes f
 
-    _atomic_write(path, body)
+    fileio.sweep_stale(os.path.dirname(os.path.abspath(path)))
+    fileio.atomic_write(path, body)
     return {"dtype": dtype, "bytes": os.path.getsize(path), "stored": stored}
 
 
@@ -953,7 +915,7 @@ def write_modelfile(gguf_path: str, *, max_seq_len: int) -> str:
     if any(c.isspace() or c in "\"'" for c in name):
         raise ExportError(f"{gguf_path}: a Modelfile's FROM cannot name a file with spaces or quotes")
     text = MODELFILE.format(modelfile="Modelfile", gguf=name, num_ctx=max_seq_len)
-    _atomic_write(out, lambda f: f.write(text.encode("utf-8")))
+    fileio.write_text(out, text)
     return out
 
 
@@ -976,26 +938,8 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
     if head[:2] != b"PK":  # torch.save writes a zip archive; anything else must be a model .bin
         h = read_bin_header(path)
         return load_model_bin(path), {"config": {}, "tokenizer_hash": h.tokenizer_hash}
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged archive
-        detail = (str(e).splitlines() or ["no details"])[0].split(". ")[0]
-        raise ExportError(f"{path}: not a readable checkpoint, truncated or corrupt? ({detail})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ExportError(f"{path}: not a train.py checkpoint (expected 'model' and 'model_args' entries)")
-    try:
-        known = {f.name for f in dataclasses.fields(ModelArgs)}
-        args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
-        model = Transformer(args)
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ExportError(f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
-    _refuse_non_finite(model, path)
-    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
-    recorded = data.get("tokenizer_hash")  # train.py records the shards' tokenizer hash here
-    recorded = recorded if isinstance(recorded, int) and 0 < recorded < 2**32 else 0
-    return model.eval(), {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": recorded}
+    model, ckpt = checkpoint.model_from_checkpoint(path)  # format, version, fit and finite checked there
+    return model, {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": checkpoint.tokenizer_hash(ckpt)}
 
 
 def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
@@ -1014,9 +958,9 @@ def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
 
 def check_tokenizer_identity(*, model_path: str, recorded: int, tokenizer_path: str, actual: int) -> None:
     """The one-line refusal of a tokenizer whose hash is not the one the model file records
-    (recorded 0 = nothing recorded, anything goes). Shared by export.py and sample.py."""
+    (recorded 0 = nothing recorded, anything goes). Shared by export.py and sample.py, hence UserError."""
     if recorded and actual != recorded:
-        raise ExportError(f"{tokenizer_path}: tokenizer hash {actual:#010x} differs from the {recorded:#010x} "
+        raise UserError(f"{tokenizer_path}: tokenizer hash {actual:#010x} differs from the {recorded:#010x} "
                           f"that {model_path} records; pass the tokenizer the model was trained with")
 
 
@@ -1054,32 +998,24 @@ def tokenizer_hash(tokenizer_model: str, *, vocab_size: Optional[int] = None) ->
 
 @dataclass
 class ExportConfig:
-    out: str = ""  # output .bin or .gguf file, or folder for --version=-1 (the positional argument)
-    checkpoint: str = "out/ckpt.pt"  # train.py checkpoint (.pt) or any model .bin
-    version: str = "3"  # 0, 1, 2, 3, -1 for Hugging Face, or gguf
-    # Weight storage: "" picks the version's own (0/1: fp32, 2: int8, 3: fp32, -1: fp32, gguf: f32);
-    # version 3 also takes int8, Hugging Face fp16 and bf16, GGUF f16 and q8_0.
-    dtype: str = ""
-    group_size: int = DEFAULT_GROUP_SIZE  # int8 group size, halved until it divides dim and hidden_dim
-    # sentencepiece .model: hashed into version 3 headers, exported for Hugging Face and GGUF
-    # (required there). "" = the one the checkpoint's config names, else data/tok<vocab_size>.model.
-    tokenizer: str = ""
-    # true: the weights really were retrained for --tokenizer, so record its hash instead of the one
-    # the checkpoint or .bin records (without it a mismatch is an error; see USAGE)
-    retokenized: bool = False
+    out: str = opt("", "output .bin or .gguf file, or folder for --version=-1 (the positional OUT)")
+    checkpoint: str = opt("out/ckpt.pt", "train.py checkpoint (.pt) or any model .bin")
+    version: str = opt("3", "3 (ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder), "
+                            "gguf (llama.cpp / ollama file, plus a Modelfile beside it)")
+    dtype: str = opt("", "weight storage; \"\" = the version's own. 3: fp32|int8; -1: fp32|fp16|bf16; "
+                         "gguf: f32|f16|q8_0; 0/1: fp32; 2: int8")
+    group_size: int = opt(DEFAULT_GROUP_SIZE, "int8 group size, halved until it divides dim and hidden_dim")
+    tokenizer: str = opt("", "sentencepiece .model: hashed into version 3 headers, exported for Hugging Face "
+                             "and GGUF; \"\" = the checkpoint's, else data/tok<vocab_size>.model")
+    retokenized: bool = opt(False, "true: record --tokenizer's hash although the checkpoint records another "
+                                   "(only when the weights really were retrained for that tokenizer); without "
+                                   "it such a tokenizer is refused, and a .bin -> .bin conversion keeps the "
+                                   "recorded hash")
 
 
-USAGE = """usage: python export.py OUT [--version=N] [--dtype=D] [--checkpoint=PATH] [--tokenizer=PATH] [--group_size=N]
-  --version     3 (default, ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder),
-                gguf (llama.cpp / ollama file, plus a Modelfile beside it)
-  --dtype       3: fp32 | int8;  -1: fp32 | fp16 | bf16;  gguf: f32 | f16 | q8_0;  0/1: fp32;  2: int8
-  --checkpoint  train.py checkpoint or model .bin (default out/ckpt.pt)
-  --tokenizer   sentencepiece .model (default: the checkpoint's, else data/tok<vocab>.model)
-  --group_size  int8 group size (default 64; halved until it divides dim and hidden_dim)
-  --retokenized true: record --tokenizer's hash although the checkpoint records another one (only
-                when the weights really were retrained for that tokenizer). Without it, a tokenizer
-                whose hash differs from the recorded one is refused, and a .bin -> .bin conversion
-                keeps the recorded hash"""
+def usage() -> str:
+    """export.py --help."""
+    return render_help(ExportConfig, "python export.py OUT [--key=value ...]", __doc__, positional="out")
 
 
 def _parse_version(text: str):
@@ -1092,7 +1028,7 @@ def _parse_version(text: str):
     except ValueError:
         version = None
     if version not in BIN_VERSIONS + (-1,):
-        raise ExportError(f"unknown version {text}; choose from 0, 1, 2, 3, -1 for Hugging Face, or gguf")
+        raise OptionError(f"unknown version {text}; choose from 0, 1, 2, 3, -1 for Hugging Face, or gguf")
     return version
 
 
@@ -1100,7 +1036,7 @@ def _main_gguf(cfg: ExportConfig) -> int:
     """export.py OUT --version=gguf: the .gguf and a Modelfile beside it."""
     dtype = cfg.dtype or "f32"
     if dtype not in GGUF_DTYPES:
-        raise ExportError(f"--dtype={cfg.dtype} for GGUF; choose from {', '.join(GGUF_DTYPES)}")
+        raise OptionError(f"--dtype={cfg.dtype} for GGUF; choose from {', '.join(GGUF_DTYPES)}")
     _require_folder(cfg.out)  # before the (possibly slow) checkpoint load
     if any(c.isspace() or c in "\"'" for c in os.path.basename(cfg.out)):
         raise ExportError(f"{cfg.out}: the Modelfile's FROM cannot name a file with spaces or quotes")
@@ -1123,55 +1059,54 @@ def _main_gguf(cfg: ExportConfig) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\n" + USAGE)
-        return 0 if argv else 1
-    try:
-        try:
-            cfg = apply_options(ExportConfig(), argv, positional="out")
-        except OptionError as e:
-            raise ExportError(str(e)) from None
-        if not cfg.out:
-            raise ExportError("no output path given (python export.py OUT ...)")
-        version = _parse_version(cfg.version)
-        if version == "gguf":
-            return _main_gguf(cfg)
-        # Check the dtype before the (possibly slow) checkpoint load.
-        dtype = cfg.dtype or None
-        if version == -1 and (dtype or "fp32") not in HF_DTYPES:
-            raise ExportError(f"--dtype={cfg.dtype} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
-        if version in BIN_VERSIONS and dtype is not None:
-            allowed = ("fp32", "int8") if version == 3 else (("int8",) if version == 2 else ("fp32",))
-            if dtype not in allowed:
-                raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
-        if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
-            raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
-        if cfg.retokenized and not cfg.tokenizer:
-            raise ExportError("--retokenized=true needs --tokenizer=PATH, the tokenizer to record instead")
-        model, info = load_checkpoint(cfg.checkpoint)
-        recorded = info["tokenizer_hash"]
-        tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
-        # An explicit --tokenizer is always checked against the recorded hash, and so is the one a
-        # Hugging Face folder will hold; a .bin whose input records a hash keeps it whatever
-        # tokenizer of that size happens to lie in data/.
-        checked = tok if cfg.tokenizer or (tok and (version == -1 or (version == 3 and not recorded))) else None
-        tok_hash = pick_tokenizer_hash(model_path=cfg.checkpoint, recorded=recorded, tokenizer_path=checked,
-                                       vocab_size=model.params.vocab_size, retokenized=cfg.retokenized)
-        if version == -1:
-            notes = export_hf(model, cfg.out, dtype=dtype or "fp32", tokenizer_model=tok)
-            for note in notes:
-                print(f"export.py: note: {note}", file=sys.stderr)
-            print(f"wrote {cfg.out} (Hugging Face LlamaForCausalLM, {dtype or 'fp32'}"
-                  f"{', tokenizer ' + tok if tok else ''})")
-            return 0
-        summary = write_model_bin(model, cfg.out, version=version, dtype=dtype,
-                                  group_size=cfg.group_size, tokenizer_hash=tok_hash)
-        extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""
-        extra += f", tokenizer hash {tok_hash:#010x}" if version == 3 and tok_hash else ""
-        print(f"wrote {cfg.out} (version {version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2  # no arguments is a usage error: nothing to export
+    return cli("export.py", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    cfg = apply_options(ExportConfig(), argv, positional="out")
+    if not cfg.out:
+        raise OptionError("no output path given (python export.py OUT ...)")
+    if cfg.group_size < 1:
+        raise OptionError(f"--group_size={cfg.group_size} must be >= 1")
+    version = _parse_version(cfg.version)
+    if version == "gguf":
+        return _main_gguf(cfg)
+    # Check the dtype before the (possibly slow) checkpoint load.
+    dtype = cfg.dtype or None
+    if version == -1 and (dtype or "fp32") not in HF_DTYPES:
+        raise OptionError(f"--dtype={cfg.dtype} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
+    if version in BIN_VERSIONS and dtype is not None:
+        allowed = ("fp32", "int8") if version == 3 else (("int8",) if version == 2 else ("fp32",))
+        if dtype not in allowed:
+            raise OptionError(f"version {version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
+    if cfg.retokenized and not cfg.tokenizer:
+        raise OptionError("--retokenized=true needs --tokenizer=PATH, the tokenizer to record instead")
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+    model, info = load_checkpoint(cfg.checkpoint)
+    recorded = info["tokenizer_hash"]
+    tok = cfg.tokenizer or default_tokenizer(info["config"], model.params.vocab_size)
+    # An explicit --tokenizer is always checked against the recorded hash, and so is the one a
+    # Hugging Face folder will hold; a .bin whose input records a hash keeps it whatever
+    # tokenizer of that size happens to lie in data/.
+    checked = tok if cfg.tokenizer or (tok and (version == -1 or (version == 3 and not recorded))) else None
+    tok_hash = pick_tokenizer_hash(model_path=cfg.checkpoint, recorded=recorded, tokenizer_path=checked,
+                                   vocab_size=model.params.vocab_size, retokenized=cfg.retokenized)
+    if version == -1:
+        notes = export_hf(model, cfg.out, dtype=dtype or "fp32", tokenizer_model=tok)
+        for note in notes:
+            print(f"export.py: note: {note}", file=sys.stderr)
+        print(f"wrote {cfg.out} (Hugging Face LlamaForCausalLM, {dtype or 'fp32'}"
+              f"{', tokenizer ' + tok if tok else ''})")
         return 0
-    except ExportError as e:
-        print(f"export.py: {e}", file=sys.stderr)
-        return 1
+    summary = write_model_bin(model, cfg.out, version=version, dtype=dtype,
+                              group_size=cfg.group_size, tokenizer_hash=tok_hash)
+    extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""
+    extra += f", tokenizer hash {tok_hash:#010x}" if version == 3 and tok_hash else ""
+    print(f"wrote {cfg.out} (version {version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import requests.adapters
 import urllib3
 import urllib3.connection
 
-from options import OptionError, apply_options
+from options import OptionError, UserError, apply_options, cli, opt, render_help
 
 # Bump whenever the prompt text or the reading of replies changes: it is part of every cache key.
 TEMPLATE_VERSION = 1
@@ -126,8 +126,8 @@ AGE_LINES = {
 }
 
 
-class JudgeError(Exception):
-    """A bad configuration (URL, key variable, option): one line, raised before any request."""
+class JudgeError(UserError):
+    """A bad configuration (URL, key variable, cache file): one line, raised before any request, exit 1."""
 
 
 class _Retry(Exception):
@@ -554,52 +554,53 @@ class Judge:
 
 @dataclass
 class JudgeConfig:
-    url: str = ""  # the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1
-    model: str = ""  # the judge model's name on that server
-    key_env: str = ""  # name of the environment variable that holds the API key ("" = send none)
-    beginning: str = ""  # the story beginning (the prompt the model was given)
-    completion: str = ""  # the model's continuation
-    lang: str = "auto"  # zh, en, or auto (zh when the text has Chinese characters)
-    timeout: float = 60.0  # seconds one request may take, all of it
-    retries: int = 3  # further tries after a connection error, timeout, HTTP 429 or 5xx
-    backoff: float = 1.0  # seconds before the first retry, doubled for each next one
-    max_tokens: int = 400  # the judge's reply length limit
-    cache: str = ""  # judgments .jsonl to reuse and append to ("" = none)
-    dry_run: bool = False  # print the prompt the judge would get and exit, sending nothing
+    url: str = opt("", "the server's OpenAI-compatible base URL (POSTs to URL/chat/completions), "
+                       "e.g. http://127.0.0.1:8080/v1")
+    model: str = opt("", "the judge model's name on that server")
+    key_env: str = opt("", "name of the environment variable that holds the API key (sent as Bearer; "
+                           "\"\" = send none)")
+    beginning: str = opt("", "the story beginning (the prompt the model was given)")
+    completion: str = opt("", "the model's continuation")
+    lang: str = opt("auto", "zh, en, or auto (zh when the text has Chinese characters)")
+    timeout: float = opt(60.0, "seconds one request may take, all of it")
+    retries: int = opt(3, "further tries after a connection error, timeout, HTTP 429 or 5xx")
+    backoff: float = opt(1.0, "seconds before the first retry, doubled for each next one")
+    max_tokens: int = opt(400, "the judge's reply length limit")
+    cache: str = opt("", "judgments .jsonl to reuse and append to (\"\" = none)")
+    dry_run: bool = opt(False, "print the prompt the judge would get and exit, sending nothing")
 
 
-USAGE = """usage: python judge.py --url=URL --model=NAME --beginning=TEXT --completion=TEXT [options]
-  --url         OpenAI-compatible base URL (…/v1); POSTs to URL/chat/completions
-  --model       judge model name            --key_env     env variable with the API key (Bearer)
-  --lang        zh | en | auto (default)    --cache       judgments .jsonl (reused, appended)
-  --timeout     seconds per request (60)    --retries     retries after a failure (3)
-  --backoff     first retry wait, s (1)     --max_tokens  reply limit (400)
-  --dry_run     print the judge's prompt and exit
-Prints the grade as JSON; exit 0 when the judge answered (ok or unparsed), 1 otherwise."""
+def usage() -> str:
+    """judge.py --help."""
+    return render_help(JudgeConfig, "python judge.py --url=URL --model=NAME --beginning=TEXT --completion=TEXT "
+                       "[--key=value ...]", __doc__,
+                       epilog="Prints the grade as JSON; exit 0 when the judge answered (ok or unparsed), "
+                              "1 when it did not, 2 for a bad command line.")
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\n" + USAGE)
-        return 0 if argv else 1
-    try:
-        cfg = apply_options(JudgeConfig(), argv)
-        lang = guess_lang(cfg.beginning + cfg.completion) if cfg.lang == "auto" else cfg.lang
-        if not cfg.completion:
-            raise JudgeError("--completion is empty: give the text to grade")
-        if cfg.dry_run:
-            print(build_prompt(cfg.beginning, cfg.completion, lang=lang))
-            return 0
-        judge = Judge(cfg.url, cfg.model, key_env=cfg.key_env, timeout=cfg.timeout, retries=cfg.retries,
-                      backoff=cfg.backoff, cache_path=cfg.cache or None, max_tokens=cfg.max_tokens)
-        grade = judge.grade(cfg.beginning, cfg.completion, lang=lang)
-    except (OptionError, JudgeError) as e:
-        print(f"judge.py: {e}", file=sys.stderr)
-        return 1
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2  # no arguments: nothing to grade
+    return cli("judge.py", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    cfg = apply_options(JudgeConfig(), argv)
+    if cfg.lang != "auto" and cfg.lang not in TEMPLATES:
+        raise OptionError(f"--lang={cfg.lang}: choose from auto, {', '.join(TEMPLATES)}")
+    lang = guess_lang(cfg.beginning + cfg.completion) if cfg.lang == "auto" else cfg.lang
+    if not cfg.completion:
+        raise OptionError("--completion is empty: give the text to grade")
+    if cfg.dry_run:
+        print(build_prompt(cfg.beginning, cfg.completion, lang=lang))
+        return 0
+    judge = Judge(cfg.url, cfg.model, key_env=cfg.key_env, timeout=cfg.timeout, retries=cfg.retries,
+                  backoff=cfg.backoff, cache_path=cfg.cache or None, max_tokens=cfg.max_tokens)
+    grade = judge.grade(cfg.beginning, cfg.completion, lang=lang)
     print(json.dumps(grade, ensure_ascii=False, indent=2))
     if grade["status"] == "error":
-        print(f"judge.py: {grade['raw']}", file=sys.stderr)
-        return 1
+        raise UserError(grade["raw"])
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import Iterable
 
 import numpy as np
 
+from options import OptionError, cli, opt, parse_options, render_help
+
 # --------------------------------------------------------------------------- language and units
 
 # CJK ideographs: the unified block, extension A and the compatibility block (extension B and
@@ -1097,12 +1099,12 @@ def _pronouns(narration: str, lang: str) -> list[str]:
 
 @dataclass
 class MetricsConfig:
-    text: str = ""  # print every metric of this text (entity consistency with the storygen lexicon for zh)
-    bench_index: int = 0  # build a CopyIndex over the train split of this many storygen stories
-    seed: int = 0  # storygen seed for --bench_index
-    k: int = 0  # copy threshold for --bench_index; 0 = the language default
-    reference: int = 500  # held-out stories of the same corpus whose copy rate --bench_index reports
-    out: str = "out/copy_index"  # index folder for --bench_index
+    text: str = opt("", "print every metric of this text (entity consistency with the storygen lexicon for zh)")
+    bench_index: int = opt(0, "build a CopyIndex over the train split of this many storygen stories")
+    seed: int = opt(0, "storygen seed for --bench_index")
+    k: int = opt(0, "copy threshold for --bench_index; 0 = the language default")
+    reference: int = opt(500, "held-out stories of the same corpus whose copy rate --bench_index reports")
+    out: str = opt("out/copy_index", "index folder for --bench_index")
 
 
 def _peak_rss_mib() -> float:
@@ -1154,22 +1156,23 @@ def _print_text_metrics(text: str) -> None:
         print(f"  - {p}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from options import OptionError, parse_options
+def usage() -> str:
+    """metrics.py --help."""
+    return render_help(MetricsConfig, "python metrics.py --text=TEXT | --bench_index=N [--key=value ...]", __doc__)
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv) or not argv:
-        print(__doc__.strip())
-        print("\noptions: " + ", ".join(f"--{k}=" for k in MetricsConfig.__dataclass_fields__))
-        return 0
-    try:
-        cfg = MetricsConfig(**parse_options(MetricsConfig, argv))
-    except OptionError as e:
-        print(f"metrics.py: {e}", file=sys.stderr)
-        return 1
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2  # no arguments: nothing to measure
+    return cli("metrics.py", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    cfg = MetricsConfig(**parse_options(MetricsConfig, argv))
     if cfg.bench_index < 0 or cfg.k < 0:
-        print("metrics.py: --bench_index and --k must be >= 0", file=sys.stderr)
-        return 1
+        raise OptionError("--bench_index and --k must be >= 0")
     if cfg.text:
         _print_text_metrics(cfg.text)
     if cfg.bench_index:

@@ -23,15 +23,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import export
-from export import ExportError
-from options import OptionError, apply_options
-from model import Transformer
+from model import Transformer, pick_device
+from options import OptionError, UserError, apply_options, cli, opt, render_help
 
 SEPARATOR = "-" * 40
 # The smallest positive temperature: float32's smallest normal number. A denormal one (1e-45) is a
@@ -41,18 +40,17 @@ MIN_TEMPERATURE = 1.1754943508222875e-38
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = "out/ckpt.pt"  # train.py checkpoint (.pt) or a model .bin of version 0-3
-    # sentencepiece .model; "" = the checkpoint's (its config's tokenizer / data_dir), else
-    # tok<vocab_size>.model beside the checkpoint, else data/tok<vocab_size>.model
-    tokenizer: str = ""
-    prompt: str = ""
-    num_samples: int = 1  # generated together, as one batch
-    steps: int = 256  # tokens to generate per sample; 0 = up to max_seq_len
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 0.9  # nucleus sampling mass in (0, 1]; 1 = off
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    seed: int = 0  # 0 = from the clock
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
+    checkpoint: str = opt("out/ckpt.pt", "train.py checkpoint (.pt) or a model .bin of version 0-3")
+    tokenizer: str = opt("", "sentencepiece .model; \"\" = the checkpoint's (its config's tokenizer / data_dir), "
+                             "else tok<vocab_size>.model beside the checkpoint, else data/tok<vocab_size>.model")
+    prompt: str = opt("", "the story's beginning")
+    num_samples: int = opt(1, "samples, generated together as one batch")
+    steps: int = opt(256, "tokens to generate per sample; 0 = up to max_seq_len (--max_new_tokens is the same)")
+    temperature: float = opt(1.0, "0 = greedy")
+    top_p: float = opt(0.9, "nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: int = opt(0, "keep the k most likely tokens; 0 = off")
+    seed: int = opt(0, "0 = from the clock")
+    device: str = opt("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps")
 
 
 def check_config(cfg: SampleConfig) -> None:
@@ -78,20 +76,20 @@ def check_config(cfg: SampleConfig) -> None:
         shown = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
         problems.append(f"--prompt is not valid UTF-8 ({shown} at character {e.start})")
     if problems:
-        raise ExportError("; ".join(problems))
+        raise OptionError("; ".join(problems))
 
 
 def find_tokenizer(cfg: SampleConfig, config: dict, vocab_size: int) -> str:
     if cfg.tokenizer:
         if not os.path.isfile(cfg.tokenizer):
-            raise ExportError(f"{cfg.tokenizer}: no such tokenizer file")
+            raise UserError(f"{cfg.tokenizer}: no such tokenizer file")
         return cfg.tokenizer
     beside = os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), f"tok{vocab_size}.model")
     found = export.default_tokenizer(config, vocab_size)
     if found is None and os.path.isfile(beside):
         found = beside
     if found is None:
-        raise ExportError(f"{cfg.checkpoint}: no tokenizer found for vocab_size {vocab_size} "
+        raise UserError(f"{cfg.checkpoint}: no tokenizer found for vocab_size {vocab_size} "
                           f"(pass --tokenizer=data/tok{vocab_size}.model)")
     return found
 
@@ -103,9 +101,9 @@ def load_tokenizer(path: str, *, vocab_size: int, expected_hash: int = 0, model_
     try:
         tok = tokenizer_mod.Tokenizer(path)
     except tokenizer_mod.TokenizerError as e:
-        raise ExportError(str(e)) from None
+        raise UserError(str(e)) from None
     if tok.vocab_size != vocab_size:
-        raise ExportError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
+        raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
                           f"is {vocab_size}; pass the tokenizer it was trained with")
     export.check_tokenizer_identity(model_path=model_path, recorded=expected_hash, tokenizer_path=path,
                                     actual=tok.hash())
@@ -120,7 +118,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], *, num_samples: int 
     the first EOS or BOS. steps=0 means up to max_seq_len; top_p=1 and top_k=0 switch those off."""
     device = model.tok_embeddings.weight.device
     if len(prompt_ids) > model.params.max_seq_len:
-        raise ExportError(f"the prompt is {len(prompt_ids)} tokens (BOS included), more than the model's "
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens (BOS included), more than the model's "
                           f"max_seq_len={model.params.max_seq_len}; shorten it")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed > 0 else time.time_ns() & (2**63 - 1))
@@ -151,46 +149,34 @@ def generate_text(model: Transformer, tok, prompt: str = "", **options) -> list[
     return texts
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError as e:
-        raise ExportError(f"--device={name}: {e}") from None
-    return name
-
-
-USAGE = "usage: python sample.py [--key=value ...]; keys: " + ", ".join(
-    f"--{f.name}" for f in fields(SampleConfig)) + " (--max_new_tokens = --steps)"
+def usage() -> str:
+    """sample.py --help."""
+    return render_help(SampleConfig, "python sample.py [--key=value ...]", __doc__)
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\n" + USAGE)
+        print(usage())
         return 0
-    try:
-        argv = [a.replace("--max_new_tokens", "--steps", 1) if a.startswith("--max_new_tokens") else a
-                for a in argv]
-        try:
-            cfg = apply_options(SampleConfig(), argv)
-        except OptionError as e:
-            raise ExportError(str(e)) from None
-        check_config(cfg)
-        device = pick_device(cfg.device)
-        model, info = export.load_checkpoint(cfg.checkpoint)
-        p = model.params
-        tok_path = find_tokenizer(cfg, info["config"], p.vocab_size)
-        tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"],
-                             model_path=cfg.checkpoint)
-        model = model.to(device)
-        t0 = time.perf_counter()
-        texts = generate_text(model, tok, cfg.prompt, num_samples=cfg.num_samples, steps=cfg.steps,
-                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
-        dt = time.perf_counter() - t0
-    except ExportError as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 1
+    return cli("sample.py", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    argv = [a.replace("--max_new_tokens", "--steps", 1) if a.startswith("--max_new_tokens") else a
+            for a in argv]
+    cfg = apply_options(SampleConfig(), argv)
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    model, info = export.load_checkpoint(cfg.checkpoint)
+    p = model.params
+    tok_path = find_tokenizer(cfg, info["config"], p.vocab_size)
+    tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"],
+                         model_path=cfg.checkpoint)
+    model = model.to(device)
+    t0 = time.perf_counter()
+    texts = generate_text(model, tok, cfg.prompt, num_samples=cfg.num_samples, steps=cfg.steps,
+                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
+    dt = time.perf_counter() - t0
     for i, text in enumerate(texts):
         if i:
             print(SEPARATOR)

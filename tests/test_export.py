@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402
+import checkpoint  # noqa: E402
 from export import ExportError, load_model_bin, quantize_roundtrip, write_model_bin  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
 
@@ -428,9 +429,10 @@ def test_hf_export_refuses_a_tokenizer_of_another_size(tmp_path, tok_model):
 # the command line
 
 def save_checkpoint(model: Transformer, path: Path, **config) -> None:
-    """A checkpoint shaped like train.py's (weights, model args, config, step)."""
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
-                "config": config, "iter_num": 10, "best_val_loss": 1.5}, path)
+    """A checkpoint in train.py's format (weights, model args, config, step), without its optimizer."""
+    checkpoint.save(path, {"format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION,
+                           "model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
+                           "config": config, "iter_num": 10, "optimizer": {}, "best_val_loss": 1.5})
 
 
 def run_export(*args, cwd=ROOT):
@@ -475,22 +477,35 @@ def test_cli_errors_are_one_line_and_leave_no_file(tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     out = tmp_path / "m.bin"
-    cases = [
-        ([str(out), "--checkpoint", str(tmp_path / "missing.pt")], "missing.pt"),
-        ([str(out), "--checkpoint", str(corrupt)], "corrupt.pt"),
-        ([str(out), "--version", "7", "--checkpoint", str(ckpt)], "version 7"),
-        ([str(out), "--version=1", "--dtype=int8", "--checkpoint", str(ckpt)], "int8"),
-        ([str(blocker / "m.bin"), "--checkpoint", str(ckpt)], "afile"),  # parent is a file
-        ([str(out), "--verison=1"], "--verison"),
-        ([str(out), "--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "no.model")], "no.model"),
+    cases = [  # (argv, text the line names, exit status: 2 for a bad command line, else 1)
+        ([str(out), "--checkpoint", str(tmp_path / "missing.pt")], "missing.pt", 1),
+        ([str(out), "--checkpoint", str(corrupt)], "corrupt.pt", 1),
+        ([str(out), "--version", "7", "--checkpoint", str(ckpt)], "version 7", 2),
+        ([str(out), "--version=1", "--dtype=int8", "--checkpoint", str(ckpt)], "int8", 2),
+        ([str(blocker / "m.bin"), "--checkpoint", str(ckpt)], "afile", 1),  # parent is a file
+        ([str(out), "--verison=1"], "--verison", 2),
+        ([str(out), "--group_size=0", "--checkpoint", str(ckpt)], "--group_size=0", 2),
+        ([str(out), "--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "no.model")], "no.model", 1),
     ]
-    for argv, needle in cases:
-        assert export.main(argv) == 1, argv
+    for argv, needle, status in cases:
+        assert export.main(argv) == status, argv
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and needle in err and err.startswith("export.py: "), err
+        assert err.count("\n") == 1 and needle in err and err.startswith("export.py: error: "), err
         assert "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["afile", "ckpt.pt", "corrupt.pt"]  # no output, no temp files
     # And as a real process: exit status 1, one line on stderr.
     r = run_export(out, "--checkpoint", corrupt)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "corrupt.pt" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_help_comes_from_the_config_and_no_arguments_is_a_usage_error(capsys):
+    assert export.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python export.py OUT [--key=value ...]")
+    for f in dataclasses.fields(export.ExportConfig):
+        if f.name != "out":
+            assert f"--{f.name}=" in out and f.metadata["help"][:30] in out, f.name
+    assert export.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: python export.py")

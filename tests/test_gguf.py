@@ -41,6 +41,7 @@ from tokenizer import Tokenizer, export_tokenizer  # noqa: E402
 
 # The other test files' fixtures and helpers (pytest puts tests/ on sys.path).
 from test_engine import SHAPES, V3_EXTRA, spread_weights, story_model  # noqa: E402,F401 (story_model: a fixture)
+from options import UserError  # noqa: E402
 from test_export import HF_TOL, VOCAB, make_model, max_diff, run_export, save_checkpoint, train_tokenizer  # noqa: E402
 from test_tokenizer import CONFIGS, EDGE_CASES, TEXT_CHUNKS, USER_SYMBOLS, corpus, train  # noqa: E402,F401 (corpus: a fixture)
 
@@ -550,7 +551,7 @@ def bad_inputs(tmp_path_factory, tok_model, refused_toks) -> dict:
             "refused_models": refused_models}
 
 
-def test_cli_bad_input_is_one_line_exit_1_and_no_file(bad_inputs, tok_model, refused_toks, tmp_path, capsys):
+def test_cli_bad_input_is_one_line_exit_1_or_2_and_no_file(bad_inputs, tok_model, refused_toks, tmp_path, capsys):
     b = bad_inputs
     out = tmp_path / "m.gguf"
     tok = f"--tokenizer={tok_model}"
@@ -572,9 +573,10 @@ def test_cli_bad_input_is_one_line_exit_1_and_no_file(bad_inputs, tok_model, ref
     os.chdir(tmp_path)  # so that no data/tok<N>.model of the checkout is found as a default
     try:
         for argv, needles in cases:
-            assert export.main(argv) == 1, argv
+            usage_error = any(a in ("--dtype=int8", "--version=ggfu") for a in argv)  # exit 2: the command line
+            assert export.main(argv) == (2 if usage_error else 1), argv
             err = capsys.readouterr().err
-            assert err.count("\n") == 1 and err.startswith("export.py: ") and "Traceback" not in err, err
+            assert err.count("\n") == 1 and err.startswith("export.py: error: ") and "Traceback" not in err, err
             for needle in needles:
                 assert needle in err, (needle, err)
     finally:
@@ -597,6 +599,6 @@ def test_a_failed_write_leaves_the_old_file(tok_model, tmp_path, monkeypatch):
     def broken(self, *a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
-    with pytest.raises(export.ExportError, match="No space left"):
+    with pytest.raises(UserError, match=f"^{out}: no space left on device$"):
         write_gguf(model, out, tokenizer_model=tok_model)
     assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]

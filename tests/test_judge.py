@@ -397,10 +397,13 @@ def test_cli_prints_the_grade(serve, tmp_path):
     assert g["status"] == "ok" and g["grammar"] == 7 and g["judge"] == "fake"
     assert srv.requests[0][2]["messages"][0]["content"].startswith("You are marking")  # lang=auto: English
     h = subprocess.run([sys.executable, str(ROOT / "judge.py"), "--help"], capture_output=True, text=True, timeout=60)
-    assert h.returncode == 0 and "usage: python judge.py" in h.stdout
+    assert h.returncode == 0 and "usage: python judge.py" in h.stdout and "(float) seconds one request" in h.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "judge.py"), "--url=nope", "--model=m", "--completion=x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "http" in bad.stderr
+    assert bad.stderr.startswith("judge.py: error: ")
+    for argv in ([], ["--lang=fr", "--completion=x"], ["--completion="], ["--retries=x"]):  # usage errors
+        assert judge.main(argv) == 2, argv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,13 +421,12 @@ def free_port() -> int:
 def tiny_gguf(folder: Path) -> Path:
     """A random micro model and a sentencepiece BPE tokenizer trained on built-in stories (with the
     settings tinystories.py uses, which llama.cpp encodes exactly), exported by export.py's CLI."""
-    import dataclasses
-
     import sentencepiece as spm
     import torch
 
     import storygen
     from model import Transformer, model_args_from_preset
+    from test_export import save_checkpoint
 
     vocab = 2000  # room for the corpus's ~1,300 characters and the 256 byte pieces
     spm.SentencePieceTrainer.train(
@@ -435,8 +437,7 @@ def tiny_gguf(folder: Path) -> Path:
     torch.manual_seed(0)
     model = Transformer(model_args_from_preset("micro", vocab_size=vocab))
     ckpt = folder / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
-                "config": {"tokenizer": str(folder / "tok.model")}, "iter_num": 0, "best_val_loss": 0.0}, ckpt)
+    save_checkpoint(model, ckpt, tokenizer=str(folder / "tok.model"))
     out = folder / "tiny.gguf"
     r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(out), "--version=gguf", "--dtype=f32",
                         f"--checkpoint={ckpt}", f"--tokenizer={folder / 'tok.model'}"],

@@ -303,4 +303,7 @@ def test_cli_prints_metrics(capsys):
     assert metrics.main([f"--text={WEAK}"]) == 0
     out = capsys.readouterr().out
     assert "lang zh" in out and "ok=False" in out and "球球" in out
-    assert metrics.main(["--nope=1"]) == 1
+    assert metrics.main(["--nope=1"]) == 2  # a bad command line
+    assert capsys.readouterr().err.startswith("metrics.py: error: unknown option --nope")
+    assert metrics.main(["--k=-1"]) == 2 and metrics.main([]) == 2
+    assert metrics.main(["--help"]) == 0 and "(int) storygen seed for --bench_index" in capsys.readouterr().out

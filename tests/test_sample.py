@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 from export import write_model_bin  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
+from test_export import save_checkpoint  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 400
@@ -76,8 +77,7 @@ def files(tmp_path_factory, tok_path):
     tok = Tokenizer(tok_path)
     model = chain_model(tok)
     ckpt = folder / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
-                "config": {"tokenizer": tok_path}, "iter_num": 1, "best_val_loss": 1.0}, ckpt)
+    save_checkpoint(model, ckpt, tokenizer=tok_path)
     v3 = folder / "model.bin"
     write_model_bin(model, v3, version=3, tokenizer_hash=tok.hash())
     v2 = folder / "model_q8.bin"
@@ -161,19 +161,28 @@ def test_tokenizer_mismatches_are_refused(files, tmp_path, capsys):
     assert rc == 1 and out == "" and err.count("\n") == 1 and "hash" in err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--temperature=-1"], "--temperature"),
-    (["--top_p=0"], "--top_p"),
-    (["--top_k=-2"], "--top_k"),
-    (["--num_samples=0"], "--num_samples"),
-    (["--steps=x"], "--steps"),
-    (["--temprature=1"], "valid:"),
-    (["--checkpoint=/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
+@pytest.mark.parametrize("argv,needle,status", [  # exit 2 for a bad command line, 1 otherwise
+    (["--temperature=-1"], "--temperature", 2),
+    (["--top_p=0"], "--top_p", 2),
+    (["--top_k=-2"], "--top_k", 2),
+    (["--num_samples=0"], "--num_samples", 2),
+    (["--steps=x"], "--steps", 2),
+    (["--temprature=1"], "valid:", 2),
+    (["--device=tpu"], "--device=tpu", 2),
+    (["--checkpoint=/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt", 1),
 ])
-def test_bad_options_are_one_line(capsys, argv, needle):
+def test_bad_options_are_one_line(capsys, argv, needle, status):
     rc, out, err = run_main(capsys, *argv)
-    assert rc == 1 and out == ""
-    assert err.count("\n") == 1 and needle in err and err.startswith("sample.py: "), err
+    assert rc == status and out == ""
+    assert err.count("\n") == 1 and needle in err and err.startswith("sample.py: error: "), err
+
+
+def test_help_comes_from_the_config(capsys):
+    assert sample.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python sample.py")
+    for f in dataclasses.fields(sample.SampleConfig):
+        assert f"--{f.name}=" in out and f.metadata["help"][:30] in out, f.name
 
 
 def test_prompt_longer_than_the_context_is_refused(files, capsys):
