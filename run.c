@@ -97,6 +97,12 @@ static double time_now_s(void) {
 #define MODEL_HEADER_SIZE 256   /* versions 1, 2, 3 */
 #define LEGACY_HEADER_SIZE 28   /* version 0: 7 int32 */
 #define MAX_DIM (1 << 20)       /* sanity bound on any config int, so size products fit int64 */
+/* A header may imply a full-context KV cache (2 x n_layers x max_seq_len x kv_dim floats) of at most
+   KV_CACHE_PER_FILE_BYTE times the file's size plus KV_CACHE_SLACK: real models' caches are a
+   fraction of their weights (Llama 3 8B at 128k tokens: about equal), so a larger claim is a
+   damaged header, and a 10 kB file could otherwise make chat mode allocate gigabytes. */
+#define KV_CACHE_PER_FILE_BYTE 16
+#define KV_CACHE_SLACK ((int64_t)64 << 20)
 
 typedef struct {
     int dim;          /* residual stream width */
@@ -163,22 +169,23 @@ typedef struct {
     float *hb;         /* (block, hidden_dim) gate */
     float *hb2;        /* (block, hidden_dim) up */
     float *q;          /* (block, dim) queries */
-    float *att;        /* (slots, max_seq_len) attention weights, one row per thread */
+    float *att;        /* (slots, n_ctx) attention weights, one row per thread */
     float *logits;     /* (vocab_size) of the last token of the last call */
     int8_t *xq;        /* (block, max(dim, hidden_dim)) int8 activations (quantized models) */
     float *xs;         /* (block, max(dim, hidden_dim) / group_size) their scales */
     int32_t *xsum;     /* (block, max(dim, hidden_dim) / group_size) sums of each group's int8 */
-    void *key_cache;   /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
-    void *value_cache; /* (n_layers, max_seq_len, kv_dim), float or fp16 (kv_half) */
+    void *key_cache;   /* (n_layers, n_ctx, kv_dim), float or fp16 (kv_half) */
+    void *value_cache; /* (n_layers, n_ctx, kv_dim), float or fp16 (kv_half) */
     int kv_half;       /* 1: the caches hold IEEE fp16 (uint16_t), 0: float */
     float *kbuf;       /* (block, kv_dim) keys before rounding to fp16 (kv_half only) */
     float *vbuf;       /* (block, kv_dim) values before rounding to fp16 (kv_half only) */
-    int block;         /* tokens per forward call at most: min(BLOCK_MAX, max_seq_len) */
+    int n_ctx;         /* positions the cache holds: the ones this run can use, <= max_seq_len */
+    int block;         /* tokens per forward call at most: min(BLOCK_MAX, n_ctx) */
     int slots;         /* threads that can share the work: each has row `thread` of att, dn, xq, xs, xsum */
     int decode_team;   /* threads transformer_decode uses at most; 0: all it may (see decode_tuner) */
     float *dn;         /* (slots, dim) each decoding thread's own copy of the normed input */
-    float *rope_cos;   /* (max_seq_len, head_size / 2) */
-    float *rope_sin;   /* (max_seq_len, head_size / 2) */
+    float *rope_cos;   /* (n_ctx, head_size / 2) */
+    float *rope_sin;   /* (n_ctx, head_size / 2) */
 } RunState;
 
 typedef struct {
@@ -191,6 +198,7 @@ typedef struct {
     float *owned;        /* scales copied out of the mapping when misaligned (else NULL) */
     float *regrouped;    /* w2's scales regrouped per row (weights_regroup_w2), else NULL */
     void *packed;        /* the int8 matrices repacked for the VNNI kernels (else NULL) */
+    int kv_half;         /* the KV cache precision transformer_context gives the state: 1 fp16, 0 fp32 */
 } Transformer;
 
 /* ----------------------------------------------------------------------------------------------
@@ -353,6 +361,11 @@ static void config_read(Config *c, const char *path, const unsigned char *h, siz
     if ((int64_t)size != want)
         fatal("%s: file is %zu bytes but its version %d header implies %lld (%s); re-run export.py",
               path, size, c->version, (long long)want, (int64_t)size < want ? "truncated" : "trailing data");
+    int64_t cache = 2 * 4 * (int64_t)c->n_layers * c->max_seq_len * c->kv_dim;
+    if (cache > KV_CACHE_PER_FILE_BYTE * (int64_t)size + KV_CACHE_SLACK)
+        fatal("%s: max_seq_len=%d with %d layers needs %.1f MB of KV cache, more than a %zu-byte model "
+              "can (%dx its size + 64 MiB); the header is damaged, re-run export.py", path, c->max_seq_len,
+              c->n_layers, (double)cache / 1e6, size, KV_CACHE_PER_FILE_BYTE);
 }
 
 /* Hands out consecutive pieces of the mapped body. */
@@ -434,18 +447,19 @@ static void weights_regroup_w2(Transformer *t) {
     c->w2_group_size = g;
 }
 
-/* 1 when none of x[0..n) is NaN or +-Inf. Integer compares on the bit patterns (largest magnitude
-   below the all-ones exponent), so that the compiler vectorizes it without -ffast-math: one
-   streaming pass at memory speed. */
-static int floats_finite(const float *x, int64_t n) {
-    uint32_t worst = 0;
+/* 1 when every |x[i]| of x[0..n) is at most `limit` (so NaN and +-Inf fail). Integer compares on
+   the bit patterns (magnitudes order like their bits), so that the compiler vectorizes it without
+   -ffast-math: one streaming pass at memory speed. */
+static int floats_within(const float *x, int64_t n, float limit) {
+    uint32_t worst = 0, most;
+    memcpy(&most, &limit, sizeof most);
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, x + i, sizeof u);
         u &= 0x7fffffffu;
         worst = u > worst ? u : worst;
     }
-    return worst < 0x7f800000u;
+    return worst <= most;
 }
 
 /* Refuses a model whose fp32 values (norm gains, fp32 matrices, int8 matrices' scales) hold a
@@ -453,7 +467,8 @@ static int floats_finite(const float *x, int64_t n) {
    run), and would otherwise print one token forever. Run once at load. Cost, measured on the
    largest model bench.py builds (zh110M, 355 MB in fp32, one thread, file in the page cache):
    24-27 ms for fp32 (about 14 GB/s, with or without -march=native) against 135-170 ms for the
-   whole load; under 1 ms for int8, whose scan covers only the scales (1/16 of its bytes). */
+   whole load; under 1 ms for int8, whose scan covers only the scales (1/16 of its bytes). An int8
+   scale must also stay within FLT_MAX / 127, or its weights (q * scale) are infinite. */
 static void weights_check_finite(const Transformer *t) {
     const Config *c = &t->config;
     const Weights *w = &t->weights;
@@ -463,15 +478,23 @@ static void weights_check_finite(const Transformer *t) {
     char name[64];
 #define CHECK_VALUES(ptr, n, ...)                                                                  \
     do {                                                                                           \
-        if (!floats_finite((ptr), (n))) {                                                          \
+        if (!floats_within((ptr), (n), FLT_MAX)) {                                                 \
             snprintf(name, sizeof name, __VA_ARGS__);                                              \
             fatal("%s: %s holds NaN/Inf; the file is damaged, re-export it", t->path, name);      \
         }                                                                                          \
     } while (0)
 #define CHECK_MATRIX(m, n, ...)                                                                    \
     do {                                                                                           \
-        if ((m)->w) CHECK_VALUES((m)->w, (n), __VA_ARGS__);                                        \
-        else CHECK_VALUES((m)->s, (n) / c->group_size, __VA_ARGS__);                               \
+        if ((m)->w) {                                                                              \
+            CHECK_VALUES((m)->w, (n), __VA_ARGS__);                                                \
+        } else {                                                                                   \
+            CHECK_VALUES((m)->s, (n) / c->group_size, __VA_ARGS__);                                \
+            if (!floats_within((m)->s, (n) / c->group_size, FLT_MAX / 127.0f)) {                   \
+                snprintf(name, sizeof name, __VA_ARGS__);                                          \
+                fatal("%s: %s has an int8 scale above FLT_MAX/127 (its weights would be infinite); " \
+                      "the file is damaged, re-export it", t->path, name);                         \
+            }                                                                                      \
+        }                                                                                          \
     } while (0)
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
@@ -536,11 +559,12 @@ static void weights_map(Transformer *t) {
               cur.p - (const unsigned char *)t->data, t->file_size);
 }
 
-static void run_state_init(RunState *s, const Config *c, int kv_half) {
-    size_t B = (size_t)(c->max_seq_len < BLOCK_MAX ? c->max_seq_len : BLOCK_MAX);
+/* Activations, KV cache and RoPE tables for positions [0, n_ctx) (1 <= n_ctx <= max_seq_len). */
+static void run_state_init(RunState *s, const Config *c, int kv_half, int n_ctx) {
+    size_t B = (size_t)(n_ctx < BLOCK_MAX ? n_ctx : BLOCK_MAX);
     size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim;
     size_t wide = d > h ? d : h;
-    size_t cache = (size_t)c->n_layers * (size_t)c->max_seq_len * (size_t)c->kv_dim;
+    size_t cache = (size_t)c->n_layers * (size_t)n_ctx * (size_t)c->kv_dim;
     size_t esize = kv_half ? sizeof(uint16_t) : sizeof(float);
     s->x = xmalloc_aligned(B * d * sizeof(float));
     s->xb = xmalloc_aligned(B * d * sizeof(float));
@@ -558,24 +582,25 @@ static void run_state_init(RunState *s, const Config *c, int kv_half) {
     s->value_cache = xmalloc_aligned(cache * esize);
     s->kbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
     s->vbuf = kv_half ? xmalloc_aligned(B * (size_t)c->kv_dim * sizeof(float)) : NULL;
+    s->n_ctx = n_ctx;
     s->block = (int)B;
     s->slots = 1;
 #ifdef _OPENMP
     s->slots = omp_get_max_threads() < (int)B ? omp_get_max_threads() : (int)B;
 #endif
-    s->att = xmalloc_aligned((size_t)s->slots * (size_t)c->max_seq_len * sizeof(float));
+    s->att = xmalloc_aligned((size_t)s->slots * (size_t)n_ctx * sizeof(float));
     s->dn = xmalloc_aligned((size_t)s->slots * d * sizeof(float));
     memset(s->key_cache, 0, cache * esize);
     memset(s->value_cache, 0, cache * esize);
     /* Rotation of pair i at position p by p * theta^(-2i/head_size), computed in float32 as
        model.py's rope_tables does, so both sides rotate by the same angles. */
     int half = c->head_size / 2;
-    s->rope_cos = xmalloc((size_t)c->max_seq_len * (size_t)half * sizeof(float));
-    s->rope_sin = xmalloc((size_t)c->max_seq_len * (size_t)half * sizeof(float));
+    s->rope_cos = xmalloc((size_t)n_ctx * (size_t)half * sizeof(float));
+    s->rope_sin = xmalloc((size_t)n_ctx * (size_t)half * sizeof(float));
     for (int i = 0; i < half; i++) {
         float exponent = (float)(2 * i) / (float)c->head_size;
         float inv_freq = 1.0f / powf(c->rope_theta, exponent);
-        for (int p = 0; p < c->max_seq_len; p++) {
+        for (int p = 0; p < n_ctx; p++) {
             float angle = (float)p * inv_freq;
             s->rope_cos[(size_t)p * half + i] = cosf(angle);
             s->rope_sin[(size_t)p * half + i] = sinf(angle);
@@ -614,7 +639,8 @@ static void weights_pack(Transformer *t);
 enum { KV_DEFAULT = -1, KV_F32 = 0, KV_F16 = 1 };
 
 /* Opens, validates and maps a model file; exits with a one-line error on any problem. kv is
-   KV_DEFAULT, KV_F32 or KV_F16. */
+   KV_DEFAULT, KV_F32 or KV_F16. The activations and KV cache come after, from transformer_context,
+   once the caller knows how many positions it will use. */
 static void transformer_init(Transformer *t, const char *path, int kv) {
     memset(t, 0, sizeof *t);
     t->path = path;
@@ -651,7 +677,17 @@ static void transformer_init(Transformer *t, const char *path, int kv) {
     weights_check_finite(t);
     weights_regroup_w2(t);
     weights_pack(t);
-    run_state_init(&t->state, &t->config, kv == KV_DEFAULT ? t->config.quantized : kv == KV_F16);
+    t->kv_half = kv == KV_DEFAULT ? t->config.quantized : kv == KV_F16;
+}
+
+/* Sizes the run state (KV cache, RoPE tables, activations) for positions [0, n_ctx), capped at
+   max_seq_len: a 200-token story needs 200 positions of cache, not the whole context. Call it
+   once, before the first forward pass. */
+static void transformer_context(Transformer *t, int n_ctx) {
+    if (n_ctx < 1 || n_ctx > t->config.max_seq_len) n_ctx = t->config.max_seq_len;
+    run_state_free(&t->state);
+    memset(&t->state, 0, sizeof t->state);
+    run_state_init(&t->state, &t->config, t->kv_half, n_ctx);
 }
 
 static void transformer_free(Transformer *t) {
@@ -784,14 +820,17 @@ void matmul_f32(float *out, const float *x, const float *w, int n, int d, int m)
 
 /* Q8_0 activations: each group of gs values becomes int8 q with x ~= q * scale, scale = max|x|/127
    (the weights' scheme), rounded half to even. x (n, m) -> xq (n, m), xs (n, m / gs), and
-   xsum (n, m / gs) the sum of each group's q (the VNNI kernel needs it). The plain reference. */
+   xsum (n, m / gs) the sum of each group's q (the VNNI kernel needs it). The plain reference.
+   Activations that overflowed (inf, NaN) or are subnormal must not leave [-127, 127]: NaNs are left
+   out of the maximum and quantize to 0, and every quotient is clamped, so both quantizers agree
+   and xsum stays small enough for the VNNI kernel's -128 * xsum correction. */
 void quantize_rows_ref(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
     int64_t groups = (int64_t)n * (m / gs);
     for (int64_t g = 0; g < groups; g++) {
         const float *v = x + g * gs;
         int8_t *q = xq + g * gs;
         float amax = 0.0f;
-        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(v[i]));
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(v[i])); /* fmaxf skips a NaN */
         float scale = amax / 127.0f;
         xs[g] = scale;
         int32_t sum = 0;
@@ -799,7 +838,9 @@ void quantize_rows_ref(int8_t *xq, float *xs, int32_t *xsum, const float *x, int
             memset(q, 0, (size_t)gs);
         } else {
             for (int i = 0; i < gs; i++) {
-                q[i] = (int8_t)lrintf(v[i] / scale);
+                float r = v[i] / scale;
+                r = r != r ? 0.0f : fminf(127.0f, fmaxf(-127.0f, r)); /* NaN -> 0, then clamp */
+                q[i] = (int8_t)lrintf(r);
                 sum += q[i];
             }
         }
@@ -807,8 +848,10 @@ void quantize_rows_ref(int8_t *xq, float *xs, int32_t *xsum, const float *x, int
     }
 }
 
-/* quantize_rows_ref, 16 values at a time where AVX-512 is available: max is exact, the division
-   is IEEE, and the conversion rounds half to even like lrintf, so the bytes are identical. */
+/* quantize_rows_ref, 16 values at a time where AVX-512 is available: max is exact (NaNs skipped
+   like fmaxf: vmaxps returns its second operand when either is NaN), the division is IEEE, NaN
+   becomes 0 and the clamp is the reference's, and the conversion rounds half to even like lrintf,
+   so the bytes are identical. */
 static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, int n, int m, int gs) {
 #if HAVE_AVX512
     if (gs % 16 == 0) {
@@ -817,7 +860,7 @@ static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, 
             const float *v = x + g * gs;
             int8_t *q = xq + g * gs;
             __m512 vmax = _mm512_setzero_ps();
-            for (int i = 0; i < gs; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+            for (int i = 0; i < gs; i += 16) vmax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v + i)), vmax);
             float scale = _mm512_reduce_max_ps(vmax) / 127.0f;
             xs[g] = scale;
             xsum[g] = 0;
@@ -825,10 +868,12 @@ static void quantize_rows(int8_t *xq, float *xs, int32_t *xsum, const float *x, 
                 memset(q, 0, (size_t)gs);
                 continue;
             }
-            __m512 vs = _mm512_set1_ps(scale);
+            __m512 vs = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
             __m512i sum = _mm512_setzero_si512();
             for (int i = 0; i < gs; i += 16) {
-                __m512i qi = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(v + i), vs));
+                __m512 r = _mm512_div_ps(_mm512_loadu_ps(v + i), vs);
+                r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r); /* NaN -> 0 */
+                __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));
                 _mm_storeu_si128((__m128i *)(void *)(q + i), _mm512_cvtepi32_epi8(qi));
                 sum = _mm512_add_epi32(sum, qi);
             }
@@ -1573,7 +1618,7 @@ static void prefill_quantize(Transformer *t, float *x, const float *up, int n, i
 
 /* Runs n (<= s->block) tokens at positions pos .. pos+n-1 through the model, filling the KV cache.
    Writes the last token's logits to t->state.logits, and when all_logits is not NULL every token's
-   logits to all_logits (n, vocab_size). The caller guarantees pos + n <= max_seq_len. */
+   logits to all_logits (n, vocab_size). The caller guarantees pos + n <= n_ctx. */
 static void transformer_forward_block(Transformer *t, const int *tokens, int n, int pos,
                                       float *all_logits) {
     const Config *c = &t->config;
@@ -1588,9 +1633,9 @@ static void transformer_forward_block(Transformer *t, const int *tokens, int n, 
     int kv16 = s->kv_half;
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
-        size_t layer_off = (size_t)l * c->max_seq_len * kv;
-        void *kc = (void *)kv_at(s->key_cache, layer_off, kv16);   /* (max_seq_len, kv_dim) */
-        void *vc = (void *)kv_at(s->value_cache, layer_off, kv16); /* (max_seq_len, kv_dim) */
+        size_t layer_off = (size_t)l * s->n_ctx * kv;
+        void *kc = (void *)kv_at(s->key_cache, layer_off, kv16);   /* (n_ctx, kv_dim) */
+        void *vc = (void *)kv_at(s->value_cache, layer_off, kv16); /* (n_ctx, kv_dim) */
 
         /* attention: q, k, v of the block; k and v go straight into the cache rows of an fp32
            cache, else through kbuf / vbuf and then rounded into it */
@@ -1627,7 +1672,7 @@ OMP_PARALLEL_FOR
             slot = omp_get_thread_num();
 #endif
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
-            float *att = s->att + (size_t)slot * c->max_seq_len;
+            float *att = s->att + (size_t)slot * s->n_ctx;
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
             size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
             attention_head(out, qh, kv_at(kc, kv_off, kv16), kv_at(vc, kv_off, kv16), kv16, att, len, kv, hs,
@@ -1702,7 +1747,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
         int b;
         for (int l = 0; l < c->n_layers; l++) {
             const LayerWeights *lw = &w->layers[l];
-            size_t layer_off = (size_t)l * c->max_seq_len * kv;
+            size_t layer_off = (size_t)l * s->n_ctx * kv;
             const void *kc = kv_at(s->key_cache, layer_off, kv16), *vc = kv_at(s->value_cache, layer_off, kv16);
             void *krow = (void *)kv_at(kc, (size_t)pos * kv, kv16), *vrow = (void *)kv_at(vc, (size_t)pos * kv, kv16);
 
@@ -1733,7 +1778,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
             for (b = 0; b < c->n_heads; b++) {
                 size_t kv_off = (size_t)(b / rep) * hs;
                 attention_head(s->xb + (size_t)b * hs, s->q + (size_t)b * hs, kv_at(kc, kv_off, kv16),
-                               kv_at(vc, kv_off, kv16), kv16, s->att + (size_t)me * c->max_seq_len, pos + 1, kv, hs,
+                               kv_at(vc, kv_off, kv16), kv16, s->att + (size_t)me * s->n_ctx, pos + 1, kv, hs,
                                att_scale);
             }
             /* wo, each thread adding its rows into the residual stream */
@@ -1769,6 +1814,9 @@ static void transformer_decode(Transformer *t, int token, int pos) {
 /* Processes n tokens starting at position pos (in blocks of s->block); returns the logits of the
    last one. all_logits, when not NULL, receives (n, vocab_size). */
 static float *transformer_forward(Transformer *t, const int *tokens, int n, int pos, float *all_logits) {
+    if (pos < 0 || n < 1 || pos + n > t->state.n_ctx)
+        fatal("internal error: positions %d..%d are outside the %d the run state holds (transformer_context)",
+              pos, pos + n - 1, t->state.n_ctx);
     if (n == 1 && !all_logits) {
         transformer_decode(t, tokens[0], pos);
         return t->state.logits;
@@ -2112,6 +2160,7 @@ static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const
        gets one). */
     int room = c->max_seq_len - n_prompt + 1;
     int limit = (steps == 0 || steps > room) ? room : steps;
+    transformer_context(t, n_prompt + limit - 1); /* the last token sampled is never fed back */
     fputs(prompt, out);
     fflush(out);
     /* Running the prompt's ids through the printer without printing them tells it whether the
@@ -2256,6 +2305,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sampler, const char *f
     char line[4096];
     int pos = 0, turn = 0;
     float *logits = NULL;
+    transformer_context(t, c->max_seq_len); /* a chat may fill the whole context */
     for (;;) {
         const char *user = NULL;
         if (turn == 0 && first_user && first_user[0]) {

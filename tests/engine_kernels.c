@@ -232,6 +232,36 @@ static int check_elementwise(void) {
     return failures;
 }
 
+/* Activations that overflowed or underflowed (docs/fuzzing.md, finding 2): NaN, +-inf, huge and
+   subnormal values quantize to the same bytes, scales and sums on both paths, every q stays in
+   [-127, 127], and the int8 product over them runs without overflow (the sanitizer builds check). */
+static int check_quantize_hostile(void) {
+    const float odd[] = {NAN, INFINITY, -INFINITY, 3.0e38f, -3.0e38f, 1e-40f, -1e-44f, 0.0f, -0.0f, 1.0f};
+    int failures = 0, n = 3, m = 64, d = 33, gs = 32, groups = m / gs;
+    float *x = xmalloc((size_t)n * m * sizeof(float)), *w = xmalloc((size_t)d * m * sizeof(float));
+    float *xs = xmalloc((size_t)n * groups * sizeof(float)), *rs = xmalloc((size_t)n * groups * sizeof(float));
+    float *ws = xmalloc((size_t)d * groups * sizeof(float)), *out = xmalloc((size_t)n * d * sizeof(float));
+    int8_t *xq = xmalloc((size_t)n * m), *rq = xmalloc((size_t)n * m), *wq = xmalloc((size_t)d * m);
+    int32_t *xsum = xmalloc((size_t)n * groups * sizeof(int32_t)), *rsum = xmalloc((size_t)n * groups * sizeof(int32_t));
+    fill(w, (size_t)d * m);
+    quantize_matrix(wq, ws, w, d, m, gs);
+    for (size_t k = 0; k < sizeof odd / sizeof *odd; k++) {
+        fill(x, (size_t)n * m);
+        for (int i = 0; i < n * m; i += 3 + (int)k) x[i] = odd[(i + k) % (sizeof odd / sizeof *odd)];
+        if (k % 2) for (int i = 0; i < m; i++) x[i] = 1e-42f * (float)(i % 7); /* a subnormal group */
+        quantize_rows(xq, xs, xsum, x, n, m, gs);
+        quantize_rows_ref(rq, rs, rsum, x, n, m, gs);
+        int bad = memcmp(rq, xq, (size_t)n * m) || memcmp(rs, xs, (size_t)n * groups * sizeof(float)) ||
+                  memcmp(rsum, xsum, (size_t)n * groups * sizeof(int32_t));
+        for (int i = 0; i < n * m; i++) bad |= xq[i] < -127;
+        for (int g = 0; g < n * groups; g++) bad |= xsum[g] < -127 * gs || xsum[g] > 127 * gs;
+        if (bad && failures++ < 5) printf("quantize of non-finite/subnormal input %zu: paths differ or q out of range\n", k);
+        matmul_q8(out, xq, xs, xsum, wq, ws, n, d, m, gs);
+    }
+    free(rsum); free(xsum); free(wq); free(rq); free(xq); free(out); free(ws); free(rs); free(xs); free(w); free(x);
+    return failures;
+}
+
 static int check(void) {
     int failures = check_elementwise();
     const int ds[] = {1, 3, 4, 5, 17, 64, 301};
@@ -336,6 +366,7 @@ static int check(void) {
                 free(ref); free(fast); free(att); free(v16); free(k16); free(v); free(k); free(q);
             }
     failures += check_f16();
+    failures += check_quantize_hostile();
     failures += check_argmax();
     failures += check_top_p();
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);

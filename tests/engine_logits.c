@@ -51,6 +51,7 @@ int main(int argc, char **argv) {
     }
     Transformer t;
     transformer_init(&t, argv[2], kv);
+    transformer_context(&t, t.config.max_seq_len);
     const Config *c = &t.config;
     int n = 0;
     int *ids = parse_ids(argv[3], c->vocab_size, &n);

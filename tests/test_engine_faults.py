@@ -10,6 +10,7 @@ sanitizers on the native kernels).
 from __future__ import annotations
 
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -420,3 +421,47 @@ def test_tiny_normal_temperature_is_greedy(engine, one_token_model, tok_files, v
     p = engine.run(*base, "-t", value)
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout == greedy.stdout == ("从前" + one_token_model["char"] * 5 + "\n").encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzzing findings (docs/fuzzing.md): the reproducers in tests/fuzz/crashes/
+
+CRASHES = Path(__file__).resolve().parent / "fuzz" / "crashes"
+
+
+def test_fuzz_kv_cache_claim_refused(engine, tok_files):
+    # 10 kB, version 1, dim 2, 100 layers, max_seq_len 2^20: before, every build allocated and zeroed
+    # a 1.6 GB KV cache before anything else was checked
+    path = CRASHES / "model-kv-cache-1.6GB.bin"
+    for mode in ("generate", "chat"):
+        p = engine.run(path, "-z", tok_files["bin"], "-m", mode, "-n", "2", timeout=30)
+        assert_one_line_error(p, path, "max_seq_len=1048576", "100 layers", "KV cache")
+
+
+def test_fuzz_int8_scale_overflow_refused(engine, tok_files):
+    # version 2, finite int8 scales up to 2.3e38: q * scale overflows, and the VNNI build's
+    # quantizer turned the resulting inf/NaN into INT_MIN sums (signed overflow, UBSan)
+    path = CRASHES / "model-vnni-overflow.bin"
+    p = engine.run(path, "-z", tok_files["bin"], "-n", "2", timeout=30)
+    assert_one_line_error(p, path, "layer 0 w1", "FLT_MAX/127")
+
+
+def test_kv_cache_sized_for_the_run(engine, tmp_path, tok_files):
+    # A legitimate model with a long context (max_seq_len 114688: 56 MiB of fp32 KV cache in full,
+    # under the header bound) that generates 4 tokens allocates the cache for those positions only,
+    # so it runs in 40 MiB of address space (before: out of memory). The sanitizer builds reserve
+    # terabytes of shadow memory, so only the others can run under such a limit.
+    if engine.name.endswith("san"):
+        pytest.skip("address-space limits and ASan's shadow memory do not mix")
+    torch.manual_seed(0)
+    path = tmp_path / "long.bin"
+    write_model_bin(Transformer(ModelArgs(**dict(NAN_SHAPE, n_kv_heads=4, vocab_size=400,
+                                                 max_seq_len=114688))).eval(), path, version=1)
+    limit = 40 << 20
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    p = subprocess.run([str(engine.run_path), str(path), "-z", str(tok_files["bin"]), "-n", "4", "-t", "0"],
+                       capture_output=True, preexec_fn=cap, env=dict(engine.env, MALLOC_ARENA_MAX="1"), timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
