@@ -43,11 +43,10 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -402,12 +401,12 @@ def distributed_local_rank() -> Optional[int]:
 
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group if launched by torchrun (RANK in the environment)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    local_rank = distributed_local_rank()
+    if local_rank is None:
         return Dist()
     import torch.distributed as dist
 
-    d = Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-             world_size=int(os.environ["WORLD_SIZE"]))
+    d = Dist(rank=int(os.environ["RANK"]), local_rank=local_rank, world_size=int(os.environ["WORLD_SIZE"]))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(d.local_rank)
@@ -430,9 +429,9 @@ def pick_dtype(cfg: TrainConfig, device_type: str) -> str:
 def check_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
+        probe = fileio.temp_path(out_dir / "write-test")  # swept like any temporary if we die here
+        probe.touch()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise TrainError(f"out_dir {out_dir} is not writable ({e.strerror or e})") from None
 
@@ -540,16 +539,21 @@ def lock_out_dir(out_dir: Path) -> tinystories.FolderLock:
 
 
 def train(cfg: TrainConfig, overrides: dict) -> int:
+    """One training run: set up, then the loop; returns the exit status (128 + signal if stopped by one)."""
     d = Dist()
     lock = None
     try:
-        device = pick_device(cfg.device, distributed_local_rank())
-        d = setup_distributed(device)
+        d = setup_distributed(pick_device(cfg.device, distributed_local_rank()))
         if d.master:
             # Rank 0 alone: all ranks share out_dir, and only rank 0 writes there. A refused rank 0
             # exits, and torchrun then stops the other ranks.
             lock = lock_out_dir(Path(cfg.out_dir))
-        return _train(cfg, overrides, d)
+        run = start_run(cfg, overrides, d)
+        try:
+            return training_loop(run)
+        finally:
+            if run.wandb_run is not None:
+                run.wandb_run.finish()
     finally:
         if lock is not None:
             lock.release()
@@ -559,7 +563,46 @@ def train(cfg: TrainConfig, overrides: dict) -> int:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
+@dataclass
+class Run:
+    """What the training loop works on: the config, the data, the model and the position."""
+    cfg: TrainConfig
+    d: Dist
+    device: str
+    device_type: str  # cuda | cpu | mps
+    dtype: str
+    grad_accum: int  # micro-batches per optimizer step on this process
+    tokens_per_iter: int
+    out_dir: Path
+    data_dir: Path
+    train_batches: tinystories.TokenBatches
+    eval_batches: tuple  # (train, val) loaders with their own fixed seeds
+    args: ModelArgs
+    raw_model: Transformer  # what is saved: unwrapped and uncompiled
+    model: torch.nn.Module  # what is trained: compiled and DDP-wrapped when asked
+    eval_model: torch.nn.Module  # compiled if asked, never DDP-wrapped: evaluation needs no gradient sync
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    log: RunLog
+    wandb_run: object = None
+    iter_num: int = 0
+    start_iter: int = 0
+    best_val: float = math.inf
+    stop_signal: Optional[int] = None
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type,
+                              dtype=torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+
+def start_run(cfg: TrainConfig, overrides: dict, d: Dist) -> Run:
+    """Check the config, open the data, build the model and optimizer, and restore a checkpoint."""
     out_dir = Path(cfg.out_dir)
     ckpt = None
     if cfg.init_from == "resume":
@@ -567,11 +610,11 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
     check_config(cfg)
     if cfg.gradient_accumulation_steps % d.world_size:
         raise OptionError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible "
-                         f"by the world size {d.world_size} (it is the total over all processes)")
+                          f"by the world size {d.world_size} (it is the total over all processes)")
     grad_accum = cfg.gradient_accumulation_steps // d.world_size
     if cfg.wandb_log:  # checked early and on every rank, so a missing wandb stops all of them
         try:
-            import wandb
+            import wandb  # noqa: F401
         except ImportError:
             raise TrainError("--wandb_log=true but wandb is not installed (pip install wandb)") from None
     device = pick_device(cfg.device, d.local_rank if d.enabled else None)
@@ -584,8 +627,42 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
     if ckpt is not None:
         check_resume_tokenizer(cfg, ckpt, out_dir / "ckpt.pt", data_dir, train_batches)
 
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
     args = model_args_of(cfg).resolved()
+    raw_model, optimizer, scaler = make_model_and_optimizer(cfg, args, device, device_type, dtype)
+    iter_num, best_val = 0, math.inf
+    if ckpt is not None:
+        iter_num, best_val = restore(ckpt, out_dir / "ckpt.pt", raw_model, optimizer, scaler, cfg, d)
+        ckpt = None  # free the memory
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
+    model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # The only buffers are the constant RoPE tables: nothing to broadcast each forward.
+        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
+                    broadcast_buffers=False)
+
+    wandb_run = None
+    if cfg.wandb_log and d.master:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+    run = Run(cfg=cfg, d=d, device=device, device_type=device_type, dtype=dtype, grad_accum=grad_accum,
+              tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len,
+              out_dir=out_dir, data_dir=data_dir, train_batches=train_batches, eval_batches=(eval_train, eval_val),
+              args=args, raw_model=raw_model, model=model, eval_model=eval_model, optimizer=optimizer,
+              scaler=scaler, log=RunLog(out_dir, enabled=d.master, wandb_run=wandb_run), wandb_run=wandb_run,
+              iter_num=iter_num, start_iter=iter_num, best_val=best_val)
+    run.log.note(f"{'resuming at iter ' + str(iter_num) if iter_num else 'training from scratch'}: "
+                 f"{raw_model.num_params() / 1e6:.2f}M params, data {data_dir} ({train_batches.n_tokens} train "
+                 f"tokens), {run.tokens_per_iter} tokens/iter, device {device}, dtype {dtype}, world size "
+                 f"{d.world_size}, grad accum {grad_accum}/process")
+    return run
+
+
+def make_model_and_optimizer(cfg: TrainConfig, args: ModelArgs, device: str, device_type: str, dtype: str):
+    """The model (same initial weights on every rank), AdamW and the float16 grad scaler."""
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -595,202 +672,213 @@ def _train(cfg: TrainConfig, overrides: dict, d: Dist) -> int:
     model.to(device)
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.learning_rate,
                                            betas=(cfg.beta1, cfg.beta2), device_type=device_type)
-    scaler = torch.amp.GradScaler(device_type if device_type == "cuda" else "cpu",
-                                  enabled=(dtype == "float16"))
-    iter_num, best_val = 0, math.inf
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainError(f"{out_dir / 'ckpt.pt'}: does not fit the model "
-                             f"({str(e).splitlines()[0][:200]})") from None
-        iter_num = int(ckpt["iter_num"])
-        best_val = float(ckpt.get("best_val_loss", math.inf))
-        rngs = ckpt.get("rng") or []
-        if len(rngs) == d.world_size:
-            set_rng_state(rngs[d.rank])
-        else:
-            # Another world size: the data order is still exact, dropout masks cannot be.
-            torch.manual_seed(cfg.seed + 1000 * iter_num + d.rank)
-        ckpt = None  # free the memory
-    else:
-        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, reproducibly
-    start_iter = iter_num
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model  # compiled if asked, never DDP-wrapped: evaluation needs no gradient sync
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    scaler = torch.amp.GradScaler(device_type if device_type == "cuda" else "cpu", enabled=(dtype == "float16"))
+    return model, optimizer, scaler
 
-        # The only buffers are the constant RoPE tables: nothing to broadcast each forward.
-        model = DDP(model, device_ids=[d.local_rank] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
-    amp = nullcontext() if dtype == "float32" else torch.autocast(
-        device_type=device_type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
 
-    wandb_run = None
-    if cfg.wandb_log:
-        if d.master:
-            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                   config=dataclasses.asdict(cfg))
-    log = RunLog(out_dir, enabled=d.master, wandb_run=wandb_run)
-    n_params = raw_model.num_params()
-    log.note(f"{'resuming at iter ' + str(iter_num) if start_iter else 'training from scratch'}: "
-             f"{n_params / 1e6:.2f}M params, data {data_dir} ({train_batches.n_tokens} train tokens), "
-             f"{tokens_per_iter} tokens/iter, device {device}, dtype {dtype}, world size {d.world_size}, "
-             f"grad accum {grad_accum}/process")
-
-    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        if d.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def reduce_mean(values: list[float]) -> list[float]:
-        if not d.enabled:
-            return values
-        t = reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
-        return (t / d.world_size).tolist()
-
-    @torch.no_grad()
-    def evaluate() -> tuple[float, float]:
-        eval_model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
-        for i, loader in enumerate((eval_train, eval_val)):
-            for k in range(d.rank, cfg.eval_iters, d.world_size):
-                x, y = loader.get(k)
-                x, y = x.to(device), y.to(device)
-                with amp:
-                    _, loss = eval_model(x, y)
-                totals[i] += loss.double()
-        eval_model.train()
-        train_loss, val_loss = (reduce_sum(totals) / cfg.eval_iters).tolist()
-        return train_loss, val_loss
-
-    def save_checkpoint(which: list[str]) -> None:
-        # Every rank's RNG state, so a resumed DDP run draws the same dropout masks everywhere.
-        states = [rng_state()]
-        if d.enabled:
-            import torch.distributed as dist
-
-            states = [None] * d.world_size
-            dist.all_gather_object(states, rng_state())
-        if not d.master:
-            return
-        obj = {
-            "format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION,
-            "model": raw_model.state_dict(),
-            "model_args": dataclasses.asdict(args),
-            "config": dataclasses.asdict(cfg),
-            "iter_num": iter_num, "best_val_loss": best_val,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": states,
-            # The loader is a pure function of these, so this is the whole data position.
-            "data": {"data_dir": str(data_dir), "seed": cfg.seed, "step": iter_num,
-                     "tokens_seen": iter_num * tokens_per_iter, "world_size": d.world_size,
-                     "vocab_size": train_batches.vocab_size, "tokenizer_hash": train_batches.tokenizer_hash},
-        }
-        for name in which:
-            checkpoint.save(out_dir / name, obj)
-        log.note(f"saved {', '.join(str(out_dir / n) for n in which)} at iter {iter_num}")
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    t_start = time.time()
+def restore(ckpt: dict, path: Path, model, optimizer, scaler, cfg: TrainConfig, d: Dist) -> tuple[int, float]:
+    """Load a checkpoint's weights, optimizer, scaler and this rank's RNG; returns (iter_num, best_val)."""
     try:
-        while True:
-            stopping = iter_num >= cfg.max_iters or cfg.eval_only
-            if not stopping and iter_num > start_iter:
-                timed_out = cfg.max_seconds > 0 and time.time() - t_start >= cfg.max_seconds
-                flag = reduce_mean([1.0 if (timed_out or stop["signal"]) else 0.0])[0]
-                stopping = flag > 0
-            lr = lr_at(iter_num, cfg)
-            due = iter_num % cfg.eval_interval == 0 and (iter_num > start_iter or start_iter == 0)
-            if stopping or due or cfg.eval_only:
-                train_loss, val_loss = evaluate()
-                log.record({"type": "eval", "iter": iter_num, "tokens": iter_num * tokens_per_iter,
-                            "train_loss": train_loss, "val_loss": val_loss, "lr": lr},
-                           f"eval {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-                if cfg.eval_only:
-                    break
-                improved = val_loss < best_val
-                best_val = min(best_val, val_loss)
-                if iter_num > start_iter:
-                    which = ["ckpt.pt"] if (cfg.always_save_checkpoint or improved or stopping) else []
-                    which += ["best.pt"] if improved else []
-                    if which:
-                        save_checkpoint(which)
-            if cfg.keep_every > 0 and iter_num % cfg.keep_every == 0 and iter_num > start_iter and not cfg.eval_only:
-                save_checkpoint([f"ckpt_{iter_num}.pt"])
-            if stopping:
-                if stop["signal"]:
-                    log.note(f"stopped by signal {stop['signal']} at iter {iter_num}")
-                elif iter_num < cfg.max_iters:
-                    log.note(f"stopped after max_seconds={cfg.max_seconds} at iter {iter_num}")
-                break
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainError(f"{path}: does not fit the model ({str(e).splitlines()[0][:200]})") from None
+    iter_num = int(ckpt["iter_num"])
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == d.world_size:
+        set_rng_state(rngs[d.rank])
+    else:
+        # Another world size: the data order is still exact, dropout masks cannot be.
+        torch.manual_seed(cfg.seed + 1000 * iter_num + d.rank)
+    return iter_num, float(ckpt.get("best_val_loss", math.inf))
 
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in range(grad_accum):
-                x, y = train_batches.get(iter_num, micro)
-                if device_type == "cuda":
-                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-                else:
-                    x, y = x.to(device), y.to(device)
-                # Only the last micro-batch all-reduces gradients across ranks.
-                sync = model.no_sync() if d.enabled and micro < grad_accum - 1 else nullcontext()
-                with sync:
-                    with amp:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / grad_accum).backward()
-                loss_sum += loss.detach().float()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step = iter_num
-            iter_num += 1
-            if step % cfg.log_interval == 0:
-                # The mean over all micro-batches of all ranks: the loss of this step's whole batch.
-                loss_val = reduce_mean([loss_sum.item() / grad_accum])[0]
-                dt = time.time() - t0
-                tok_s = tokens_per_iter / dt if dt > 0 else 0.0
-                rec = {"type": "train", "iter": step, "tokens": iter_num * tokens_per_iter, "loss": loss_val,
-                       "lr": lr, "ms": dt * 1000, "tok_per_s": tok_s}
-                line = f"iter {step} | loss {loss_val:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | {tok_s:.0f} tok/s"
-                if device_type == "cuda":
-                    mfu = raw_model.estimate_mfu(cfg.batch_size * grad_accum, dt)  # per GPU
-                    rec["mfu"] = mfu
-                    line += f" | mfu {mfu * 100:.1f}%"
-                if not math.isfinite(loss_val):
-                    raise TrainError(f"loss is {loss_val} at iter {step}; lower --learning_rate "
-                                     "or check the data")
-                log.record(rec, line)
+
+def reduce_sum(run: Run, t: torch.Tensor) -> torch.Tensor:
+    """t summed over all ranks (in place)."""
+    if run.d.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def reduce_mean(run: Run, values: list[float]) -> list[float]:
+    """values averaged over all ranks."""
+    if not run.d.enabled:
+        return values
+    t = reduce_sum(run, torch.tensor(values, dtype=torch.float64, device=run.device))
+    return (t / run.d.world_size).tolist()
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> tuple[float, float]:
+    """Mean loss over eval_iters fixed batches of train and of val (the ranks split the batches)."""
+    cfg, d, model = run.cfg, run.d, run.eval_model
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    for i, loader in enumerate(run.eval_batches):
+        for k in range(d.rank, cfg.eval_iters, d.world_size):
+            x, y = loader.get(k)
+            x, y = x.to(run.device), y.to(run.device)
+            with run.autocast():
+                _, loss = model(x, y)
+            totals[i] += loss.double()
+    model.train()
+    train_loss, val_loss = (reduce_sum(run, totals) / cfg.eval_iters).tolist()
+    return train_loss, val_loss
+
+
+def save_checkpoint(run: Run, names: list[str]) -> None:
+    """Write the run's whole state to out_dir/NAME for each name (rank 0; every rank takes part)."""
+    d = run.d
+    # Every rank's RNG state, so a resumed DDP run draws the same dropout masks everywhere.
+    states = [rng_state()]
+    if d.enabled:
+        import torch.distributed as dist
+
+        states = [None] * d.world_size
+        dist.all_gather_object(states, rng_state())
+    if not d.master:
+        return
+    cfg = run.cfg
+    obj = {
+        "format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION,
+        "model": run.raw_model.state_dict(),
+        "model_args": dataclasses.asdict(run.args),
+        "config": dataclasses.asdict(cfg),
+        "iter_num": run.iter_num, "best_val_loss": run.best_val,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "rng": states,
+        # The loader is a pure function of these, so this is the whole data position.
+        "data": {"data_dir": str(run.data_dir), "seed": cfg.seed, "step": run.iter_num,
+                 "tokens_seen": run.iter_num * run.tokens_per_iter, "world_size": d.world_size,
+                 "vocab_size": run.train_batches.vocab_size, "tokenizer_hash": run.train_batches.tokenizer_hash},
+    }
+    for name in names:
+        checkpoint.save(run.out_dir / name, obj)
+    run.log.note(f"saved {', '.join(str(run.out_dir / n) for n in names)} at iter {run.iter_num}")
+
+
+def should_stop(run: Run, t_start: float) -> bool:
+    """Done, or (agreed by all ranks) out of time or asked to stop by a signal."""
+    cfg = run.cfg
+    if run.iter_num >= cfg.max_iters or cfg.eval_only:
+        return True
+    if run.iter_num == run.start_iter:
+        return False  # at least one step, so the checkpoint saved on stopping is new
+    timed_out = cfg.max_seconds > 0 and time.time() - t_start >= cfg.max_seconds
+    return reduce_mean(run, [1.0 if (timed_out or run.stop_signal) else 0.0])[0] > 0
+
+
+def evaluate_and_save(run: Run, lr: float, *, stopping: bool) -> None:
+    """Log both losses; save ckpt.pt (and best.pt when val loss improved) unless nothing was trained."""
+    cfg = run.cfg
+    train_loss, val_loss = estimate_loss(run)
+    run.log.record({"type": "eval", "iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
+                    "train_loss": train_loss, "val_loss": val_loss, "lr": lr},
+                   f"eval {run.iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+    if cfg.eval_only:
+        return
+    improved = val_loss < run.best_val
+    run.best_val = min(run.best_val, val_loss)
+    if run.iter_num > run.start_iter:
+        names = ["ckpt.pt"] if (cfg.always_save_checkpoint or improved or stopping) else []
+        names += ["best.pt"] if improved else []
+        if names:
+            save_checkpoint(run, names)
+
+
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the summed micro-batch losses."""
+    cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
+    for micro in range(run.grad_accum):
+        x, y = run.train_batches.get(run.iter_num, micro)
+        if run.device_type == "cuda":
+            x, y = x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
+        else:
+            x, y = x.to(run.device), y.to(run.device)
+        # Only the last micro-batch all-reduces gradients across ranks.
+        sync = model.no_sync() if run.d.enabled and micro < run.grad_accum - 1 else nullcontext()
+        with sync:
+            with run.autocast():
+                _, loss = model(x, y)
+            scaler.scale(loss / run.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def log_step(run: Run, step: int, lr: float, loss_sum: torch.Tensor, t0: float) -> None:
+    """One train log line; the loss is the mean over all micro-batches of all ranks (the whole batch)."""
+    loss_val = reduce_mean(run, [loss_sum.item() / run.grad_accum])[0]
+    dt = time.time() - t0  # after .item(), which waits for the GPU
+    tok_s = run.tokens_per_iter / dt if dt > 0 else 0.0
+    rec = {"type": "train", "iter": step, "tokens": (step + 1) * run.tokens_per_iter, "loss": loss_val,
+           "lr": lr, "ms": dt * 1000, "tok_per_s": tok_s}
+    line = f"iter {step} | loss {loss_val:.4f} | lr {lr:.3e} | {dt * 1000:.1f} ms | {tok_s:.0f} tok/s"
+    if run.device_type == "cuda":
+        mfu = run.raw_model.estimate_mfu(run.cfg.batch_size * run.grad_accum, dt)  # per GPU
+        rec["mfu"] = mfu
+        line += f" | mfu {mfu * 100:.1f}%"
+    if not math.isfinite(loss_val):
+        raise TrainError(f"loss is {loss_val} at iter {step}; lower --learning_rate or check the data")
+    run.log.record(rec, line)
+
+
+@contextmanager
+def stop_on_signals(run: Run):
+    """Ctrl-C and SIGTERM set run.stop_signal: the loop then evaluates, saves and stops."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        old = {s: signal.signal(s, run.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
     finally:
-        for s, h in old_handlers.items():
+        for s, h in old.items():
             signal.signal(s, h)
-        if wandb_run is not None:
-            wandb_run.finish()
+
+
+def training_loop(run: Run) -> int:
+    cfg = run.cfg
+    with stop_on_signals(run):
+        t_start = time.time()
+        while True:
+            stopping = should_stop(run, t_start)
+            lr = lr_at(run.iter_num, cfg)
+            # evaluate the loss on train/val, and write checkpoints
+            due = run.iter_num % cfg.eval_interval == 0 and (run.iter_num > run.start_iter or run.start_iter == 0)
+            if stopping or due:
+                evaluate_and_save(run, lr, stopping=stopping)
+            if cfg.keep_every > 0 and run.iter_num % cfg.keep_every == 0 and run.iter_num > run.start_iter \
+                    and not cfg.eval_only:
+                save_checkpoint(run, [f"ckpt_{run.iter_num}.pt"])
+            if stopping:
+                if run.stop_signal:
+                    run.log.note(f"stopped by signal {run.stop_signal} at iter {run.iter_num}")
+                elif run.iter_num < cfg.max_iters and not cfg.eval_only:
+                    run.log.note(f"stopped after max_seconds={cfg.max_seconds} at iter {run.iter_num}")
+                break
+            # forward, backward and update, then log
+            t0 = time.time()
+            loss_sum = train_step(run, lr)
+            step = run.iter_num
+            run.iter_num += 1
+            if step % cfg.log_interval == 0:
+                log_step(run, step, lr, loss_sum, t0)
     # Stopped by Ctrl-C or SIGTERM: the checkpoint is saved, but the run did not finish, so the
     # shell's convention (128 + signal) keeps `train.py && export.py` from going on.
-    return 128 + stop["signal"] if stop["signal"] else 0
+    return 128 + run.stop_signal if run.stop_signal else 0
 
 
 # ----------------------------------------------------------------------------------------------
