@@ -245,3 +245,12 @@ def test_no_file_cites_formats_md_or_a_path_outside_the_project():
             continue
         for b in banned:
             assert b not in text, f"{f} cites {b}; the file formats are specified in docs/formats.md"
+
+
+def test_the_chinese_readme_translates_the_english_one():
+    """README.zh.md is a full translation: the same sections, tables and commands."""
+    en, zh = (p.read_text(encoding="utf-8") for p in READMES)
+    count = lambda text, pattern: len(re.findall(pattern, text, flags=re.M))  # noqa: E731
+    assert count(en, r"^## ") == count(zh, r"^## "), "README.zh.md has other sections than README.md"
+    assert count(en, r"^\|") == count(zh, r"^\|"), "README.zh.md's tables have other rows than README.md's"
+    assert code_lines(READMES[0]) == code_lines(READMES[1]), "README.zh.md shows other commands than README.md"
