@@ -167,8 +167,8 @@ def scratch_dir(beside: PathLike) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
-    except BaseException as e:
-        _raise_as_user_error(e, tmp, tmp, tmp)
+    except BaseException as e:  # a full disk is reported for the folder beside, not the scratch
+        _raise_as_user_error(e, tmp.parent, tmp, tmp.parent)
     finally:
         _remove(tmp)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ class Hub:
         self.linked_size: int | None = None  # overrides the announced X-Linked-Size
         self.linked_etag: str | None = None  # overrides the announced sha256
         self.honour_range = True
+        self.chunk_delay = 0.0  # seconds between 1 KiB pieces of a body: a slow link to kill a run on
 
 
 def make_handler(hub: Hub):
@@ -127,7 +129,15 @@ def make_handler(hub: Hub):
                 self.wfile.flush()
                 self.close_connection = True  # the peer sees the body end early
                 return
-            self.wfile.write(body)
+            step = 1024 if hub.chunk_delay else len(body) or 1
+            try:
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i:i + step])
+                    if hub.chunk_delay:
+                        self.wfile.flush()
+                        time.sleep(hub.chunk_delay)
+            except (BrokenPipeError, ConnectionResetError):  # the client was killed mid-transfer
+                self.close_connection = True
 
     return Handler
 

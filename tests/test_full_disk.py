@@ -1,0 +1,237 @@
+"""A full disk (ENOSPC) anywhere a stage writes: one line `PROG: error: PATH: no space left on
+device`, exit 1, no temporary left, and every earlier file either as it was or complete.
+
+The first section holds the machinery, for any script with an in-process main() (train.py and
+export.py cases reuse it): FullDisk, a builtins.open whose writes fail once a byte budget is
+spent; assert_full_disk_error; assert_old_or_new; and a real small tmpfs when the tests run as
+root and may mount one. The second section is the data stages of tinystories.py and tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import fileio
+import tinystories as ts
+import tokenizer
+from test_kill import snapshot, temporaries
+
+ROOT = Path(__file__).resolve().parent.parent
+ENOSPC_TEXT = "no space left on device"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. machinery
+
+class FullDisk:
+    """Writes to files for which which(path) holds fail with ENOSPC once budget bytes have been
+    written to them all, as on a full disk (the failing write() names no file). Install it with
+    FullDisk(monkeypatch, ...); tarfile's own reference to open is replaced too."""
+
+    def __init__(self, monkeypatch, *, which: Callable[[Path], bool] = lambda p: True, budget: int = 0):
+        self.which, self.budget, self.failed = which, budget, 0
+        real_open = builtins.open
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and which(Path(file)):
+                return _Limited(f, self)
+            return f
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(tarfile, "bltn_open", fake_open)
+
+    def spend(self, n: int) -> None:
+        if n > self.budget:
+            self.failed += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.budget -= n
+
+
+class _Limited:
+    """A file object whose write() draws on a FullDisk's budget."""
+
+    def __init__(self, f, disk: FullDisk):
+        self._f, self._disk = f, disk
+
+    def write(self, data):
+        self._disk.spend(len(data.encode("utf-8")) if isinstance(data, str) else memoryview(data).nbytes)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def assert_full_disk_error(err: str, prog: str, path_pattern: str) -> None:
+    """err is exactly one line `PROG: error: PATH: no space left on device`, PATH matching the
+    regular expression path_pattern, besides progress bars (redrawn with \\r)."""
+    lines = [line for line in err.split("\n") if line and "\r" not in line]
+    assert len(lines) == 1 and re.fullmatch(rf"{re.escape(prog)}: error: {path_pattern}: {ENOSPC_TEXT}",
+                                            lines[0]), err
+
+
+def assert_old_or_new(root: Path, before: dict[str, bytes], after: dict[str, bytes]) -> None:
+    """Every file under root is as it was (before) or as a finished run writes it (after), and
+    no temporary is left."""
+    assert not temporaries(root), temporaries(root)
+    for rel, data in snapshot(root).items():
+        assert data in (before.get(rel), after.get(rel)), f"{rel}: neither the earlier nor a complete file"
+    assert before.keys() <= snapshot(root).keys(), "an earlier file was removed"
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """folder as a fresh tmpfs of size bytes (mount's size=); skips unless root may mount one."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the data stages
+
+VOCAB = 300
+
+
+def synth(root: Path, *args: str) -> int:
+    return ts.main(["synth", f"--data_root={root}", *args])
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> tuple[Path, Path]:
+    """Two different built-in corpora (an earlier run's source and a new one)."""
+    root = tmp_path_factory.mktemp("sources")
+    out = []
+    for seed in (1, 2):
+        assert synth(root / str(seed), "--n_stories=600", "--shard_size=200", f"--seed={seed}") == 0
+        out.append(root / str(seed) / "synth")
+    return out[0], out[1]
+
+
+def stage_files(tmp: Path, stage: str, source: Path, *extra: str) -> dict[str, bytes]:
+    """The files train_vocab (and pretokenize, when stage is that) write for source."""
+    root = tmp / f"{stage}-{source.parent.name}"
+    args = [f"--data_root={root}", f"--data_dir={source}", f"--vocab_size={VOCAB}", *extra]
+    assert ts.main(["train_vocab", *args]) == 0
+    if stage == "pretokenize":
+        assert ts.main(["pretokenize", *args, "--workers=1"]) == 0
+    return snapshot(root)
+
+
+@pytest.fixture(scope="module")
+def earlier_and_new(sources, tmp_path_factory):
+    """{stage: (files of a run on the first corpus, files of a run on the second)}."""
+    tmp = tmp_path_factory.mktemp("runs")
+    return {stage: tuple(stage_files(tmp, stage, s) for s in sources) for stage in ("train_vocab", "pretokenize")}
+
+
+def start_from(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        fileio.write_bytes(root / rel, data)
+
+
+def test_synth_output(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "data"
+    assert synth(root, "--n_stories=300", "--shard_size=100", "--seed=1") == 0
+    assert synth(tmp_path / "new", "--n_stories=600", "--shard_size=100", "--seed=2") == 0
+    before, after = snapshot(root), snapshot(tmp_path / "new")
+    capsys.readouterr()
+    disk = FullDisk(monkeypatch, which=lambda p: str(root) in str(p), budget=150_000)
+    assert synth(root, "--n_stories=600", "--shard_size=100", "--seed=2") == 1
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py synth", rf"{re.escape(str(root))}/synth/data0\d\.jsonl")
+    assert_old_or_new(root, before, after)
+    assert snapshot(root) == before  # the folder is replaced as a whole or not at all
+
+
+@pytest.mark.parametrize("what, which, budget, path", [
+    ("training text", lambda p: p.name == "input.txt", 20_000, r"\S+/data"),  # the scratch folder's
+    ("vocab", lambda p: p.name.startswith(".tok300.vocab."), 100, r"\S+/tok300\.vocab"),
+    ("model", lambda p: p.name.startswith(".tok300.model."), 100, r"\S+/tok300\.model"),
+    ("run.c tokenizer", lambda p: p.name.startswith(".tok300.bin."), 100, r"\S+/tok300\.bin"),
+    ("meta", lambda p: p.name.startswith(".tok300.meta.json."), 10, r"\S+/tok300\.meta\.json"),
+])
+def test_train_vocab_outputs(what, which, budget, path, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
+    before, after = earlier_and_new["train_vocab"]
+    root = tmp_path / "data"
+    start_from(root, before)
+    disk = FullDisk(monkeypatch, which=which, budget=budget)
+    assert ts.main(["train_vocab", f"--data_root={root}", f"--data_dir={sources[1]}", f"--vocab_size={VOCAB}"]) == 1
+    assert disk.failed == 1, what
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py train_vocab", path)
+    assert_old_or_new(root, before, after)
+    assert snapshot(root)[f"tok{VOCAB}.meta.json"] == before[f"tok{VOCAB}.meta.json"]  # so a re-run trains again
+
+
+@pytest.mark.parametrize("what, which, budget, path", [
+    ("train shard", lambda p: p.name.startswith(".train_001.bin."), 1000, r"\S+/tok300/train_001\.bin"),
+    ("val shard", lambda p: p.name.startswith(".val.bin."), 300, r"\S+/tok300/val\.bin"),
+    ("meta", lambda p: p.name.startswith(".meta.json."), 10, r"\S+/tok300/meta\.json"),
+])
+def test_pretokenize_outputs(what, which, budget, path, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
+    before, after = earlier_and_new["pretokenize"]
+    root = tmp_path / "data"
+    start_from(root, before)
+    tok = {rel: data for rel, data in after.items() if not rel.startswith(f"tok{VOCAB}/")}
+    start_from(root, tok)  # the new tokenizer, the earlier shards
+    before = snapshot(root)
+    disk = FullDisk(monkeypatch, which=which, budget=budget)
+    argv = ["pretokenize", f"--data_root={root}", f"--data_dir={sources[1]}", f"--vocab_size={VOCAB}", "--workers=1"]
+    assert ts.main(argv) == 1
+    assert disk.failed == 1, what
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py pretokenize", path)
+    assert_old_or_new(root, before, after)
+    assert snapshot(root) == before  # the shard folder is replaced as a whole or not at all
+
+
+def test_tokenizer_py_output(tmp_path, earlier_and_new, monkeypatch, capsys):
+    """tokenizer.py's own .bin export."""
+    before, _ = earlier_and_new["train_vocab"]
+    start_from(tmp_path, before)
+    model, out = tmp_path / f"tok{VOCAB}.model", tmp_path / "x.bin"
+    out.write_bytes(b"earlier")
+    FullDisk(monkeypatch, which=lambda p: p.name.startswith(".x.bin."), budget=100)
+    assert tokenizer.main([f"--tokenizer_model={model}", f"--output={out}"]) == 1
+    assert_full_disk_error(capsys.readouterr().err, "tokenizer.py", re.escape(str(out)))
+    assert out.read_bytes() == b"earlier" and not temporaries(tmp_path)
+
+
+def test_synth_on_a_real_small_tmpfs(tmp_path):
+    """The same on a real full disk: a 1 MiB tmpfs, the built-in corpus run as a script."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        root = disk / "data"
+        assert synth(root, "--n_stories=100", "--seed=1") == 0
+        before = snapshot(root)
+        r = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), "synth", f"--data_root={root}",
+                            "--n_stories=3000", "--shard_size=500", "--seed=2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1
+        assert_full_disk_error(r.stderr, "tinystories.py synth", rf"{re.escape(str(root))}/synth/data0\d\.jsonl")
+        assert snapshot(root) == before and not temporaries(root)
