@@ -228,3 +228,84 @@ def test_download_killed_anywhere_recovers(tmp_path, hub):
     killed = kill_matrix(tmp_path, argv, points, rerun=in_process(argv), env={**ENV1, "HF_ENDPOINT": hub.endpoint},
                          ignore=lambda p: p.name.endswith(".part") and archive.startswith(p.read_bytes()))
     assert killed >= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# export.py: fp32, int8, Hugging Face and GGUF
+
+from test_export import save_checkpoint, train_tokenizer  # noqa: E402
+
+# Large enough (about 43 MB in fp32) that writing takes a measurable time to kill into.
+BIG = dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=400, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    import torch
+
+    from model import ModelArgs, Transformer
+    folder = tmp_path_factory.mktemp("kill_export")
+    torch.manual_seed(0)
+    tok = train_tokenizer(folder / "tok", normalization_rule_name="identity", remove_extra_whitespaces=False,
+                          add_dummy_prefix=True)
+    ckpt = folder / "ckpt.pt"
+    save_checkpoint(Transformer(ModelArgs(**BIG)), ckpt, tokenizer=tok)
+    return ckpt, tok
+
+
+# (case, output name, options, kill point): "open" as soon as the output's temporary exists,
+# "half" once it holds half the final size (mid-body), for the .bin files.
+EXPORTS = {
+    "fp32-open": ("m.bin", ["--version=3"], "open"),
+    "fp32-half": ("m.bin", ["--version=3"], "half"),
+    "int8-half": ("m_q8.bin", ["--version=3", "--dtype=int8"], "half"),
+    "hf": ("hf", ["--version=-1"], "open"),
+    "gguf": ("m.gguf", ["--version=gguf", "--dtype=q8_0"], "open"),
+}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The uninterrupted export's files for (output name, argv), made once per module."""
+    import export
+    made = {}
+
+    def get(name: str, argv: tuple) -> dict[str, bytes]:
+        if (name, argv) not in made:
+            folder = tmp_path_factory.mktemp("ref")
+            assert export.main([str(folder / name), *argv]) == 0
+            made[name, argv] = snapshot(folder)
+        return made[name, argv]
+    return get
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_killed_while_writing_recovers(case, big_checkpoint, references, tmp_path, capsys):
+    import export
+    ckpt, tok = big_checkpoint
+    name, options, point = EXPORTS[case]
+    argv = [f"--checkpoint={ckpt}", f"--tokenizer={tok}", *options]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    reference = references(name, tuple(argv))
+    size = len(reference.get(name, b""))
+
+    def ready(pid: int) -> bool:
+        tmp = out_dir / f".{name}.tmp-{pid}"
+        try:
+            return tmp.stat().st_size >= size // 2 if point == "half" else tmp.exists()
+        except FileNotFoundError:
+            return False
+
+    for _ in range(3):  # a scheduler hiccup can let the export finish first; try again
+        if kill_when([sys.executable, str(ROOT / "export.py"), str(out_dir / name), *argv], ready):
+            break
+        for p in out_dir.iterdir():
+            fileio._remove(p)
+    else:
+        pytest.fail(f"{case}: never caught export.py while it wrote {name}")
+    assert temporaries(out_dir), "the kill left no temporary: it came too late to test anything"
+    assert_final_names_match(out_dir, reference)
+    assert export.main([str(out_dir / name), *argv]) == 0, capsys.readouterr().err
+    assert temporaries(out_dir) == [] and temporaries(tmp_path) == []
+    assert snapshot(out_dir) == reference
