@@ -618,6 +618,10 @@ def write_report_md(path: Path, report: dict, samples: dict) -> None:
     fileio.write_text(path, "\n".join(lines))
 
 
+def _save_png(fig, path: Path) -> None:
+    fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def plot(out: Path, report: dict) -> list[str]:
     """metrics.png (each metric per model, the reference as a dashed line), and series.png (each
     metric against tokens seen) when several checkpoints of one run were evaluated."""
@@ -649,7 +653,7 @@ def plot(out: Path, report: dict) -> list[str]:
         ax.set_xticks(range(len(vals)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
+    _save_png(fig, out / "metrics.png")
     plt.close(fig)
     written.append("metrics.png")
 
@@ -668,7 +672,7 @@ def plot(out: Path, report: dict) -> list[str]:
             ax.set_xlabel("tokens seen", fontsize=7)
             ax.tick_params(labelsize=7)
         fig.tight_layout()
-        fig.savefig(out / "series.png", dpi=110)
+        _save_png(fig, out / "series.png")
         plt.close(fig)
         written.append("series.png")
     return written
@@ -825,8 +829,14 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     }
     report["config"].pop("checkpoint", None)
     report["config"].pop("bin", None)
+    write_outputs(out, report, all_rows, first_samples, t_start)
+    return report
+
+
+def write_outputs(out: Path, report: dict, rows: list, first_samples: dict, t_start: float) -> None:
+    """samples.jsonl, the plots, report.json and report.md, each through fileio (whole or not at all)."""
     def write_samples(f):
-        for c, m, g in all_rows:
+        for c, m, g in rows:
             rec = {"model": c.model, "engine": c.engine, "prompt_index": c.prompt_index, "sample": c.sample,
                    "seed": c.seed, "prompt": c.prompt, "completion": c.text, **m}
             if g is not None:
@@ -837,7 +847,6 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     report["seconds"] = round(time.time() - t_start, 2)
     fileio.write_text(out / "report.json", json.dumps(report, ensure_ascii=False, indent=1))
     write_report_md(out / "report.md", report, first_samples)
-    return report
 
 
 def _take(it, n):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import export
 import tinystories
@@ -69,7 +70,7 @@ def run_eval(args, out_dir: Path, **kw):
 def test_keep_every_kept_three_checkpoints(pipeline):
     kept = sorted(p.name for p in pipeline["out"].glob("ckpt_*.pt"))
     assert kept == ["ckpt_120.pt", "ckpt_40.pt", "ckpt_80.pt"]
-    ckpt = train.load_checkpoint(pipeline["out"] / "ckpt_80.pt")
+    ckpt = checkpoint.load(pipeline["out"] / "ckpt_80.pt")
     assert ckpt["iter_num"] == 80
 
 
