@@ -235,3 +235,124 @@ def test_synth_on_a_real_small_tmpfs(tmp_path):
         assert r.returncode == 1
         assert_full_disk_error(r.stderr, "tinystories.py synth", rf"{re.escape(str(root))}/synth/data0\d\.jsonl")
         assert snapshot(root) == before and not temporaries(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. export.py (.bin, Hugging Face safetensors, GGUF and its Modelfile) and evaluate.py's report
+
+import export  # noqa: E402
+from test_export import make_model, save_checkpoint, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export_inputs(tmp_path_factory):
+    """A checkpoint naming a GGUF-ready tokenizer, and an earlier export of another model in each format."""
+    folder = tmp_path_factory.mktemp("export_inputs")
+    tok = train_tokenizer(folder / "tok", normalization_rule_name="identity", remove_extra_whitespaces=False,
+                          add_dummy_prefix=True)
+    ckpt, earlier_ckpt = folder / "ckpt.pt", folder / "earlier.pt"
+    save_checkpoint(make_model("tied", seed=1), ckpt, tokenizer=tok)
+    save_checkpoint(make_model("tied", seed=2), earlier_ckpt, tokenizer=tok)
+    earlier, after = folder / "earlier", folder / "after"
+    for name, options in (("m.bin", []), ("hf", ["--version=-1"]), ("m.gguf", ["--version=gguf"])):
+        assert export.main([str(earlier / name), f"--checkpoint={earlier_ckpt}", *options]) == 0
+        assert export.main([str(after / name), f"--checkpoint={ckpt}", *options]) == 0
+    return {"ckpt": ckpt, "earlier": snapshot(earlier), "after": snapshot(after)}
+
+
+@pytest.mark.parametrize("name, options, which, failing", [
+    ("m.bin", [], lambda p: p.name.startswith(".m.bin.tmp-"), "m.bin"),
+    ("hf", ["--version=-1"], lambda p: p.name == "model.safetensors", "hf/model.safetensors"),  # staged
+    ("hf", ["--version=-1"], lambda p: p.name == "config.json", "hf/config.json"),
+    ("m.gguf", ["--version=gguf"], lambda p: p.name.startswith(".m.gguf.tmp-"), "m.gguf"),
+    ("m.gguf", ["--version=gguf"], lambda p: p.name.startswith(".Modelfile.tmp-"), "Modelfile"),
+], ids=["bin", "safetensors", "hf-config", "gguf", "modelfile"])
+def test_export_outputs(name, options, which, failing, export_inputs, tmp_path, monkeypatch, capsys):
+    before = {rel: data for rel, data in export_inputs["earlier"].items() if rel.split("/")[0] in (name, "Modelfile")
+              and (name == "m.gguf") == (rel in ("m.gguf", "Modelfile"))}
+    start_from(tmp_path, before)
+    disk = FullDisk(monkeypatch, which=which, budget=100)
+    assert export.main([str(tmp_path / name), f"--checkpoint={export_inputs['ckpt']}", *options]) == 1
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "export.py", re.escape(str(tmp_path / failing)))
+    assert_old_or_new(tmp_path, before, export_inputs["after"])
+    if name != "m.gguf":  # a .bin, and a Hugging Face folder, are replaced whole or not at all
+        assert snapshot(tmp_path) == before
+
+
+def test_evaluate_report(tmp_path, monkeypatch, capsys):
+    """The report files: the one that fails names itself, and an earlier report.json stays."""
+    import time
+
+    import evaluate
+    report = {"reference": {"val_loss": 1.0}, "models": [{"name": "m", "engine": "pytorch", "verdicts": [],
+                                                           "val_loss": 1.5}],
+              "n_prompts": 1, "n_reference": 1, "corpus": "c", "prompts": ["从前"],
+              "config": {"samples": 1, "temperature": 1.0, "steps": 8}}
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setattr(evaluate, "evaluate", lambda cfg, many: evaluate.write_outputs(
+        Path(cfg.out), report, [], {}, time.time()))
+    disk = FullDisk(monkeypatch, which=lambda p: p.name.startswith(".report.json.tmp-"), budget=10)
+    assert evaluate.main(["--checkpoint=unused.pt", f"--out={out}"]) == 1
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "evaluate.py", re.escape(str(out / "report.json")))
+    assert (out / "report.json").read_text(encoding="utf-8") == "{}" and not temporaries(out)
+    assert {"samples.jsonl", "metrics.png"} <= set(os.listdir(out))  # written, whole, before it
+
+
+def test_export_on_a_real_small_tmpfs(tmp_path, export_inputs):
+    """A real full disk: a 1 MiB tmpfs and a 7 MB model, export.py run as a script."""
+    ckpt = tmp_path / "big.pt"
+    save_checkpoint(make_model("tied", dim=256, n_layers=2, n_heads=4, n_kv_heads=2), ckpt)
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        out = disk / "m.bin"
+        out.write_bytes(b"earlier")
+        r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(out), f"--checkpoint={ckpt}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1
+        assert_full_disk_error(r.stderr, "export.py", re.escape(str(out)))
+        assert out.read_bytes() == b"earlier" and not temporaries(disk)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. train.py: ckpt.pt, best.pt and log.jsonl; the earlier checkpoints stay whole
+
+import checkpoint  # noqa: E402
+import test_train  # noqa: E402
+import train  # noqa: E402
+from test_train import shards  # noqa: E402,F401 (the fixture)
+
+TRAIN_ARGS = [*test_train.TINY, "--eval_interval=5", "--max_iters=15"]
+
+
+@pytest.mark.parametrize("name", ["ckpt.pt", "best.pt", "log.jsonl"])
+def test_train_outputs(name, shards, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    target = out / name
+    # Full from the second evaluation (iter 10) on: the first one's ckpt.pt and best.pt are written.
+    if name == "log.jsonl":
+        disk = FullDisk(monkeypatch, which=lambda p: p == target and (out / "ckpt.pt").exists())
+    else:
+        disk = FullDisk(monkeypatch, which=lambda p: p == fileio.temp_path(target) and target.exists())
+    assert train.main([*TRAIN_ARGS, f"--data_dir={shards}", f"--out_dir={out}"]) == 1
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "train.py", re.escape(str(target)))
+    # best.pt fails after ckpt.pt of the same evaluation was saved.
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == (10 if name == "best.pt" else 5)
+    assert checkpoint.load(out / "best.pt")["iter_num"] == 5
+    assert not temporaries(out) and not (out / ".lock").exists()
+
+
+def test_train_on_a_real_small_tmpfs(shards, tmp_path):
+    """A real full disk: room for ckpt.pt and best.pt and half a third one, train.py run as a script."""
+    first = tmp_path / "first"
+    assert train.main([*TRAIN_ARGS, "--max_iters=5", f"--data_dir={shards}", f"--out_dir={first}"]) == 0
+    size = (first / "ckpt.pt").stat().st_size
+    with tmpfs(tmp_path / "disk", f"{size * 5 // 2 // 1024 + 1}k") as disk:
+        p = test_train.run_train([*TRAIN_ARGS, f"--data_dir={shards}", f"--out_dir={disk}"])
+        assert p.returncode == 1
+        assert_full_disk_error(p.stderr, "train.py", re.escape(str(disk / "ckpt.pt")))
+        assert checkpoint.load(disk / "ckpt.pt")["iter_num"] == checkpoint.load(disk / "best.pt")["iter_num"] == 5
+        assert not temporaries(disk)
