@@ -171,42 +171,41 @@ def test_synth_output(tmp_path, monkeypatch, capsys):
     assert snapshot(root) == before  # the folder is replaced as a whole or not at all
 
 
-@pytest.mark.parametrize("what, which, budget, path", [
-    ("training text", lambda p: p.name == "input.txt", 20_000, r"\S+/data"),  # the scratch folder's
-    ("vocab", lambda p: p.name.startswith(".tok300.vocab."), 100, r"\S+/tok300\.vocab"),
-    ("model", lambda p: p.name.startswith(".tok300.model."), 100, r"\S+/tok300\.model"),
-    ("run.c tokenizer", lambda p: p.name.startswith(".tok300.bin."), 100, r"\S+/tok300\.bin"),
-    ("meta", lambda p: p.name.startswith(".tok300.meta.json."), 10, r"\S+/tok300\.meta\.json"),
-])
-def test_train_vocab_outputs(what, which, budget, path, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
+def temp_of(name: str) -> Callable[[Path], bool]:
+    """FullDisk's which: fileio's temporary of the output called name."""
+    return lambda p: p.name.startswith(f".{name}.tmp-")
+
+
+@pytest.mark.parametrize("name, budget", [("input.txt", 20_000), ("tok300.vocab", 100), ("tok300.model", 100),
+                                          ("tok300.bin", 100), ("tok300.meta.json", 10)])
+def test_train_vocab_outputs(name, budget, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
     before, after = earlier_and_new["train_vocab"]
     root = tmp_path / "data"
     start_from(root, before)
+    # sentencepiece's training text lives in a scratch folder: a full disk there names data/
+    which, shown = (lambda p: p.name == name, root) if name == "input.txt" else (temp_of(name), root / name)
     disk = FullDisk(monkeypatch, which=which, budget=budget)
     assert ts.main(["train_vocab", f"--data_root={root}", f"--data_dir={sources[1]}", f"--vocab_size={VOCAB}"]) == 1
-    assert disk.failed == 1, what
-    assert_full_disk_error(capsys.readouterr().err, "tinystories.py train_vocab", path)
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py train_vocab", re.escape(str(shown)))
     assert_old_or_new(root, before, after)
     assert snapshot(root)[f"tok{VOCAB}.meta.json"] == before[f"tok{VOCAB}.meta.json"]  # so a re-run trains again
 
 
-@pytest.mark.parametrize("what, which, budget, path", [
-    ("train shard", lambda p: p.name.startswith(".train_001.bin."), 1000, r"\S+/tok300/train_001\.bin"),
-    ("val shard", lambda p: p.name.startswith(".val.bin."), 300, r"\S+/tok300/val\.bin"),
-    ("meta", lambda p: p.name.startswith(".meta.json."), 10, r"\S+/tok300/meta\.json"),
-])
-def test_pretokenize_outputs(what, which, budget, path, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
+@pytest.mark.parametrize("name, budget", [("train_001.bin", 1000), ("val.bin", 300), ("meta.json", 10)])
+def test_pretokenize_outputs(name, budget, tmp_path, sources, earlier_and_new, monkeypatch, capsys):
     before, after = earlier_and_new["pretokenize"]
     root = tmp_path / "data"
     start_from(root, before)
     tok = {rel: data for rel, data in after.items() if not rel.startswith(f"tok{VOCAB}/")}
     start_from(root, tok)  # the new tokenizer, the earlier shards
     before = snapshot(root)
-    disk = FullDisk(monkeypatch, which=which, budget=budget)
+    disk = FullDisk(monkeypatch, which=temp_of(name), budget=budget)
     argv = ["pretokenize", f"--data_root={root}", f"--data_dir={sources[1]}", f"--vocab_size={VOCAB}", "--workers=1"]
     assert ts.main(argv) == 1
-    assert disk.failed == 1, what
-    assert_full_disk_error(capsys.readouterr().err, "tinystories.py pretokenize", path)
+    assert disk.failed == 1
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py pretokenize",
+                           re.escape(str(root / f"tok{VOCAB}" / name)))
     assert_old_or_new(root, before, after)
     assert snapshot(root) == before  # the shard folder is replaced as a whole or not at all
 
@@ -217,7 +216,7 @@ def test_tokenizer_py_output(tmp_path, earlier_and_new, monkeypatch, capsys):
     start_from(tmp_path, before)
     model, out = tmp_path / f"tok{VOCAB}.model", tmp_path / "x.bin"
     out.write_bytes(b"earlier")
-    FullDisk(monkeypatch, which=lambda p: p.name.startswith(".x.bin."), budget=100)
+    FullDisk(monkeypatch, which=temp_of("x.bin"), budget=100)
     assert tokenizer.main([f"--tokenizer_model={model}", f"--output={out}"]) == 1
     assert_full_disk_error(capsys.readouterr().err, "tokenizer.py", re.escape(str(out)))
     assert out.read_bytes() == b"earlier" and not temporaries(tmp_path)
