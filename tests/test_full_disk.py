@@ -336,7 +336,7 @@ def test_train_outputs(name, shards, tmp_path, monkeypatch, capsys):
     else:
         disk = FullDisk(monkeypatch, which=lambda p: p == fileio.temp_path(target) and target.exists())
     assert train.main([*TRAIN_ARGS, f"--data_dir={shards}", f"--out_dir={out}"]) == 1
-    assert disk.failed == 1
+    assert disk.failed >= 1  # torch.save may try once more as it closes the archive
     assert_full_disk_error(capsys.readouterr().err, "train.py", re.escape(str(target)))
     # best.pt fails after ckpt.pt of the same evaluation was saved.
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == (10 if name == "best.pt" else 5)

@@ -309,3 +309,83 @@ def test_export_killed_while_writing_recovers(case, big_checkpoint, references, 
     assert export.main([str(out_dir / name), *argv]) == 0, capsys.readouterr().err
     assert temporaries(out_dir) == [] and temporaries(tmp_path) == []
     assert snapshot(out_dir) == reference
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: SIGKILL mid-loop (then the same command again) and during a checkpoint save (then a
+# resume); either way the run ends as an uninterrupted one does (exact resume, test_train.py)
+
+import test_train  # noqa: E402
+from test_train import shards  # noqa: E402,F401 (the fixture)
+
+# Big enough (about 10 MB with the optimizer state) that a save takes long enough to kill into.
+KILL_TRAIN = [*test_train.TINY, "--dim=128", "--n_layers=4", "--n_heads=4", "--n_kv_heads=4", "--dropout=0.1",
+              "--eval_interval=5", "--max_iters=15"]
+
+
+@pytest.fixture(scope="module")
+def train_reference(shards, tmp_path_factory) -> Path:
+    """The out_dir of an uninterrupted KILL_TRAIN run."""
+    out = tmp_path_factory.mktemp("train_reference")
+    p = test_train.run_train([*KILL_TRAIN, f"--data_dir={shards}", f"--out_dir={out}"])
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """The same loss at every step and evaluation (later records win), and the same final weights."""
+    import torch
+
+    import train
+    assert test_train.train_losses(out) == test_train.train_losses(reference)
+    evals = [{(r["iter"], r["val_loss"]) for r in train.read_log(d / "log.jsonl") if r["type"] == "eval"}
+             for d in (out, reference)]
+    assert evals[0] == evals[1]
+    for name in ("ckpt.pt", "best.pt"):
+        got, want = test_train.weights(out / name), test_train.weights(reference / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
+
+
+def kill_train(out: Path, shards: Path, ready: Callable[[int], bool]) -> None:
+    argv = [sys.executable, str(ROOT / "train.py"), *KILL_TRAIN, f"--data_dir={shards}", f"--out_dir={out}"]
+    for _ in range(3):  # a scheduler hiccup can let the run pass the kill point; try again
+        if kill_when(argv, ready):
+            return
+        for p in out.iterdir():
+            fileio._remove(p)
+    pytest.fail("never caught train.py at the kill point")
+
+
+def test_train_killed_mid_loop_then_rerun_equals_an_uninterrupted_run(shards, train_reference, tmp_path):
+    out = tmp_path / "out"
+
+    def ready(pid: int) -> bool:  # a few steps logged, no checkpoint yet
+        try:
+            return (out / "log.jsonl").read_bytes().count(b"\n") >= 3 and not (out / "ckpt.pt").exists()
+        except FileNotFoundError:
+            return False
+
+    kill_train(out, shards, ready)
+    assert not (out / "ckpt.pt").exists()
+    p = test_train.run_train([*KILL_TRAIN, f"--data_dir={shards}", f"--out_dir={out}"])  # the same command
+    assert p.returncode == 0, p.stderr
+    assert temporaries(out) == [] and not (out / ".lock").exists()
+    assert_same_run(out, train_reference)
+
+
+def test_train_killed_while_saving_then_resumed_equals_an_uninterrupted_run(shards, train_reference, tmp_path):
+    import checkpoint
+    out = tmp_path / "out"
+
+    def ready(pid: int) -> bool:  # ckpt.pt's temporary being written, an earlier ckpt.pt in place
+        return (out / f".ckpt.pt.tmp-{pid}").exists() and (out / "ckpt.pt").exists()
+
+    kill_train(out, shards, ready)
+    assert [t for t in temporaries(out) if t.startswith(".ckpt.pt.tmp-")], temporaries(out)
+    saved_at = checkpoint.load(out / "ckpt.pt")["iter_num"]  # the earlier file, whole
+    assert saved_at in (5, 10)
+    p = test_train.run_train(["--init_from=resume", f"--out_dir={out}"])
+    assert p.returncode == 0, p.stderr
+    assert f"resuming at iter {saved_at}" in p.stdout
+    assert temporaries(out) == [] and not (out / ".lock").exists()
+    assert_same_run(out, train_reference)
