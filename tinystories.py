@@ -14,15 +14,8 @@ One subcommand per stage; every stage skips work that is already done and never 
 `--data_dir=DIR` reads your own stories: .jsonl (text key auto-detected or --text_key),
 .json arrays, or .txt files with stories separated by blank lines.
 
-Pretokenized shard file (little-endian), HEADER_BYTES = 256:
-    off 0  uint32 magic 0x6e6b6f74 (the bytes "tokn")
-    off 4  int32  version = 1
-    off 8  int32  vocab_size
-    off 12 uint32 tokenizer_hash (Tokenizer.hash() of the tokenizer that made it)
-    off 16 uint64 n_tokens
-    off 24 uint64 n_stories
-    off 32..255 zero
-    then n_tokens uint16 token ids; every story is BOS, its tokens, EOS.
+Pretokenized shards are a 256-byte header, then uint16 token ids (every story is BOS, its
+tokens, EOS); docs/formats.md specifies them byte by byte, as it does meta.json and .complete.
 
 Layout under data/: zh/, en/, synth/ (raw stories), tok<N>.model/.vocab/.bin (tokenizer),
 tok<N>/train_000.bin ... (one shard per source file) and tok<N>/val.bin. The val split is

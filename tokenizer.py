@@ -14,20 +14,9 @@ Examples:
     python tokenizer.py --tokenizer_model=tok.model --output=/tmp/tok.bin
     python -c "from tokenizer import Tokenizer; t = Tokenizer('data/tok5000.model'); print(t.encode('从前', bos=True))"
 
-File format (version 1, little-endian) -- also documented at the top of run_tok.c:
-    64-byte header:
-      off  0 uint32 magic 0x6b746b61 ("aktk" as bytes)
-      off  4 int32  version = 1
-      off  8 int32  vocab_size
-      off 12 int32  max_piece_len (bytes)
-      off 16 int32  model_type (2 = BPE)
-      off 20 uint8  add_dummy_prefix, off 21 uint8 remove_extra_whitespaces,
-      off 22 uint8  escape_whitespaces, off 23 uint8 byte_fallback
-      off 24 int32  unk_id, bos_id, eos_id, pad_id (-1 = none)
-      off 40 uint32 tokenizer_hash
-      off 44 uint32 charsmap_len, off 48 uint32 unk_surface_len, zero to 64
-    charsmap bytes, unk_surface bytes, then per piece:
-      float32 score, uint8 type, uint32 byte length, UTF-8 bytes.
+File format: a 64-byte header (magic "aktk", version 1, sizes, flags, special ids, the tokenizer
+hash), the normalizer's charsmap and unk surface, then each piece's score, type and UTF-8 bytes;
+docs/formats.md has it byte by byte, and llama2.c's legacy format.
 """
 
 from __future__ import annotations
