@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -193,6 +194,30 @@ def _header(model: Transformer, *, version: int, weight_type: int, group_size: i
     return head + b"\0" * (HEADER_SIZE - len(head))
 
 
+# Before fileio, exports wrote mkstemp temporaries `NAME.XXXXXXXX.tmp` (a file, or a folder for
+# Hugging Face) that a killed run left behind for good.
+_LEGACY_TEMP = re.compile(r"^(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def sweep_before_writing(path: str) -> None:
+    """Remove what killed exports left beside path: fileio's dead temporaries, and this output's
+    own temporaries of the older naming (no pid in those; only path's name, so nothing else's)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    fileio.sweep_stale(folder)
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        m = _LEGACY_TEMP.match(entry)
+        if m and m.group("name") == name:
+            target = os.path.join(folder, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                os.remove(target)
+
+
 def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optional[str] = None,
                     group_size: int = DEFAULT_GROUP_SIZE, tokenizer_hash: int = 0) -> dict:
     """Write model as a llama2.c-family .bin file.
@@ -235,7 +260,7 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
             f.write(q.tobytes())
             f.write(s.tobytes())
 
-    fileio.sweep_stale(os.path.dirname(os.path.abspath(path)))
+    sweep_before_writing(path)
     fileio.atomic_write(path, body)
     return {"version": version, "dtype": dtype, "group_size": gs, "bytes": os.path.getsize(path)}
 
@@ -630,7 +655,7 @@ def export_hf(model: Transformer, out_dir: str, *, dtype: str = "fp32",
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"{out_dir}: exists and is not a folder")
     fileio.make_parent(out_dir)
-    fileio.sweep_stale(os.path.dirname(out_dir))
+    sweep_before_writing(out_dir)
     fileio.sweep_stale(out_dir)
     staging = str(fileio.temp_path(out_dir))
     shutil.rmtree(staging, ignore_errors=True)
@@ -879,7 +904,7 @@ def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_m
         w.write_tensors_to_file()
         w.fout = None  # fileio.atomic_write closes f
 
-    fileio.sweep_stale(os.path.dirname(os.path.abspath(path)))
+    sweep_before_writing(path)
     fileio.atomic_write(path, body)
     return {"dtype": dtype, "bytes": os.path.getsize(path), "stored": stored}
 

@@ -509,3 +509,19 @@ def test_help_comes_from_the_config_and_no_arguments_is_a_usage_error(capsys):
     assert export.main([]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("usage: python export.py")
+
+
+def test_an_export_sweeps_what_killed_exports_left(tmp_path):
+    """Defect (issue 14): a killed export's `model.bin.XXXX.tmp` stayed forever. Dead fileio
+    temporaries and this output's old-style ones go; a live process's and other names stay."""
+    out = tmp_path / "model.bin"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = [tmp_path / f".model.bin.tmp-{dead}", tmp_path / "model.bin.k2j_x9ab.tmp", tmp_path / "hf.abcd1234.tmp"]
+    kept = [tmp_path / f".model.bin.tmp-{os.getppid()}", tmp_path / "other.bin.k2j_x9ab.tmp", tmp_path / "notes.tmp"]
+    for p in left + kept:
+        p.write_bytes(b"x")
+    (tmp_path / "hf").mkdir()
+    write_model_bin(make_model("tied"), out, version=3)
+    export.sweep_before_writing(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == sorted(["hf", "model.bin"] + [p.name for p in kept])
