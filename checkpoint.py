@@ -1,22 +1,11 @@
-"""train.py's checkpoints: the one module that writes, reads and checks them (train, export, sample,
-evaluate and demo all come here; docs/formats.md has the layout).
+"""train.py's checkpoints: the one module that writes, reads and checks them, for train, export,
+sample, evaluate and demo. docs/formats.md lists the entries (format, version, model, model_args,
+config, iter_num, optimizer, rng, data, ...).
 
-A checkpoint is a dict saved by torch.save that torch.load(weights_only=True) can read (tensors and
-plain values only, so loading one never runs code):
-
-    format, version   CKPT_FORMAT, CKPT_VERSION
-    model             the unwrapped, uncompiled module's state_dict
-    model_args        model.ModelArgs as a dict (resolved)
-    config            train.TrainConfig as a dict
-    iter_num          optimizer steps done; best_val_loss the lowest validation loss so far
-    optimizer, scaler the AdamW and grad scaler states (scaler None without float16)
-    rng               every rank's RNG states, for an exact resume
-    data              the data position: data_dir, seed, step, tokens_seen, world_size, vocab_size,
-                      tokenizer_hash (of the shards' tokenizer; 0 = not recorded)
-
-save() goes through fileio.atomic_write, so a kill (even SIGKILL, even mid-save) leaves the old file
-or the new one, and a full disk is one line `PATH: no space left on device`. Every problem reading
-one is a CheckpointError naming the file.
+Everything in a checkpoint loads with torch.load(weights_only=True): tensors and plain values, so
+reading one never runs code. save() goes through fileio.atomic_write, so a kill (even SIGKILL, even
+mid-save) leaves the old file or the new one, and a full disk is one line `PATH: no space left on
+device`. Every problem reading one is a CheckpointError naming the file.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints
+# RNG states (a checkpoint holds every rank's; checkpoint.py reads and writes the file)
 
 def rng_state() -> dict:
     """This process's RNG states, as tensors and plain values (loadable with weights_only=True)."""
