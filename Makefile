@@ -95,7 +95,7 @@ FUZZ_MAX_LEN_encode = 4096
 # All four harnesses, one after another (make -j4 fuzz runs them side by side).
 fuzz: fuzz-model fuzz-tokenizer fuzz-encode fuzz-shard
 
-$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_hooks.c run.c run_tok.c
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_hooks.c run.c run_kernels.h run_f16.h run_threads.h run_tok.c
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $< -lm
 

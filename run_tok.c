@@ -80,19 +80,19 @@ typedef struct {
 } Tokenizer;
 
 static void tok_fail(const char *path, const char *msg) {
-    fprintf(stderr, "error: tokenizer %s: %s\n", path, msg);
+    fprintf(stderr, "run: %s: %s\n", path, msg); /* run.c's fatal() format: one line naming the file */
     exit(1);
 }
 
 static void *tok_malloc(size_t n) {
     void *p = malloc(n ? n : 1);
-    if (!p) { fprintf(stderr, "error: out of memory allocating %zu bytes for the tokenizer\n", n); exit(1); }
+    if (!p) { fprintf(stderr, "run: out of memory allocating %zu bytes for the tokenizer\n", n); exit(1); }
     return p;
 }
 
 static void *tok_realloc(void *p, size_t n) {
     void *q = realloc(p, n ? n : 1);
-    if (!q) { fprintf(stderr, "error: out of memory allocating %zu bytes for the tokenizer\n", n); exit(1); }
+    if (!q) { fprintf(stderr, "run: out of memory allocating %zu bytes for the tokenizer\n", n); exit(1); }
     return q;
 }
 
