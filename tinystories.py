@@ -44,7 +44,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 import fileio
-from options import OptionError, UserError, cli, opt, parse_options, render_help
+from options import OptionError, UserError, cli, opt, os_error_text, parse_options, render_help
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO_ROOT / "data"
@@ -662,6 +662,8 @@ def download_file(url: str, dest: Path, *, max_retries: int = 5, backoff: float 
                 time.sleep(wait)
             except requests.RequestException as e:  # a bad URL or the like: retrying cannot help
                 raise DataError(f"{url}: {type(e).__name__}: {e}") from None
+            except OSError as e:  # a full disk: the .part keeps what it holds, to resume from
+                raise DataError(os_error_text(e, part)) from None
     size = part.stat().st_size
     if expected is not None and size != expected:
         if size > expected:

@@ -25,6 +25,7 @@ import pytest
 import fileio
 import tinystories as ts
 import tokenizer
+from test_download import ZH_PATH, hub, zh_archive  # noqa: F401 (hub is a fixture)
 from test_kill import snapshot, temporaries
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,10 +84,11 @@ class _Limited:
 
 def assert_full_disk_error(err: str, prog: str, path_pattern: str) -> None:
     """err is exactly one line `PROG: error: PATH: no space left on device`, PATH matching the
-    regular expression path_pattern, besides progress bars (redrawn with \\r)."""
-    lines = [line for line in err.split("\n") if line and "\r" not in line]
+    regular expression path_pattern; the rest can only be progress bars (redrawn after \\r)."""
+    lines = [seg for seg in re.split(r"[\r\n]", err) if seg.startswith(f"{prog}:")]
     assert len(lines) == 1 and re.fullmatch(rf"{re.escape(prog)}: error: {path_pattern}: {ENOSPC_TEXT}",
                                             lines[0]), err
+    assert all("\r" in line or line.startswith(f"{prog}:") for line in err.split("\n") if line), err
 
 
 def assert_old_or_new(root: Path, before: dict[str, bytes], after: dict[str, bytes]) -> None:
@@ -220,6 +222,24 @@ def test_tokenizer_py_output(tmp_path, earlier_and_new, monkeypatch, capsys):
     assert tokenizer.main([f"--tokenizer_model={model}", f"--output={out}"]) == 1
     assert_full_disk_error(capsys.readouterr().err, "tokenizer.py", re.escape(str(out)))
     assert out.read_bytes() == b"earlier" and not temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("name, budget", [("TinyStories_all_data_zh.tar.gz.part", 300), ("data01_zh.jsonl", 100),
+                                          (".complete", 5)])
+def test_download_outputs(name, budget, hub, tmp_path, monkeypatch, capsys):
+    """The download itself (.part, which the next run resumes), the extraction, the marker."""
+    hub.files[ZH_PATH] = zh_archive()
+    root = tmp_path / "data"
+    which = (lambda p: p.name == name) if name.endswith(".part") else (
+        lambda p: p.name == name or p.name.startswith(f".{name}.tmp-"))
+    FullDisk(monkeypatch, which=which, budget=budget)
+    assert ts.main(["download", f"--data_root={root}", "--backoff=0", "--timeout=10"]) == 1
+    shown = {".part": root / name, ".jsonl": root / "zh", ".complete": root / "zh" / name}
+    assert_full_disk_error(capsys.readouterr().err, "tinystories.py download",
+                           re.escape(str(next(v for k, v in shown.items() if name.endswith(k)))))
+    assert not temporaries(root)
+    if name.endswith(".part"):  # what arrived stays, for the next run to resume from
+        assert zh_archive().startswith((root / name).read_bytes())
 
 
 def test_synth_on_a_real_small_tmpfs(tmp_path):
