@@ -53,6 +53,9 @@ MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256  # versions 1, 2 and 3
 LEGACY_HEADER_SIZE = 28  # version 0: 7 int32
 WEIGHT_FP32, WEIGHT_INT8 = 0, 1  # version 3 weight_type byte
+# Version 3 prompt_format (the uint16 at offset 38): how the model expects its prompt.
+PROMPT_PLAIN, PROMPT_INSTRUCT_ZH, PROMPT_INSTRUCT_EN = 0, 1, 2
+PROMPT_LANGS = {PROMPT_INSTRUCT_ZH: "zh", PROMPT_INSTRUCT_EN: "en"}  # instruct.TEMPLATES' languages
 DEFAULT_GROUP_SIZE = 64
 BIN_VERSIONS = (0, 1, 2, 3)
 
@@ -178,7 +181,7 @@ def _config_ints(p: ModelArgs, *, negative_vocab: bool = False) -> tuple:
 
 
 def _header(model: Transformer, *, version: int, weight_type: int, group_size: int,
-            tokenizer_hash: int) -> bytes:
+            tokenizer_hash: int, prompt_format: int = PROMPT_PLAIN) -> bytes:
     p = model.params
     shared = _shared_classifier(model)
     if version == 0:
@@ -188,7 +191,7 @@ def _header(model: Transformer, *, version: int, weight_type: int, group_size: i
     if version == 2:
         head += struct.pack("<i", group_size)  # at offset 37, unaligned, as the reference writes it
     elif version == 3:
-        head += struct.pack("<BHiffI", weight_type, 0, group_size, p.norm_eps, p.rope_theta,
+        head += struct.pack("<BHiffI", weight_type, prompt_format, group_size, p.norm_eps, p.rope_theta,
                             tokenizer_hash)
     assert len(head) <= HEADER_SIZE, f"header of {len(head)} bytes"
     return head + b"\0" * (HEADER_SIZE - len(head))
@@ -219,13 +222,16 @@ def sweep_before_writing(path: str) -> None:
 
 
 def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optional[str] = None,
-                    group_size: int = DEFAULT_GROUP_SIZE, tokenizer_hash: int = 0) -> dict:
+                    group_size: int = DEFAULT_GROUP_SIZE, tokenizer_hash: int = 0,
+                    prompt_format: int = PROMPT_PLAIN) -> dict:
     """Write model as a llama2.c-family .bin file.
 
     version: 0, 1, 2 or 3. dtype: the weight storage, "fp32" or "int8"; None picks the version's
     only one (0 and 1: fp32, 2: int8) and fp32 for version 3; version 3 takes either.
     group_size: int8 group size, halved until it divides dim and hidden_dim (versions 2 and 3-int8).
     tokenizer_hash: uint32 recorded in version 3 headers (0 = unknown), see tokenizer.Tokenizer.hash().
+    prompt_format: recorded in version 3 headers, PROMPT_PLAIN or an instruct language (PROMPT_LANGS);
+    versions 0-2 have no field for it.
     Returns a small summary dict (version, dtype, group_size, bytes).
     """
     if version not in BIN_VERSIONS:
@@ -237,11 +243,13 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
         raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not dtype={dtype!r}")
     if not 0 <= int(tokenizer_hash) < 2**32:
         raise ExportError(f"tokenizer_hash={tokenizer_hash} is not a uint32")
+    if prompt_format != PROMPT_PLAIN and prompt_format not in PROMPT_LANGS:
+        raise ExportError(f"prompt_format={prompt_format}; choose 0 (plain), 1 (instruct zh) or 2 (instruct en)")
     p = model.params
     quantized = dtype == "int8"
     gs = pick_group_size(p.dim, p.hidden_dim, group_size) if quantized else 0
     header = _header(model, version=version, weight_type=WEIGHT_INT8 if quantized else WEIGHT_FP32,
-                     group_size=gs, tokenizer_hash=int(tokenizer_hash))
+                     group_size=gs, tokenizer_hash=int(tokenizer_hash), prompt_format=prompt_format)
 
     def body(f):
         f.write(header)
@@ -285,6 +293,7 @@ class BinHeader:
     norm_eps: float = 1e-5  # versions 0-2 do not record it; llama2.c uses 1e-5
     rope_theta: float = 10000.0
     tokenizer_hash: int = 0  # 0 = not recorded
+    prompt_format: int = PROMPT_PLAIN  # version 3 only: PROMPT_PLAIN or a PROMPT_LANGS key
     header_size: int = HEADER_SIZE
 
     def model_args(self) -> ModelArgs:
@@ -355,13 +364,16 @@ def read_bin_header(path: str) -> BinHeader:
             (gs,) = struct.unpack_from("<i", raw, 37)
             hdr = BinHeader(2, *cfg, shared_classifier=bool(shared), dtype="int8", group_size=gs)
         elif version == 3:
-            wtype, _reserved, gs, eps, theta, tok_hash = struct.unpack_from("<BHiffI", raw, 37)
+            wtype, pfmt, gs, eps, theta, tok_hash = struct.unpack_from("<BHiffI", raw, 37)
             if wtype not in (WEIGHT_FP32, WEIGHT_INT8):
                 raise ExportError(f"{path}: unknown weight_type {wtype} in version 3 header")
+            if pfmt != PROMPT_PLAIN and pfmt not in PROMPT_LANGS:
+                raise ExportError(f"{path}: unknown prompt_format {pfmt} in version 3 header "
+                                  f"(0 = plain, 1 = instruct zh, 2 = instruct en); re-run export.py")
             hdr = BinHeader(3, *cfg, shared_classifier=bool(shared),
                             dtype="int8" if wtype == WEIGHT_INT8 else "fp32",
                             group_size=gs if wtype == WEIGHT_INT8 else 0,
-                            norm_eps=eps, rope_theta=theta, tokenizer_hash=tok_hash)
+                            norm_eps=eps, rope_theta=theta, tokenizer_hash=tok_hash, prompt_format=pfmt)
         else:
             raise ExportError(f"{path}: unsupported model version {version} (this reads 0, 1, 2, 3)")
         if shared not in (0, 1):
@@ -950,8 +962,9 @@ def write_modelfile(gguf_path: str, *, max_seq_len: int) -> str:
 def load_checkpoint(path: str) -> tuple[Transformer, dict]:
     """A model from train.py's checkpoint (.pt) or from any .bin; returns (model in eval mode, info).
 
-    info holds 'config' (the training config dict, {} for a .bin) and 'tokenizer_hash' (from a
-    version 3 .bin header or the checkpoint's data record, else 0 = not recorded).
+    info holds 'config' (the training config dict, {} for a .bin), 'tokenizer_hash' (from a
+    version 3 .bin header or the checkpoint's data record, else 0 = not recorded) and
+    'prompt_format' (likewise; PROMPT_PLAIN when nothing says the model was trained on instructions).
     """
     path = os.fspath(path)
     require_regular_file(path, "checkpoint or model file")
@@ -962,9 +975,21 @@ def load_checkpoint(path: str) -> tuple[Transformer, dict]:
         raise ExportError(f"{path}: cannot read ({e.strerror})") from None
     if head[:2] != b"PK":  # torch.save writes a zip archive; anything else must be a model .bin
         h = read_bin_header(path)
-        return load_model_bin(path), {"config": {}, "tokenizer_hash": h.tokenizer_hash}
+        return load_model_bin(path), {"config": {}, "tokenizer_hash": h.tokenizer_hash,
+                                      "prompt_format": h.prompt_format}
     model, ckpt = checkpoint.model_from_checkpoint(path)  # format, version, fit and finite checked there
-    return model, {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": checkpoint.tokenizer_hash(ckpt)}
+    return model, {"config": dict(ckpt.get("config") or {}), "tokenizer_hash": checkpoint.tokenizer_hash(ckpt),
+                   "prompt_format": prompt_format_of(ckpt)}
+
+
+def prompt_format_of(ckpt: dict) -> int:
+    """The prompt format a checkpoint's data record states: an instruct language when train.py
+    recorded one (data.instruct.lang, "zh" or "en"), else PROMPT_PLAIN."""
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
+    rec = data.get("instruct")
+    lang = rec.get("lang") if isinstance(rec, dict) else None
+    by_lang = {v: k for k, v in PROMPT_LANGS.items()}
+    return by_lang.get(lang, PROMPT_PLAIN)
 
 
 def default_tokenizer(config: dict, vocab_size: int) -> Optional[str]:
@@ -1126,10 +1151,15 @@ def _main(argv: list[str]) -> int:
         print(f"wrote {cfg.out} (Hugging Face LlamaForCausalLM, {dtype or 'fp32'}"
               f"{', tokenizer ' + tok if tok else ''})")
         return 0
-    summary = write_model_bin(model, cfg.out, version=version, dtype=dtype,
-                              group_size=cfg.group_size, tokenizer_hash=tok_hash)
+    pfmt = info["prompt_format"]
+    if pfmt != PROMPT_PLAIN and version != 3:
+        print(f"export.py: note: version {version} has no prompt_format field; this instruct model "
+              f"will look plain to ./run (use --version=3)", file=sys.stderr)
+    summary = write_model_bin(model, cfg.out, version=version, dtype=dtype, group_size=cfg.group_size,
+                              tokenizer_hash=tok_hash, prompt_format=pfmt if version == 3 else PROMPT_PLAIN)
     extra = f", group_size {summary['group_size']}" if summary["dtype"] == "int8" else ""
     extra += f", tokenizer hash {tok_hash:#010x}" if version == 3 and tok_hash else ""
+    extra += f", instruct prompts ({PROMPT_LANGS[pfmt]})" if version == 3 and pfmt in PROMPT_LANGS else ""
     print(f"wrote {cfg.out} (version {version}, {summary['dtype']}{extra}, {summary['bytes']} bytes)")
     return 0
 

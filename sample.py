@@ -4,6 +4,12 @@
     python sample.py --checkpoint=out/ckpt.pt --prompt="从前，有一个小女孩" --num_samples=3
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/tok5000.model --temperature=0 --steps=100
     python sample.py --checkpoint=out/model.bin --seed=42 --top_p=0.9 --top_k=40
+    python sample.py --words=苹果,跑 --features=对话 --summary="小明找到了皮球。"   # a story on request
+
+A story on request (--words, --features, --summary, --sentence; a model trained with
+`pretokenize --instruct=true`) starts from the prompt instruct.render_prompt writes, in the
+language the checkpoint's data record (or a version 3 .bin's prompt_format) names, byte for byte
+what pretokenize encoded; a model trained without instructions is refused, not asked.
 
 The sampling options are the C engine's (`./run model.bin -t 1.0 -p 0.9 -k 0 -s 0 -n 256 -i PROMPT`):
 temperature (0 = greedy), top_p (1 = off), top_k (0 = off), seed (0 = from the clock), steps
@@ -33,6 +39,7 @@ from model import Transformer, pick_device
 from options import OptionError, UserError, apply_options, cli, opt, render_help
 
 SEPARATOR = "-" * 40
+INSTRUCT_OPTIONS = ("words", "features", "summary", "sentence")
 # The smallest positive temperature: float32's smallest normal number. A denormal one (1e-45) is a
 # typo, not a choice, and 0 already means greedy.
 MIN_TEMPERATURE = 1.1754943508222875e-38
@@ -44,6 +51,10 @@ class SampleConfig:
     tokenizer: str = opt("", "sentencepiece .model; \"\" = the checkpoint's (its config's tokenizer / data_dir), "
                              "else tok<vocab_size>.model beside the checkpoint, else data/tok<vocab_size>.model")
     prompt: str = opt("", "the story's beginning")
+    words: str = opt("", "instruct: words the story must use, comma separated (苹果,跑)")
+    features: str = opt("", "instruct: features it must have, Chinese or English names (对话,寓意 or Dialogue)")
+    summary: str = opt("", "instruct: a one-line summary of the story")
+    sentence: str = opt("", "instruct: a sentence it must contain")
     num_samples: int = opt(1, "samples, generated together as one batch")
     steps: int = opt(256, "tokens to generate per sample; 0 = up to max_seq_len (--max_new_tokens is the same)")
     temperature: float = opt(1.0, "0 = greedy")
@@ -68,15 +79,53 @@ def check_config(cfg: SampleConfig) -> None:
         problems.append(f"--top_k={cfg.top_k} must be >= 0")
     if cfg.seed < 0:
         problems.append(f"--seed={cfg.seed} must be >= 0")
-    try:
-        cfg.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        # The OS hands undecodable argument bytes to Python as lone surrogates (PEP 383).
-        bad = cfg.prompt[e.start]
-        shown = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
-        problems.append(f"--prompt is not valid UTF-8 ({shown} at character {e.start})")
+    for name in ("prompt",) + INSTRUCT_OPTIONS:
+        try:
+            getattr(cfg, name).encode("utf-8")
+        except UnicodeEncodeError as e:
+            # The OS hands undecodable argument bytes to Python as lone surrogates (PEP 383).
+            bad = getattr(cfg, name)[e.start]
+            shown = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+            problems.append(f"--{name} is not valid UTF-8 ({shown} at character {e.start})")
     if problems:
         raise OptionError("; ".join(problems))
+
+
+def instruction_of(cfg: SampleConfig, argv: list[str] = ()) -> Optional["instruct.Instruction"]:
+    """The request the instruct options make, None when none is given; an InstructError for one
+    that cannot work (an empty --words= given on purpose, an unknown feature, a line break)."""
+    import instruct
+    given = {name for name in INSTRUCT_OPTIONS for a in argv if a.split("=", 1)[0].replace("-", "_") == f"__{name}"}
+    if not given and not any(getattr(cfg, name) for name in INSTRUCT_OPTIONS):
+        return None
+    if "words" in given and not instruct.split_list(cfg.words):
+        raise instruct.InstructError(f"--words={cfg.words!r} names no word; give words separated by commas")
+    if cfg.prompt:
+        raise instruct.InstructError("--prompt and an instruction do not mix: the story starts after the instruction")
+    return instruct.make_instruction(cfg.words, cfg.features, cfg.summary, cfg.sentence)
+
+
+def instruct_lang(info: dict, model_path: str) -> str:
+    """The instruction language a model was trained with (info as export.load_checkpoint's);
+    a one-line UserError for a model trained without instructions."""
+    lang = export.PROMPT_LANGS.get(info.get("prompt_format", export.PROMPT_PLAIN))
+    if lang is None:
+        raise UserError(f"{model_path}: trained without instructions (its record names no instruct "
+                        f"language), so it cannot take --words/--features/--summary/--sentence; "
+                        f"train on pretokenize --instruct=true data")
+    return lang
+
+
+def instruct_prompt_ids(tok, ins, lang: str, max_seq_len: int) -> tuple[str, list[int]]:
+    """The prompt text for ins and its ids (BOS first), as pretokenize encodes them; a UserError
+    when the instruction leaves no room for a story in the context."""
+    import instruct
+    text = instruct.render_prompt(ins, lang)
+    ids = tok.encode(text, bos=True)
+    if len(ids) >= max_seq_len:
+        raise UserError(f"the instruction is {len(ids)} tokens (BOS included), leaving no room for a story in "
+                        f"the model's max_seq_len={max_seq_len}; ask for less")
+    return text, ids
 
 
 def find_tokenizer(cfg: SampleConfig, config: dict, vocab_size: int) -> str:
@@ -166,15 +215,18 @@ def _main(argv: list[str]) -> int:
             for a in argv]
     cfg = apply_options(SampleConfig(), argv)
     check_config(cfg)
+    ins = instruction_of(cfg, argv)
     device = pick_device(cfg.device)
     model, info = export.load_checkpoint(cfg.checkpoint)
     p = model.params
+    lang = instruct_lang(info, cfg.checkpoint) if ins is not None else None
     tok_path = find_tokenizer(cfg, info["config"], p.vocab_size)
     tok = load_tokenizer(tok_path, vocab_size=p.vocab_size, expected_hash=info["tokenizer_hash"],
                          model_path=cfg.checkpoint)
+    prompt = cfg.prompt if ins is None else instruct_prompt_ids(tok, ins, lang, p.max_seq_len)[0]
     model = model.to(device)
     t0 = time.perf_counter()
-    texts = generate_text(model, tok, cfg.prompt, num_samples=cfg.num_samples, steps=cfg.steps,
+    texts = generate_text(model, tok, prompt, num_samples=cfg.num_samples, steps=cfg.steps,
                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
     dt = time.perf_counter() - t0
     for i, text in enumerate(texts):

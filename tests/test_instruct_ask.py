@@ -1,0 +1,165 @@
+"""Asking for a story: the prompt format in the model header, and sample.py and ./run building the
+instruction's prompt byte for byte as instruct.render_prompt (what pretokenize encodes) writes it.
+
+The models are tiny random ones: these tests are about prompts and refusals, not about stories.
+"""
+
+import dataclasses
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import checkpoint  # noqa: E402
+import export  # noqa: E402
+import instruct  # noqa: E402
+import sample  # noqa: E402
+from model import Transformer, model_args_from_preset  # noqa: E402
+from tokenizer import Tokenizer, export_tokenizer  # noqa: E402
+
+VOCAB = 500
+TEXTS = [
+    "词语：苹果，跑，开心\n特点：对话，寓意\n摘要：小明找到了皮球。\n故事：从前有一个小女孩，她喜欢苹果。",
+    "小狗说：“我们一起跑吧！”小猫很开心。从那以后，它们懂得了分享。",
+    "Words: apple, run, happy\nFeatures: Dialogue, Twist\nSummary: Tom finds a ball.\nStory: Once upon a time.",
+    "Lily ran to the park. Suddenly, she saw a big red apple. \"Look!\" she said.",
+]
+
+# (words, features, summary, sentence) as typed: odd spacing, both kinds of comma, 、, any spelling.
+REQUESTS = [
+    ("苹果,跑，开心", "", "", ""),
+    (" 苹果 ， 跑 ,开心 ", "对话, Twist", "", ""),
+    ("小猫、皮球", "寓意，坏结局", "小明丢了皮球，后来找到了。", ""),
+    ("", "dialogue", "", "她笑了。"),
+    ("apple,run , happy", "Dialogue,MoralValue", "Tom finds a ball.", " He smiled. "),
+    ("", "", "A cat and a dog  play.", ""),
+    ("\u3000苹果\u3000,跑", "BadEnding", "", ""),
+]
+
+
+def save_ckpt(model: Transformer, path: Path, tok_path: str, lang=None) -> Path:
+    """A checkpoint in train.py's layout whose data record says whether it learned instructions."""
+    data = {"tokenizer_hash": Tokenizer(tok_path).hash(), "vocab_size": VOCAB}
+    if lang:
+        data["instruct"] = {"lang": lang}
+    checkpoint.save(path, {"format": checkpoint.CKPT_FORMAT, "version": checkpoint.CKPT_VERSION,
+                           "model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
+                           "config": {"tokenizer": tok_path}, "iter_num": 1, "optimizer": {},
+                           "best_val_loss": 9.0, "data": data})
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ask")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 40), model_prefix=str(folder / "tok"), vocab_size=VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        minloglevel=2)
+    tok_path = str(folder / "tok.model")
+    export_tokenizer(tok_path, str(folder / "tok.bin"))
+    torch.manual_seed(0)
+    model = Transformer(model_args_from_preset("micro", vocab_size=VOCAB)).eval()
+    out = {"tok": tok_path, "tok_bin": folder / "tok.bin", "model": model}
+    for lang in ("zh", "en", None):
+        name = lang or "plain"
+        out[f"{name}_ckpt"] = save_ckpt(model, folder / f"{name}.pt", tok_path, lang)
+        bin_path = folder / f"{name}.bin"
+        assert export.main([str(bin_path), f"--checkpoint={out[f'{name}_ckpt']}"]) == 0
+        out[f"{name}_bin"] = bin_path
+    return out
+
+
+def expected_ids(tok_path: str, request, lang: str) -> list[int]:
+    """What pretokenize --instruct=true puts before a story: BOS + encode(prompt)."""
+    tok = Tokenizer(tok_path)
+    ins = instruct.make_instruction(*request)
+    return [tok.bos_id] + spm.SentencePieceProcessor(model_file=tok_path).encode(instruct.render_prompt(ins, lang))
+
+
+# ----------------------------------------------------------------------------------------------
+# the header's prompt_format
+
+def test_export_records_the_prompt_format_at_byte_38(files):
+    for name, want in (("zh", 1), ("en", 2), ("plain", 0)):
+        data = files[f"{name}_bin"].read_bytes()
+        assert (data[38], data[39]) == (want, 0), name
+        assert export.read_bin_header(files[f"{name}_bin"]).prompt_format == want
+        assert export.load_checkpoint(files[f"{name}_bin"])[1]["prompt_format"] == want
+        assert export.load_checkpoint(files[f"{name}_ckpt"])[1]["prompt_format"] == want
+
+
+def test_an_unknown_prompt_format_is_refused(files, tmp_path):
+    bad = tmp_path / "bad.bin"
+    data = bytearray(files["zh_bin"].read_bytes())
+    data[38] = 7
+    bad.write_bytes(bytes(data))
+    with pytest.raises(export.ExportError, match="unknown prompt_format 7"):
+        export.read_bin_header(bad)
+    with pytest.raises(export.ExportError, match="prompt_format"):
+        export.write_model_bin(files["model"], tmp_path / "x.bin", version=3, prompt_format=3)
+
+
+def test_older_versions_say_they_cannot_record_it(files, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "v1.bin"), "--version=1",
+                        f"--checkpoint={files['zh_ckpt']}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "no prompt_format field" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py
+
+def run_sample(capsys, *argv):
+    rc = sample.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def flags(request) -> list[str]:
+    return [f"--{k}={v}" for k, v in zip(sample.INSTRUCT_OPTIONS, request) if v]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+@pytest.mark.parametrize("request_", REQUESTS)
+def test_sample_builds_the_pretokenized_prompt(files, capsys, lang, request_):
+    tok = Tokenizer(files["tok"])
+    ins = instruct.make_instruction(*request_)
+    text, ids = sample.instruct_prompt_ids(tok, ins, lang, 64)
+    assert ids == expected_ids(files["tok"], request_, lang)
+    for model in (files[f"{lang}_ckpt"], files[f"{lang}_bin"]):
+        rc, out, err = run_sample(capsys, f"--checkpoint={model}", f"--tokenizer={files['tok']}", "--steps=1",
+                                  "--temperature=0", *flags(request_))
+        assert rc == 0, err
+        assert out.startswith(instruct.render_prompt(ins, lang)), out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--words=苹果"], "trained without instructions"),
+    (["--features=对话"], "trained without instructions"),
+])
+def test_sample_refuses_a_plain_model(files, capsys, argv, needle):
+    for model in (files["plain_ckpt"], files["plain_bin"]):
+        rc, out, err = run_sample(capsys, f"--checkpoint={model}", *argv)
+        assert rc == 1 and out == "" and err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--words=,， "], "names no word"),
+    (["--words="], "names no word"),
+    (["--summary= "], "needs at least one of"),
+    (["--features=魔法"], "unknown feature"),
+    (["--words=苹果", "--prompt=从前"], "do not mix"),
+    (["--summary=" + "小猫找到了皮球。" * 30], "no room for a story"),
+])
+def test_sample_refuses_requests_that_cannot_work(files, capsys, argv, needle):
+    rc, out, err = run_sample(capsys, f"--checkpoint={files['zh_ckpt']}", *argv)
+    assert rc == 1 and out == "" and err.count("\n") == 1 and needle in err, err
