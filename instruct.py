@@ -145,11 +145,15 @@ def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
 _DIALOGUE = {"zh": re.compile(r"“[^”]+”"), "en": re.compile(r"\"[^\"]+\"|“[^”]+”")}
 _CUES = {
     "zh": {
-        "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理", "从那以后", "从此以后"),
+        "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理", "从那以后", "从此以后",
+                  "只要", "就一定", "要有耐心", "我们要", "要认真", "要互相", "不要着急", "就要",
+                  "才行", "其实并不", "也会很快乐", "让大家都", "大家都开心", "比一个人", "是最好的礼物",
+                  "也多了", "越来越好", "就会发现", "要放回", "要和朋友", "希望", "要小心",
+                  "自己做"),
         "twist": ("突然", "忽然", "没想到", "原来", "这时候", "就在这时"),
         "bad_ending": ("再也没有找到", "哭了起来", "很难过", "伤心地回家", "再也不能", "只好回家"),
-        "conflict": ("吵", "抢", "不肯", "生气", "不愿意", "不同意"),
-        "foreshadowing": ("想起", "果然", "早就", "记得"),
+        "conflict": ("吵", "抢", "不肯", "生气", "不愿意", "不同意", "这是我的"),
+        "foreshadowing": ("想起", "果然", "记得"),
     },
     "en": {
         "moral": ("learned", "lesson", "from that day", "always remember", "the moral"),
@@ -166,7 +170,8 @@ def detect_features(story: str, lang: str) -> set[str]:
     found = set()
     if _DIALOGUE[lang].search(story):
         found.add("dialogue")
-    low = story.lower() if lang == "en" else story
+    # 原来的 is "the original" (放回原来的地方), not the 原来 of a revelation.
+    low = story.lower() if lang == "en" else story.replace("原来的", "")
     for fid, cues in _CUES[lang].items():
         if any(c in low for c in cues):
             found.add(fid)

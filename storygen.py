@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -441,6 +443,10 @@ MORALS_HELP = ["帮助别人，自己也会很快乐。", "有人需要帮忙的
 MORALS_LOST = ["东西用完了，要放回原来的地方。", "遇到事情不要着急，慢慢想办法。"]
 MORALS_GIFT = ["用心做的礼物是最好的礼物。", "爱一个人，就要让他知道。"]
 MORALS_FRIEND = ["只要勇敢地打个招呼，就能交到新朋友。", "朋友多了，快乐也多了。"]
+MORALS_CHORES = ["自己的事情自己做，大家的事情帮着做。", "帮家里做事，是一件快乐的事。"]
+MORALS_PLANT = ["只要耐心地等待，好事就会发生。", "种下一颗种子，就种下了一个希望。"]
+MORALS_QUARREL = ["好朋友之间要互相谦让。", "轮流玩，大家都开心。", "吵架解决不了问题，好好说才行。"]
+MORALS_WARNING = ["大人的提醒要认真听。", "做事情要小心，不能只顾着玩。"]
 
 # Reactions (verb phrases that follow 地: 高兴地跳了起来).
 CHEERS = ["跳了起来", "拍着手", "笑了起来", "转了一个圈", "欢呼起来", "蹦了好几下", "挥着小手", "喊了起来"]
@@ -534,6 +540,15 @@ class Story:
         self.parent = self._make_parent()
         self.pet: Character | None = None
         self.said_one_day = False  # set by _opening; see _one_day
+        # What the plot really holds, for the instruct fields (see story_fields): the content
+        # words it chose, the features it has beyond dialogue and moral (found in the text), and
+        # a one-sentence summary from its own facts. Recording them draws no random numbers.
+        self.cands: list[str] = []
+        self.feats: set[str] = set()
+        self.summary = ""
+
+    def word(self, *words: str) -> None:
+        self.cands.extend(w for w in words if w)
 
     def c(self, seq):
         return seq[int(self.r.random() * len(seq))]  # ~3x faster than Random.choice
@@ -712,6 +727,7 @@ def _lost_item(s: Story) -> None:
            s.c([f"{P}每天都把{obj}带在身边。", f"{P}走到哪里都带着这{clf}{obj}。", ""]))
     place, loc, tags = s.c(PLACES)
     act = s.c(PLACE_ACTS[place])
+    s.word(obj, place, act)
     spots = IN_SPOTS if tags == "in" else BEACH_SPOTS if "beach" in tags else OUT_SPOTS
     mate = s.pet if with_pet else (s.friend() if s.chance(0.5) else None)
     who = f"{P}和{mate.name}" if mate else P
@@ -744,6 +760,10 @@ def _lost_item(s: Story) -> None:
                 f"说：“我的{obj}，我终于找到你了！”"]),
            s.c([f"从那以后，{P}每次玩完都会把{obj}收好。", f"后来，{P}再也没有把{obj}弄丢过。", ""]),
            _moral(s, MORALS_LOST))
+    finder = f"小狗{helper.name}" if helper is s.pet else helper.name
+    s.summary = f"{P}丢了心爱的{obj}，{finder}帮{p}在{hidden}找到了。"
+    if helper is s.pet:
+        s.feats.add("twist")  # 这时候 the dog runs off and finds it
 
 
 def _share(s: Story) -> None:
@@ -754,6 +774,9 @@ def _share(s: Story) -> None:
     obj, clf, _, fits = s.c(PLAY_TOYS)
     adj = _obj_adj(s, fits)
     place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
+    s.word(obj, place)
+    s.feats.add("conflict")  # the hero refuses to share and the friend walks away
+    s.summary = f"{P}不肯把{obj}借给{f.name}玩，后来{p}向{f.name}道歉，两个人一起玩{obj}。"
     s.para(_opening(s, with_pet=False),
            s.c([f"{par.name}给{P}买了一{clf}{adj}的{obj}。", f"过{s.c(OCCASIONS)}的时候，{P}收到了一{clf}{adj}的{obj}。"]),
            f"{P}{s.c(HAPPY)}极了，天天都拿着{obj}玩。")
@@ -804,6 +827,8 @@ def _learn_skill(s: Story) -> None:
     s.para(f"{P}{s.c(HAPPY)}地{s.c(CHEERS)}：“我会{skill}了！”",
            _said(s, teacher, s.c(["你真棒！", "我就知道你能行！", "你真是一个不怕困难的好孩子！"]), "笑着"),
            _moral(s, MORALS_SKILL))
+    s.word(skill)
+    s.summary = f"{P}想学会{skill}，一开始总是做不好，在{teacher.name}的鼓励下每天练习，终于学会了。"
 
 
 def _brave(s: Story) -> None:
@@ -823,6 +848,10 @@ def _brave(s: Story) -> None:
            s.c([f"从那天起，{P}再也不怕{name}了。", f"现在，{P}一点也不怕{name}了。",
                 f"{P}为自己感到很{s.c(PROUD)}，{p}再也不怕{name}了。"]),
            _moral(s, MORALS_BRAVE))
+    s.word(name if len(name) > 1 else "水池")  # 水 alone is too short a word; its scene has 水池
+    if "原来" in s.paras[3]:
+        s.feats.add("twist")  # what was feared turns out, 原来, to be harmless
+    s.summary = f"{P}很怕{name}，{par.name}鼓励{p}勇敢一点，{P}试了试，发现{name}一点也不可怕。"
 
 
 def _help(s: Story) -> None:
@@ -845,6 +874,8 @@ def _help(s: Story) -> None:
            s.c([f"{P}心里暖暖的，{s.c(HAPPY)}地回家了。", f"{P}笑着说：“不客气！”",
                 f"从那以后，{who}和{P}成了好朋友。"]),
            _moral(s, MORALS_HELP))
+    s.word(who, place)
+    s.summary = f"{P}看见{intro}遇到了困难，热心地帮助了{wp}，{who}很感谢{P}。"
 
 
 def _outing(s: Story) -> None:
@@ -867,10 +898,15 @@ def _outing(s: Story) -> None:
     s.para(f"后来，{extra}{act}。",
            f"{par.name}给{P}买了一{sclf}{snack}，{P}吃得{s.c(['香香', '饱饱', '甜甜'])}的，说：“真好吃！”"
            if s.chance(0.5) else f"中午，{P}吃了一{sclf}{s.c(TASTES)}的{snack}。")
+    s.word(place, a[2], b[2], snack)
+    s.summary = f"{par.name}带{P}{how}去{place}，{P}看见了{a[2]}和{b[2]}，玩得很开心。"
     if s.chance(0.4):
-        s.para(s.c([f"突然，天上下起了小雨。{par.name}撑开伞，{P}躲在伞下，听雨点嗒嗒地响。",
-                    f"走着走着，{P}的脚有点累了，{par.name}就把{P}背了起来。",
-                    f"{P}还交到了一个新朋友，两个小伙伴一起笑个不停。"]))
+        event = s.c([f"突然，天上下起了小雨。{par.name}撑开伞，{P}躲在伞下，听雨点嗒嗒地响。",
+                     f"走着走着，{P}的脚有点累了，{par.name}就把{P}背了起来。",
+                     f"{P}还交到了一个新朋友，两个小伙伴一起笑个不停。"])
+        s.para(event)
+        if event.startswith("突然"):
+            s.feats.add("twist")
     s.para(s.c(["太阳下山了，", "天快黑了，", "傍晚的时候，"]), f"{P}和{par.name}一起回家。",
            f"{P}说：“今天真{s.c(['开心', '好玩'])}！我下次还想来{place}。”",
            s.c(GO_HOME_ENDS).format(p=P) + "。")
@@ -902,6 +938,8 @@ def _gift(s: Story) -> None:
                                           else "你真是我的好朋友！"]) + "”",
            s.c([f"{rec.name}紧紧地抱住了{P}。", f"{P}的心里甜甜的。"]),
            _moral(s, MORALS_GIFT))
+    s.word(gift[2:], "礼物")
+    s.summary = f"{P}给{rec.name}做了{gift}当礼物，{rec.name}收到后高兴极了。"
 
 
 def _new_friend(s: Story) -> None:
@@ -926,6 +964,8 @@ def _new_friend(s: Story) -> None:
            f"分开的时候，{f.name}说：“明天我们还一起玩吧！”{P}{s.c(['用力地点点头', '笑着说好'])}。")
     s.para(s.c([f"从那以后，{P}和{f.name}成了最好的朋友。", f"{P}再也不觉得孤单了。"]),
            _moral(s, MORALS_FRIEND))
+    s.word(place, act, food)
+    s.summary = f"{P}在{place}鼓起勇气和{f.name}打招呼，两个人成了好朋友。"
 
 
 def _chores(s: Story) -> None:
@@ -946,7 +986,9 @@ def _chores(s: Story) -> None:
     s.para(f"做完了{c1}，{P}又去{c2}。", f"{P}{how2}，{done2}。")
     s.para(f"{par.name}看了看家里，{s.c(['惊喜地说', '高兴地说', '摸着' + P + '的头说'])}：“{P}真能干，帮了我的大忙！”",
            s.c([f"晚上，{par.name}给{P}做了{p}最爱吃的{s.c(COOKED)}。", "{0}奖励了{1}一{2}{3}{4}。".format(par.name, P, *s.c(TREATS))]),
-           f"{P}{s.c(HAPPY)}地笑了。", _moral(s, ["自己的事情自己做，大家的事情帮着做。", "帮家里做事，是一件快乐的事。"]))
+           f"{P}{s.c(HAPPY)}地笑了。", _moral(s, MORALS_CHORES))
+    s.word(c1, c2)
+    s.summary = f"{P}帮{par.name}{c1}，又帮着{c2}，{par.name}夸{P}真能干。"
 
 
 def _plant(s: Story) -> None:
@@ -969,7 +1011,9 @@ def _plant(s: Story) -> None:
     s.para(s.c([f"{P}天天给{seed}浇水、拔草，", f"{P}每天都去看{seed}，给{seed}浇水，"]),
            f"{seed}{grow}。", f"后来，{seed}{fruit}。",
            s.c([f"{P}把{seed}拿给家里人看，大家都说：“{P}真了不起！”", f"{P}看着自己种的{seed}，心里美滋滋的。"]),
-           _moral(s, ["只要耐心地等待，好事就会发生。", "种下一颗种子，就种下了一个希望。"]))
+           _moral(s, MORALS_PLANT))
+    s.word(seed)
+    s.summary = f"{P}种下了{seed}的种子，每天浇水，耐心地等待，{seed}终于长大了。"
 
 
 def _weather_day(s: Story) -> None:
@@ -992,6 +1036,9 @@ def _weather_day(s: Story) -> None:
            s.c(["看了好久好久。", "高兴得叫了起来。", "觉得神奇极了。"]))
     s.para(f"{end}。", f"{P}说：“原来{kind}天也这么好玩！”",
            s.c([f"晚上，{P}把今天的事画了下来。", f"{P}觉得，今天是最开心的一天。", ""]))
+    s.word(plan, kind)
+    s.feats.add("twist")  # the spoilt day turns out fun
+    s.summary = f"{kind}了，{P}不能出去{plan}，{par.name}陪{p}想办法，{P}发现{kind}天也很好玩。"
 
 
 def _bedtime(s: Story) -> None:
@@ -1023,10 +1070,89 @@ def _bedtime(s: Story) -> None:
     s.para(f"{drift}{P}的眼睛慢慢地闭上了。",
            f"{par.name}关上台灯，轻轻地说：“晚安，{P}。”",
            f"那天晚上，{P}梦见{s.c(DREAMS)}。")
+    s.word(r1, r2, r3)
+    s.summary = f"{P}到了睡觉的时间还不想睡，{par.name}陪{p}做好了睡前的准备，{P}慢慢地睡着了。"
+
+
+def _quarrel(s: Story) -> None:
+    """Two friends both want the same toy, quarrel, and make up: the plot with a conflict."""
+    h, par = s.hero, s.parent
+    P, p = h.name, h.pron
+    f = s.friend()
+    s.others.append(par.name)
+    obj, clf, _, fits = s.c(PLAY_TOYS)
+    adj = _obj_adj(s, fits)
+    place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
+    s.para(_opening(s, with_pet=False),
+           f"{P}有一个好朋友，是{f.intro_named()}。", s.c(["他们常常在一起玩。", "他们每天都一起玩。"]))
+    s.para(f"{_one_day(s)}{P}和{f.name}在{place}{loc}玩，{s.c(['地上', '长椅上', '旁边'])}放着一{clf}{adj}的{obj}。",
+           f"{P}说：“{s.c(['我先玩', '让我先玩', '这个给我玩'])}！”",
+           f"{f.name}说：“{s.c(['不行，是我先看见的', '不行，我也要玩', '不给，我要先玩'])}！”")
+    s.para(s.c(["两个人你拉我扯，谁也不肯让谁，", "两个好朋友谁也不让谁，"]),
+           s.c(["大声地吵了起来。", "吵了起来。"]),
+           f"{P}生气地说：“{s.c(['我不跟你玩了！', '你真小气！'])}”",
+           f"{f.name}也{s.c(['生气地转过了身', '气得噘起了嘴', '哼了一声'])}。")
+    s.para(f"{par.name}听见了，走过来问：“你们怎么了？”",
+           _said(s, par, s.c(["你们可以轮流玩呀，一个人玩一会儿。", "吵架会让两个人都不开心，轮流玩好不好？"]), "笑着"))
+    s.para(s.c([f"{P}想了想，对{f.name}说：“对不起，你先玩吧。”", f"{P}红着脸，对{f.name}说：“对不起，我们轮流玩吧。”"]),
+           f"{f.name}{s.c(['笑了', '点点头'])}，说：“{s.c(['我们一起玩吧！', '谢谢你，你也玩！'])}”",
+           f"{P}和{f.name}又{s.c(['成了好朋友', '和好了'])}，{s.c(['一起玩', '轮流玩'])}{obj}，玩得可开心了。",
+           _moral(s, MORALS_QUARREL))
+    s.word(obj, place)
+    s.feats.add("conflict")
+    s.summary = f"{P}和{f.name}都想玩{obj}，吵了起来，{par.name}让他们轮流玩，两个人又和好了。"
+
+
+# Things a warning is given about and that are then lost for good: (object, measure word, the
+# warning, what the hero does, what happens, where it goes).
+WARNINGS = [
+    ("气球", "个", "拉紧气球的线，不然气球会飞走的", "拿着气球跑来跑去",
+     "一阵大风吹来，{P}的手一松", "气球越飞越高，变成了一个小点，再也看不见了"),
+    ("风筝", "只", "风太大了，别把风筝放得太高，线会断的", "把风筝放得高高的",
+     "一阵大风吹来，风筝线啪的一声断了", "风筝飘过了大树，飘过了小河，再也没有找到"),
+    ("小船", "只", "别让小船漂远了，河水流得很快", "把小船放进水里，看着小船往前漂",
+     "一个小浪打过来，小船一下子漂远了", "小船顺着河水漂走了，再也没有找到"),
+    ("冰淇淋", "个", "拿好冰淇淋，别跑，冰淇淋会掉的", "拿着冰淇淋蹦蹦跳跳地跑",
+     "{P}的脚下一滑", "冰淇淋啪的一声掉在了地上，再也不能吃了"),
+]
+
+
+def _warning(s: Story) -> None:
+    """A warning, not heeded, comes true: the plot with foreshadowing and a bad ending."""
+    h, par = s.hero, s.parent
+    P, p = h.name, h.pron
+    s.others.append(par.name)
+    obj, clf, warn, play, event, gone = s.c(WARNINGS)
+    place, loc, tags = s.c([pl for pl in PLACES if ("water" if obj == "小船" else "out") in pl[2]])
+    adj = s.c(COLOURS) if obj != "冰淇淋" else s.c(TASTES)
+    s.para(_opening(s, with_pet=False),
+           f"{_one_day(s)}{par.name}带{P}去{place}{loc}玩，还给{P}买了一{clf}{adj}的{obj}。",
+           f"{P}{s.c(HAPPY)}极了。")
+    s.para(f"{par.name}说：“{warn}。”",
+           f"{P}{s.c(['点了点头，可是一玩起来就忘了', '嘴上说好，心里只想着快点去玩', '说：“知道啦！”就跑开了'])}。")
+    s.para(f"{P}{play}，{s.c(['玩得忘了一切', '笑个不停', '开心极了'])}。",
+           f"突然，{event.format(P=P)}！", f"{P}{s.c(['大声地喊', '着急地叫'])}：“{s.c(['我的' + obj + '！', '不要走，' + obj + '！'])}”")
+    s.para(f"{gone}。", f"{P}想起了{par.name}的话，可是已经来不及了。",
+           s.c([f"{P}{s.c(SAD)}地哭了起来。", f"{P}低着头，伤心地回家了。", f"{P}哭了起来，怎么也停不下来。"]),
+           _moral(s, MORALS_WARNING))
+    s.word(obj, place)
+    s.feats.update(("foreshadowing", "twist", "bad_ending"))
+    s.summary = f"{par.name}提醒{P}看好{obj}，{P}只顾着玩，{obj}还是丢了，{P}很伤心。"
 
 
 TEMPLATES = [_lost_item, _share, _learn_skill, _brave, _help, _outing, _gift, _new_friend,
              _chores, _plant, _weather_day, _bedtime]
+# Plot shapes added later, for features the others lack (conflict, foreshadowing, a bad ending).
+# They are drawn for NEW_SHARE of the stories by a stream of their own, so every other story keeps
+# the text it had before they were added.
+NEW_TEMPLATES = [_quarrel, _warning]
+NEW_SHARE = 0.12
+MORALS = [m for name, ms in list(globals().items()) if name.startswith("MORALS_") for m in ms]
+FEELINGS = HAPPY + SAD + SCARED + LONELY
+# Table words a story may show without its plot choosing them (the opening's food, trait, looks),
+# for stories whose plot chose fewer than three; single characters are left out.
+FALLBACK_WORDS = [w for w in [f[0] for f in FOODS] + [n[0] for n in NATURE] + [p[0] for p in PLACES] + [o[0] for o in OBJECTS]
+                  + [a[0] for a in ACTIVITIES] + TRAITS + EYES + FACE + ["勇气", "勇敢"] if len(w) > 1]
 
 
 # --------------------------------------------------------------------------- public API
@@ -1035,9 +1161,52 @@ TEMPLATES = [_lost_item, _share, _learn_skill, _brave, _help, _outing, _gift, _n
 def make_story(seed: int, index: int) -> Story:
     """Story number `index` of the corpus for `seed`: depends on (seed, index) only."""
     s = Story(random.Random(seed * 1_000_003 + index))
-    s.template = s.c(TEMPLATES)
+    new = random.Random(f"new plots {seed} {index}").random() < NEW_SHARE
+    s.template = s.c(NEW_TEMPLATES if new else TEMPLATES)
     s.template(s)
     return s
+
+
+_SENTENCE = re.compile(r"[^。！？\n]+[。！？]")
+
+
+def story_fields(s: Story) -> dict:
+    """What story s really holds: `words` (3 to 6 of the table words it chose, each a substring of
+    the text), `features` (instruct.FEATURES ids: dialogue when it quotes, moral when a moral
+    sentence is in the text, and those the plot has), `summary` (one sentence from the plot's
+    facts) and `sentence` (one narration sentence of the text, picked by a hash of the text)."""
+    text = s.text()
+    narration = re.sub(r"“[^”]*”", "", text)
+    words: list[str] = []
+    for w in s.cands + [f for f in FEELINGS if f in narration] + [w for w in FALLBACK_WORDS if w in text]:
+        if len(words) >= 6:
+            break
+        if w in text and w not in words and not any(w in x or x in w for x in words) and w not in s.hero.name:
+            words.append(w)
+    feats = set(s.feats)
+    if "“" in text:
+        feats.add("dialogue")
+    if any(m in text for m in MORALS):
+        feats.add("moral")
+    sentences = [x for x in _SENTENCE.findall(text) if "“" not in x and "”" not in x and 8 <= len(x) <= 40]
+    sentence = sentences[zlib.crc32(text.encode("utf-8")) % len(sentences)] if sentences else ""
+    return {"words": words[:6], "features": [f for f in FEATURE_ORDER if f in feats],
+            "summary": s.summary, "sentence": sentence}
+
+
+FEATURE_ORDER = ("dialogue", "moral", "twist", "bad_ending", "conflict", "foreshadowing")  # instruct.FEATURES
+
+
+def story_record(seed: int, index: int) -> dict:
+    """Story `index` with its instruct fields: {"story": text, "words", "features", "summary", "sentence"}."""
+    s = make_story(seed, index)
+    return {"story": s.text(), **story_fields(s)}
+
+
+def generate_records(n_stories: int, seed: int, *, start: int = 0) -> Iterator[dict]:
+    """story_record of stories start .. start+n_stories-1."""
+    for i in range(start, start + n_stories):
+        yield story_record(seed, i)
 
 
 def story(seed: int, index: int) -> str:

@@ -777,15 +777,25 @@ def _download(cfg: DownloadConfig, root: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # synth: the built-in corpus (storygen.py) as jsonl shards
 
-def write_jsonl_shards(stories: Iterable[str], out_dir: Path, *, shard_size: int,
+def _jsonl_record(item, key: str) -> dict:
+    """{key: story} for a story string; for a storygen record {"story": text, **fields}, the
+    story under key followed by its fields (words, features, summary, sentence)."""
+    if isinstance(item, str):
+        return {key: item}
+    return {key: item["story"], **{k: v for k, v in item.items() if k != "story"}}
+
+
+def write_jsonl_shards(stories: Iterable, out_dir: Path, *, shard_size: int,
                        key: str = "story_zh") -> tuple[int, int]:
-    """data00.jsonl, data01.jsonl, ... with one {key: story} object per line, as the downloaded
-    zh data is laid out, each written atomically. Returns (stories, shards)."""
+    """data00.jsonl, data01.jsonl, ... with one {key: story, ...fields} object per line, as the
+    downloaded zh data is laid out, each written atomically. Items are story strings or
+    storygen records. Returns (stories, shards)."""
     stories = iter(stories)
     n = shards = 0
     while batch := list(itertools.islice(stories, shard_size)):
         fileio.write_text(out_dir / f"data{shards:02d}.jsonl",
-                          "".join(json.dumps({key: s}, ensure_ascii=False) + "\n" for s in batch))
+                          "".join(json.dumps(_jsonl_record(s, key), ensure_ascii=False) + "\n"
+                                  for s in batch))
         n += len(batch)
         shards += 1
     return n, shards
@@ -802,8 +812,9 @@ def cmd_synth(cfg: SynthConfig) -> None:
 
 def _synth(cfg: SynthConfig, root: Path) -> None:
     out = root / "synth"
+    # fields: records carry storygen's instruct fields (words, features, summary, sentence)
     want = {"generator": "storygen", "n_stories": cfg.n_stories, "seed": cfg.seed,
-            "shard_size": cfg.shard_size}
+            "shard_size": cfg.shard_size, "fields": 1}
     if _read_json(out / ".complete") == want and list_text_files(out):
         print(f"{out}: already holds {cfg.n_stories} stories (seed {cfg.seed}); nothing to do")
         return
@@ -811,7 +822,7 @@ def _synth(cfg: SynthConfig, root: Path) -> None:
 
     t0 = time.time()
     with fileio.atomic_dir(out) as tmp:
-        n, shards = write_jsonl_shards(storygen.generate_stories(cfg.n_stories, cfg.seed), tmp,
+        n, shards = write_jsonl_shards(storygen.generate_records(cfg.n_stories, cfg.seed), tmp,
                                        shard_size=cfg.shard_size)
         _write_json(tmp / ".complete", want)
     print(f"{out}: wrote {n} stories in {shards} shards in {time.time() - t0:.1f}s")
