@@ -52,7 +52,9 @@ from options import OptionError, UserError, apply_options, cli, opt, os_error_te
 MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 HEADER_SIZE = 256  # versions 1, 2 and 3
 LEGACY_HEADER_SIZE = 28  # version 0: 7 int32
-WEIGHT_FP32, WEIGHT_INT8 = 0, 1  # version 3 weight_type byte
+WEIGHT_FP32, WEIGHT_INT8, WEIGHT_BF16 = 0, 1, 2  # version 3 weight_type byte
+WEIGHT_NAMES = {WEIGHT_FP32: "fp32", WEIGHT_INT8: "int8", WEIGHT_BF16: "bf16"}
+V3_DTYPES = tuple(WEIGHT_NAMES.values())
 # Version 3 prompt_format (the uint16 at offset 38): how the model expects its prompt.
 PROMPT_PLAIN, PROMPT_INSTRUCT_ZH, PROMPT_INSTRUCT_EN = 0, 1, 2
 PROMPT_LANGS = {PROMPT_INSTRUCT_ZH: "zh", PROMPT_INSTRUCT_EN: "en"}  # instruct.TEMPLATES' languages
@@ -155,6 +157,28 @@ def dequantize_q80(q: np.ndarray, scales: np.ndarray, group_size: int) -> np.nda
     return (q.astype(np.float32).reshape(-1, group_size) * scales.astype(np.float32)[:, None]).reshape(-1)
 
 
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """fp32 values as bf16 bits (uint16), rounded to nearest even exactly as torch's .to(bfloat16)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).view(torch.int16) \
+        .numpy().view(np.uint16)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> fp32 values (exact: bf16 is fp32's top half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_roundtrip(model: Transformer) -> Transformer:
+    """A copy of model whose matrices are rounded to bf16: what a bf16 .bin holds (norms stay fp32)."""
+    out = Transformer(model.params)
+    out.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for _, param in out.named_parameters():  # a tied matrix is listed (and rounded) once
+            if param.dim() == 2:
+                param.copy_(param.to(torch.bfloat16).to(torch.float32))
+    return out.eval()
+
+
 def quantize_roundtrip(model: Transformer, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
     """A copy of model whose matrices went through quantize_q80 and back: what an int8 .bin holds.
 
@@ -226,8 +250,8 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
                     prompt_format: int = PROMPT_PLAIN) -> dict:
     """Write model as a llama2.c-family .bin file.
 
-    version: 0, 1, 2 or 3. dtype: the weight storage, "fp32" or "int8"; None picks the version's
-    only one (0 and 1: fp32, 2: int8) and fp32 for version 3; version 3 takes either.
+    version: 0, 1, 2 or 3. dtype: the weight storage, "fp32", "int8" or "bf16"; None picks the
+    version's only one (0 and 1: fp32, 2: int8) and fp32 for version 3; version 3 takes any of them.
     group_size: int8 group size, halved until it divides dim and hidden_dim (versions 2 and 3-int8).
     tokenizer_hash: uint32 recorded in version 3 headers (0 = unknown), see tokenizer.Tokenizer.hash().
     prompt_format: recorded in version 3 headers, PROMPT_PLAIN or an instruct language (PROMPT_LANGS);
@@ -238,7 +262,7 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
         raise ExportError(f"unknown version {version}; choose from 0, 1, 2, 3 (or -1 for Hugging Face)")
     natural = "int8" if version == 2 else "fp32"
     dtype = natural if dtype is None else dtype
-    allowed = ("fp32", "int8") if version == 3 else (natural,)
+    allowed = V3_DTYPES if version == 3 else (natural,)
     if dtype not in allowed:
         raise ExportError(f"version {version} stores {' or '.join(allowed)} weights, not dtype={dtype!r}")
     if not 0 <= int(tokenizer_hash) < 2**32:
@@ -248,7 +272,8 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
     p = model.params
     quantized = dtype == "int8"
     gs = pick_group_size(p.dim, p.hidden_dim, group_size) if quantized else 0
-    header = _header(model, version=version, weight_type=WEIGHT_INT8 if quantized else WEIGHT_FP32,
+    weight_type = {name: code for code, name in WEIGHT_NAMES.items()}[dtype]
+    header = _header(model, version=version, weight_type=weight_type,
                      group_size=gs, tokenizer_hash=int(tokenizer_hash), prompt_format=prompt_format)
 
     def body(f):
@@ -257,9 +282,15 @@ def write_model_bin(model: Transformer, path: str, *, version: int, dtype: Optio
             for t in _legacy_tensors(model):
                 f.write(t.tobytes())
             return
-        if not quantized:
+        if dtype == "fp32":
             for t in _norms(model) + _matrices(model):
                 f.write(t.tobytes())
+            return
+        if dtype == "bf16":  # norms stay fp32: a few kB, and exact (docs/formats.md)
+            for t in _norms(model):
+                f.write(t.tobytes())
+            for t in _matrices(model):
+                f.write(to_bf16(t).tobytes())
             return
         for t in _norms(model):
             f.write(t.tobytes())
@@ -288,7 +319,7 @@ class BinHeader:
     vocab_size: int
     max_seq_len: int
     shared_classifier: bool
-    dtype: str  # "fp32" or "int8"
+    dtype: str  # "fp32", "int8" or "bf16"
     group_size: int  # 0 for fp32
     norm_eps: float = 1e-5  # versions 0-2 do not record it; llama2.c uses 1e-5
     rope_theta: float = 10000.0
@@ -317,6 +348,8 @@ class BinHeader:
             return self.header_size + 4 * (n_norms + n_mat + rope)
         if self.dtype == "fp32":
             return self.header_size + 4 * (n_norms + n_mat)
+        if self.dtype == "bf16":
+            return self.header_size + 4 * n_norms + 2 * n_mat
         return self.header_size + 4 * n_norms + n_mat + 4 * (n_mat // self.group_size)
 
 
@@ -365,13 +398,14 @@ def read_bin_header(path: str) -> BinHeader:
             hdr = BinHeader(2, *cfg, shared_classifier=bool(shared), dtype="int8", group_size=gs)
         elif version == 3:
             wtype, pfmt, gs, eps, theta, tok_hash = struct.unpack_from("<BHiffI", raw, 37)
-            if wtype not in (WEIGHT_FP32, WEIGHT_INT8):
-                raise ExportError(f"{path}: unknown weight_type {wtype} in version 3 header")
+            if wtype not in WEIGHT_NAMES:
+                raise ExportError(f"{path}: unknown weight_type {wtype} in version 3 header "
+                                  f"(0 = fp32, 1 = int8, 2 = bf16)")
             if pfmt != PROMPT_PLAIN and pfmt not in PROMPT_LANGS:
                 raise ExportError(f"{path}: unknown prompt_format {pfmt} in version 3 header "
                                   f"(0 = plain, 1 = instruct zh, 2 = instruct en); re-run export.py")
             hdr = BinHeader(3, *cfg, shared_classifier=bool(shared),
-                            dtype="int8" if wtype == WEIGHT_INT8 else "fp32",
+                            dtype=WEIGHT_NAMES[wtype],
                             group_size=gs if wtype == WEIGHT_INT8 else 0,
                             norm_eps=eps, rope_theta=theta, tokenizer_hash=tok_hash, prompt_format=pfmt)
         else:
@@ -415,7 +449,7 @@ def _check_header(path: str, h: BinHeader) -> None:
 
 
 def load_model_bin(path: str) -> Transformer:
-    """Read a .bin file of version 0, 1, 2 or 3 into a new Transformer (int8 weights dequantized to fp32).
+    """Read a .bin file of version 0, 1, 2 or 3 into a new Transformer (int8 and bf16 weights widened to fp32).
 
     Version 0-2 files do not record norm_eps and rope_theta: llama2.c's 1e-5 and 10000 are used.
     The tokenizer hash, if any, is in read_bin_header(path).tokenizer_hash.
@@ -440,6 +474,12 @@ def load_model_bin(path: str) -> Transformer:
         a = np.frombuffer(data, dtype="<f4", count=n, offset=pos)
         pos += 4 * n
         return a
+
+    def take_bf16(n: int) -> np.ndarray:
+        nonlocal pos
+        a = np.frombuffer(data, dtype="<u2", count=n, offset=pos)
+        pos += 2 * n
+        return from_bf16(a)
 
     def take_q80(n: int) -> np.ndarray:
         nonlocal pos
@@ -475,7 +515,7 @@ def load_model_bin(path: str) -> Transformer:
             put(model.norm.weight, take_f32(d))
             take_f32(h.max_seq_len * p.head_size)  # the two legacy RoPE tables, recomputed by the model
         else:
-            take = take_q80 if h.dtype == "int8" else take_f32
+            take = {"int8": take_q80, "bf16": take_bf16}.get(h.dtype, take_f32)
             for l in layers:
                 put(l.attention_norm.weight, take_f32(d))
             for l in layers:
@@ -486,7 +526,7 @@ def load_model_bin(path: str) -> Transformer:
                 for l in layers:
                     put(mod(l, name).weight, take(sizes[name]))
         if not h.shared_classifier:
-            take = take_q80 if h.dtype == "int8" else take_f32
+            take = {"int8": take_q80, "bf16": take_bf16}.get(h.dtype, take_f32)
             put(model.output.weight, take(h.vocab_size * d))
     assert pos == len(data), f"read {pos} of {len(data)} body bytes"
     _refuse_non_finite(model, path)
@@ -728,7 +768,7 @@ def _write_staged(staging: str, out_dir: str, name: str, data: bytes) -> None:
 # pieces with their scores and types, which llama.cpp encodes by merging the best-scoring pair of
 # neighbours, as sentencepiece's BPE does. The gguf package (llama.cpp's gguf-py) writes the file.
 
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_BLOCK = 32  # GGUF's Q8_0: blocks of 32 consecutive values of a row, each with one fp16 scale
 
 
@@ -850,7 +890,7 @@ def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_m
                tokenizer_hash: int = 0, strict_tokenizer: bool = True) -> dict:
     """Write model and its sentencepiece tokenizer as a GGUF file for llama.cpp and ollama.
 
-    dtype: "f32", "f16" or "q8_0" for the matrices; norms stay f32, and with q8_0 a matrix whose
+    dtype: "f32", "f16", "bf16" or "q8_0" for the matrices; norms stay f32, and with q8_0 a matrix whose
     rows are not a multiple of 32 values is stored f16. tokenizer_hash: the hash the model was
     trained with (0 = unknown), checked against the tokenizer. The folder must exist. Returns a
     summary: dtype, bytes, and the number of tensors per stored type.
@@ -866,7 +906,7 @@ def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_m
                        strict=strict_tokenizer)
     q8 = gguf.GGMLQuantizationType.Q8_0
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
     w = gguf.GGUFWriter(None, "llama")  # no path: it writes to our temporary file below
     w.add_name(os.path.splitext(os.path.basename(path))[0])
@@ -901,6 +941,9 @@ def write_gguf(model: Transformer, path: str, *, dtype: str = "f32", tokenizer_m
     for name, t in _gguf_tensors(model):
         if t.ndim == 1 or dtype == "f32":
             data, raw, kind = t, None, "f32"
+        elif dtype == "bf16":  # the same rounding as our bf16 .bin (gguf-py's matches torch's)
+            bf = gguf.GGMLQuantizationType.BF16
+            data, raw, kind = gguf.quants.quantize(t, bf), bf, "bf16"
         elif dtype == "q8_0" and t.shape[-1] % GGUF_BLOCK == 0:
             data, raw, kind = gguf.quants.quantize(t, q8), q8, "q8_0"  # from fp32, rounded as ggml does
         else:
@@ -1052,8 +1095,8 @@ class ExportConfig:
     checkpoint: str = opt("out/ckpt.pt", "train.py checkpoint (.pt) or any model .bin")
     version: str = opt("3", "3 (ours), 0 (legacy llama2.c), 1 (fp32), 2 (int8), -1 (Hugging Face folder), "
                             "gguf (llama.cpp / ollama file, plus a Modelfile beside it)")
-    dtype: str = opt("", "weight storage; \"\" = the version's own. 3: fp32|int8; -1: fp32|fp16|bf16; "
-                         "gguf: f32|f16|q8_0; 0/1: fp32; 2: int8")
+    dtype: str = opt("", "weight storage; \"\" = the version's own. 3: fp32|int8|bf16; -1: fp32|fp16|bf16; "
+                         "gguf: f32|f16|bf16|q8_0; 0/1: fp32; 2: int8")
     group_size: int = opt(DEFAULT_GROUP_SIZE, "int8 group size, halved until it divides dim and hidden_dim")
     tokenizer: str = opt("", "sentencepiece .model: hashed into version 3 headers, exported for Hugging Face "
                              "and GGUF; \"\" = the checkpoint's, else data/tok<vocab_size>.model")
@@ -1128,7 +1171,7 @@ def _main(argv: list[str]) -> int:
     if version == -1 and (dtype or "fp32") not in HF_DTYPES:
         raise OptionError(f"--dtype={cfg.dtype} for Hugging Face export; choose from {', '.join(HF_DTYPES)}")
     if version in BIN_VERSIONS and dtype is not None:
-        allowed = ("fp32", "int8") if version == 3 else (("int8",) if version == 2 else ("fp32",))
+        allowed = V3_DTYPES if version == 3 else (("int8",) if version == 2 else ("fp32",))
         if dtype not in allowed:
             raise OptionError(f"version {version} stores {' or '.join(allowed)} weights, not --dtype={dtype}")
     if cfg.retokenized and not cfg.tokenizer:
