@@ -12,6 +12,11 @@ never train), cut to the prompts' lengths and continued by their real text: each
 "what real stories score" beside it. The metrics are defined in docs/evaluation.md (and in the
 docstrings of metrics.py, which computes them).
 
+--instruct=true also asks for stories on request (docs/evaluation.md): word triples held out of
+training by construction (instruct.held_out), each feature, and summaries of val stories, --samples
+stories each; a model trained with instructions gets the prompt instruct.render_prompt writes, a
+plain one the story start only (the baseline), and both are measured against the same requests.
+
 --out=DIR (default out/eval) gets report.json, report.md, metrics.png (series.png for a series)
 and samples.jsonl, one line per completion with its prompt, seed, engine and metrics.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -77,6 +83,9 @@ class EvalConfig:
     judge_retries: int = opt(3, "further tries after a failed judge request")
     judge_cache: str = opt("", "judgments cache (jsonl); \"\" = <out>/judgments.jsonl")
     judge_samples: int = opt(1, "completions judged per prompt and model (the judge is slow)")
+    instruct: bool = opt(False, "also measure stories on request: held-out word triples, features, summaries "
+                                "(plain models are the baseline)")
+    instruct_requests: int = opt(8, "with --instruct: word triples and summaries asked for (each feature once)")
 
 
 REPEATABLE = ("checkpoint", "bin")
@@ -124,7 +133,7 @@ def parse_config(argv: list[str]) -> tuple[EvalConfig, dict[str, list[str]]]:
     problems = []
     if cfg.lang not in ("auto", "zh", "en"):
         problems.append(f"--lang={cfg.lang} must be zh, en or auto")
-    for name in ("samples", "steps", "judge_retries", "judge_samples"):
+    for name in ("samples", "steps", "judge_retries", "judge_samples", "instruct_requests"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name}={getattr(cfg, name)} must be >= 1")
     for name in ("max_prompts", "val_stories", "reference_stories", "copy_k", "jobs", "top_k"):
@@ -189,17 +198,19 @@ class ModelEntry:
     max_seq_len: int
     tokenizer_hash: int  # 0 = not recorded
     config: dict  # the training config (checkpoints only)
+    prompt_format: int = 0  # export.PROMPT_*: 0 plain, else the instruct language it was trained with
 
 
 def describe_checkpoint(path: Path) -> ModelEntry:
     import checkpoint
+    import export
     ckpt = checkpoint.load(path)  # CheckpointError, a UserError, names the file
     args = ckpt["model_args"]
     data = ckpt.get("data") or {}
     return ModelEntry(name=path.stem, engine="pytorch", path=path, iter=int(ckpt["iter_num"]),
                       tokens_seen=data.get("tokens_seen"), vocab_size=int(args["vocab_size"]),
                       max_seq_len=int(args["max_seq_len"]), tokenizer_hash=checkpoint.tokenizer_hash(ckpt),
-                      config=dict(ckpt["config"]))
+                      config=dict(ckpt["config"]), prompt_format=export.prompt_format_of(ckpt))
 
 
 def describe_bin(path: Path) -> ModelEntry:
@@ -210,7 +221,7 @@ def describe_bin(path: Path) -> ModelEntry:
     engine = "c-int8" if h.dtype == "int8" else "c-fp32"
     return ModelEntry(name=f"{path.stem} ({engine})", engine=engine, path=path, iter=None, tokens_seen=None,
                       vocab_size=h.vocab_size, max_seq_len=h.max_seq_len, tokenizer_hash=h.tokenizer_hash,
-                      config={})
+                      config={}, prompt_format=h.prompt_format)
 
 
 def load_torch_model(entry: ModelEntry, device: str):
@@ -405,8 +416,10 @@ def completion_limit(cfg: EvalConfig, entry: ModelEntry, n_prompt_ids: int) -> i
 
 
 def engine_completions(cfg: EvalConfig, entry: ModelEntry, run: Path, tok_bin: Path,
-                       prompts: list[str], tok) -> list[Completion]:
-    """./run once per completion, several at a time with one thread each (these models are small)."""
+                       prompts: list[str], tok, prompt_args: Optional[list[list[str]]] = None) -> list[Completion]:
+    """./run once per completion, several at a time with one thread each (these models are small).
+    prompt_args: the flags that give ./run prompt i (default `-i PROMPT`; `-m instruct -w ...` for a
+    request, whose prompts[i] is then the prompt text ./run builds and prints)."""
     limits = [completion_limit(cfg, entry, len(tok.encode(p, bos=True))) for p in prompts]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples)]
@@ -415,7 +428,8 @@ def engine_completions(cfg: EvalConfig, entry: ModelEntry, run: Path, tok_bin: P
         i, j = job
         s = seed_of(cfg, i, j)
         cmd = [str(run), str(entry.path), "-z", str(tok_bin), "-t", repr(cfg.temperature), "-p", repr(cfg.top_p),
-               "-k", str(cfg.top_k), "-s", str(s), "-n", str(limits[i]), "-i", prompts[i]]
+               "-k", str(cfg.top_k), "-s", str(s), "-n", str(limits[i]),
+               *(prompt_args[i] if prompt_args else ["-i", prompts[i]])]
         r = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
         err = r.stderr.decode("utf-8", "replace").strip()
         if r.returncode != 0:
@@ -438,6 +452,178 @@ def engine_completions(cfg: EvalConfig, entry: ModelEntry, run: Path, tok_bin: P
     workers = cfg.jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as ex:
         return list(ex.map(one, jobs))
+
+
+# ----------------------------------------------------------------------------------------------
+# stories on request (--instruct)
+
+INSTRUCT_GOAL = 0.8  # issue 17's goal: every required word, and each requested feature, in 80% of stories
+MAX_INSTRUCT_RECORDS = 5000  # val records read for requests and the detectors' check
+
+
+@dataclass
+class Request:
+    kind: str  # words | feature | summary
+    ins: "instruct.Instruction"
+
+
+def val_records(corpus: Corpus) -> list[tuple[str, "instruct.Instruction"]]:
+    """(story, the instruction its record carries) for val-split records of the corpus that carry
+    instruct fields (storygen's synth writes them; the English TinyStories has some)."""
+    import instruct
+    import tinystories
+    out = []
+    keys = (corpus.text_key,) if corpus.text_key else tinystories.TEXT_KEYS
+    for f in tinystories.list_text_files(corpus.source):
+        if f.suffix.lower() not in (".jsonl", ".json"):
+            continue
+        with open(f, encoding="utf-8-sig", errors="replace") as fh:
+            for line in fh:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue  # a .json array, or a damaged line: nothing to read here
+                if not isinstance(obj, dict):
+                    continue
+                text = next((obj[k] for k in keys if isinstance(obj.get(k), str)), "").strip()
+                ins = instruct.from_record(obj)
+                if text and ins is not None and tinystories.is_val_story(text, corpus.val_fraction):
+                    out.append((text, ins))
+                    if len(out) >= MAX_INSTRUCT_RECORDS:
+                        return out
+    return out
+
+
+def fallback_triples(n: int) -> list[list[str]]:
+    """Held-out triples of storygen's table words (a food, a place, a thing), for a Chinese corpus
+    whose records carry no words."""
+    import instruct
+    import storygen
+    foods, places, things = ([t[0] for t in table] for table in (storygen.FOODS, storygen.PLACES, storygen.OBJECTS))
+    out = [list(t) for t in itertools.product(foods, places, things) if instruct.held_out(list(t))]
+    return out[::max(1, len(out) // max(n, 1))][:n]
+
+
+def instruct_requests(records, lang: str, n: int) -> list[Request]:
+    """n word triples that training never asks for together (instruct.held_out), each taken from
+    one val story's own words so it can be met; each feature once; n summaries of val stories
+    (val stories are never trained on)."""
+    import instruct
+    triples, seen = [], set()
+    for _, ins in records:
+        for t in itertools.combinations(ins.words, 3):
+            key = tuple(sorted(t))
+            if key not in seen and instruct.held_out(list(t)):
+                seen.add(key)
+                triples.append(list(t))
+                break
+        if len(triples) >= n:
+            break
+    if not triples and lang == "zh":
+        triples = fallback_triples(n)
+    labelled = {f for _, ins in records for f in ins.features}
+    feats = [f for f in instruct.FEATURES if f in labelled] or list(instruct.FEATURES)
+    summaries = list(dict.fromkeys(ins.summary for _, ins in records if ins.summary))[:n]
+    return ([Request("words", instruct.Instruction(words=t)) for t in triples]
+            + [Request("feature", instruct.Instruction(features=[f])) for f in feats]
+            + [Request("summary", instruct.Instruction(summary=x)) for x in summaries])
+
+
+def detector_check(records, lang: str) -> dict:
+    """Each feature detector against the labels the corpus records carry: precision, recall and
+    how many stories carry the label (None where no story does)."""
+    import instruct
+    out = {}
+    for fid in instruct.FEATURES:
+        tp = fp = fn = 0
+        for text, ins in records:
+            got, want = fid in instruct.detect_features(text, lang), fid in ins.features
+            tp += got and want
+            fp += got and not want
+            fn += want and not got
+        out[fid] = {"labelled": tp + fn, "precision": tp / (tp + fp) if tp + fp else None,
+                    "recall": tp / (tp + fn) if tp + fn else None}
+    return out
+
+
+def request_args(ins, lang: str) -> list[str]:
+    """./run's flags for a request (-m instruct -w -f -u -x)."""
+    import instruct
+    args = ["-m", "instruct"]
+    if ins.words:
+        args += ["-w", ",".join(ins.words)]
+    if ins.features:
+        args += ["-f", ",".join(instruct.FEATURES[f][0 if lang == "zh" else 1] for f in ins.features)]
+    if ins.summary:
+        args += ["-u", ins.summary]
+    if ins.sentence:
+        args += ["-x", ins.sentence]
+    return args
+
+
+def request_completions(cfg: EvalConfig, entry: ModelEntry, reqs: list[Request], lang: str, tok, *,
+                        model=None, run=None, tok_bin=None) -> list[Completion]:
+    """A model trained with instructions is given each request's prompt; a plain one the story
+    start (BOS only), with the same seeds: the baseline."""
+    import export
+    import instruct
+    asked = export.PROMPT_LANGS.get(entry.prompt_format)
+    if asked is not None and asked != lang:
+        raise EvalError(f"{entry.path}: trained on {asked} instructions, but the corpus is {lang} (pass --lang={asked})")
+    prompts = [instruct.render_prompt(r.ins, lang) if asked else "" for r in reqs]
+    for p in prompts:
+        n_tok = len(tok.encode(p, bos=True))
+        if n_tok >= entry.max_seq_len:
+            raise EvalError(f"{entry.path}: a request's prompt is {n_tok} tokens, no room left in max_seq_len="
+                            f"{entry.max_seq_len}; use --instruct_requests or a model with a longer context")
+    if entry.engine == "pytorch":
+        return torch_completions(cfg, entry, model, tok, prompts)
+    args = [request_args(r.ins, lang) for r in reqs] if asked else None
+    return engine_completions(cfg, entry, run, tok_bin, prompts, tok, prompt_args=args)
+
+
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def instruct_metrics(comps: list[Completion], reqs: list[Request], lang: str) -> tuple[dict, list[dict]]:
+    """Per completion: which required words it has, which features, the summary's adherence;
+    aggregated: all_words_rate (3-word requests with every word present), word_rate, the rate of
+    each requested feature, feature_rate (over all feature requests), summary_adherence."""
+    import instruct
+    per = []
+    for c in comps:
+        r = reqs[c.prompt_index]
+        story = c.text.strip()
+        m = {"request": r.kind, "asked": instruct.render_prompt(r.ins, lang)}
+        if r.ins.words:
+            present = [instruct.has_word(story, w, lang) for w in r.ins.words]
+            m.update(words_present=sum(present) / len(present), all_words=all(present))
+        if r.ins.features:
+            found = instruct.detect_features(story, lang)
+            m.update(features_found=sorted(found), has_features=all(f in found for f in r.ins.features))
+        if r.ins.summary:
+            m["summary_adherence"] = instruct.summary_adherence(story, r.ins.summary, lang)
+        per.append(m)
+    triple = [m for m, c in zip(per, comps) if len(reqs[c.prompt_index].ins.words) == 3]
+    feature_rates = {}
+    for fid in instruct.FEATURES:
+        rows = [m for m, c in zip(per, comps) if fid in reqs[c.prompt_index].ins.features]
+        if rows:
+            feature_rates[fid] = _mean(m["has_features"] for m in rows)
+    agg = {"n": len(comps), "all_words_rate": _mean(m["all_words"] for m in triple),
+           "word_rate": _mean(m.get("words_present") for m in per),
+           "feature_rate": _mean(m.get("has_features") for m in per), "feature_rates": feature_rates,
+           "summary_adherence": _mean(m.get("summary_adherence") for m in per)}
+    return agg, per
+
+
+def instruct_goal(row: dict) -> bool:
+    """Issue 17's goal for a model asked with instructions: every word in 80% of 3-word requests'
+    stories and each requested feature in 80%."""
+    rates = [row.get("all_words_rate")] + list(row.get("feature_rates", {}).values())
+    return all(r is not None and r >= INSTRUCT_GOAL for r in rates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,6 +791,8 @@ def write_report_md(path: Path, report: dict, samples: dict) -> None:
         else:
             lines.append(f"**{m['name']}**: within reach of the reference on every story metric.")
         lines.append("")
+    if report.get("instruct"):
+        lines += instruct_md(report["instruct"], report["lang"])
     lines += ["## The same prompts across models", ""]
     for i, prompt in list(enumerate(report["prompts"]))[:6]:
         lines.append(f"**Prompt {i + 1}:** {prompt}")
@@ -616,6 +804,39 @@ def write_report_md(path: Path, report: dict, samples: dict) -> None:
                 lines.append(f"- *{m['name']}*{'' if c.ended else ' (no EOS)'}: {text}")
         lines.append("")
     fileio.write_text(path, "\n".join(lines))
+
+
+def instruct_md(section: dict, lang: str) -> list[str]:
+    """report.md's "Stories on request" section."""
+    import instruct
+    models, reqs = section["models"], section["requests"]
+    kinds = {k: sum(r["kind"] == k for r in reqs) for k in ("words", "feature", "summary")}
+    name = {fid: f"{zh} ({en})" for fid, (zh, en) in instruct.FEATURES.items()}
+    lines = ["## Stories on request", "",
+             f"{kinds['words']} word triples held out of training by construction, {kinds['feature']} features and "
+             f"{kinds['summary']} summaries of val stories, {section['samples']} stories each. A model trained with "
+             "instructions is given the request's prompt; a plain one (*baseline*) only the story start, and its "
+             f"stories are measured against the same requests. Goal: {section['goal']:.0%} for every word of a "
+             "triple and for each feature.", "",
+             "| measure | " + " | ".join(m["name"] + ("" if m["asked"] else " (baseline)") for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    rows = [("all 3 words", "all_words_rate"), ("each word", "word_rate"), ("requested feature", "feature_rate")]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(m.get(key)) for m in models) + " |")
+    for fid in instruct.FEATURES:
+        if any(fid in m["feature_rates"] for m in models):
+            lines.append(f"| feature: {name[fid]} | " + " | ".join(fmt(m["feature_rates"].get(fid)) for m in models) + " |")
+    lines.append("| summary adherence | " + " | ".join(fmt(m.get("summary_adherence")) for m in models) + " |")
+    lines.append("| meets the goal | " + " | ".join("–" if m["meets_goal"] is None else ("yes" if m["meets_goal"] else "no")
+                                                  for m in models) + " |")
+    lines.append("")
+    if section["detectors"]:
+        lines += [f"Feature detectors (instruct.detect_features) against the labels of {section['n_records']} val "
+                  "records:", "", "| feature | labelled | precision | recall |", "|---|---|---|---|"]
+        for fid, d in section["detectors"].items():
+            lines.append(f"| {name[fid]} | {d['labelled']} | {fmt(d['precision'])} | {fmt(d['recall'])} |")
+        lines.append("")
+    return lines
 
 
 def _save_png(fig, path: Path) -> None:
@@ -775,6 +996,12 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     lexicon = metrics.Lexicon.storygen() if corpus.storygen else \
         metrics.Lexicon.from_corpus(list(_take(corpus.split("train"), 20000)), lang)
     judge = make_judge(cfg, out)
+    reqs, records = [], []
+    if cfg.instruct:
+        records = val_records(corpus)
+        reqs = instruct_requests(records, lang, cfg.instruct_requests)
+        if not any(r.kind == "words" for r in reqs):
+            print(f"{PROG}: note: the corpus records carry no words: no word triples asked for", file=sys.stderr)
     run = tok_bin = None
     if any(e.engine != "pytorch" for e in entries):
         run = build_engine(cfg)
@@ -794,6 +1021,7 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     val_sample = val[:cfg.val_stories] if cfg.val_stories else val
 
     models = []
+    asked_rows = []
     first_samples: dict = {}
     for e in entries:
         t0 = time.time()
@@ -805,6 +1033,14 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
             comps = torch_completions(cfg, e, model, tok, prompts)
         else:
             comps = engine_completions(cfg, e, run, tok_bin, prompts, tok)
+        if cfg.instruct:
+            import export
+            rcomps = request_completions(cfg, e, reqs, lang, tok, model=model, run=run, tok_bin=tok_bin)
+            ragg, rper = instruct_metrics(rcomps, reqs, lang)
+            asked = export.PROMPT_LANGS.get(e.prompt_format) is not None
+            asked_rows.append({"name": e.name, "engine": e.engine, "asked": asked, **ragg,
+                               "meets_goal": instruct_goal(ragg) if asked else None})
+            all_rows += [(c, m, None) for c, m in zip(rcomps, rper)]
         del model
         agg, per = text_metrics(comps, lang=lang, index=index, k=copy_k, lexicon=lexicon)
         row.update(agg)
@@ -827,6 +1063,14 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
         "config": dataclasses.asdict(cfg) | {"judge_key_env": cfg.judge_key_env and "(set)"},
         "reference": ref_agg, "models": models,
     }
+    if cfg.instruct:
+        report["instruct"] = {
+            "goal": INSTRUCT_GOAL, "n_records": len(records), "samples": cfg.samples,
+            "requests": [{"kind": r.kind, "words": r.ins.words, "features": r.ins.features,
+                          "summary": r.ins.summary} for r in reqs],
+            "detectors": detector_check(records, lang) if any(ins.features for _, ins in records) else {},
+            "models": asked_rows,
+        }
     report["config"].pop("checkpoint", None)
     report["config"].pop("bin", None)
     write_outputs(out, report, all_rows, first_samples, t_start)
@@ -866,6 +1110,9 @@ def print_summary(report: dict, out: str) -> None:
     for m in models:
         for v in m["verdicts"]:
             print(f"{m['name']}: {v}")
+    for m in (report.get("instruct") or {}).get("models", []):
+        print(f"on request, {m['name']}{'' if m['asked'] else ' (baseline)'}: all 3 words {fmt(m['all_words_rate'])}, "
+              f"requested feature {fmt(m['feature_rate'])}, summary adherence {fmt(m['summary_adherence'])}")
     print(f"report: {out}/report.md, {out}/report.json, {out}/samples.jsonl, " +
           ", ".join(f"{out}/{p}" for p in report["plots"]) + f" ({report['seconds']:.0f} s)")
 

@@ -234,3 +234,64 @@ def test_judge_through_a_real_llama_cpp_server(pipeline, run_bin, tmp_path):
     again = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert again["models"][0]["judge_error_rate"] == 0.0
     assert again["models"][0]["judge_unparsed_rate"] == m["judge_unparsed_rate"]
+
+
+# ----------------------------------------------------------------------------------------------
+# stories on request (--instruct)
+
+def flagged_instruct(pipeline, path: Path, lang: str = "zh") -> Path:
+    """The pipeline's checkpoint with a data record saying it was trained with instructions: the
+    weights never saw one, but every code path of an instruct model runs on it."""
+    ckpt = checkpoint.load(pipeline["out"] / "ckpt.pt")
+    ckpt["data"] = {**ckpt["data"], "instruct": {"lang": lang}}
+    checkpoint.save(path, ckpt)
+    return path
+
+
+def test_instruct_requests_are_held_out_and_answerable(pipeline):
+    import instruct
+    corpus = evaluate.Corpus(source=pipeline["root"] / "synth", text_key="", val_fraction=0.05,
+                             shard_dir=pipeline["shards"], storygen=True)
+    records = evaluate.val_records(corpus)
+    assert records and all(tinystories.is_val_story(t, 0.05) for t, _ in records)
+    reqs = evaluate.instruct_requests(records, "zh", 5)
+    triples = [r.ins.words for r in reqs if r.kind == "words"]
+    assert len(triples) == 5
+    for t in triples:
+        assert instruct.held_out(t)  # never asked together in training
+        assert any(set(t) <= set(ins.words) and all(w in text for w in t) for text, ins in records)
+    assert {r.ins.features[0] for r in reqs if r.kind == "feature"} <= set(instruct.FEATURES)
+    assert sum(r.kind == "summary" for r in reqs) == 5
+    det = evaluate.detector_check(records, "zh")
+    assert det["dialogue"]["labelled"] > 0 and det["dialogue"]["recall"] > 0.9
+
+
+def test_instruct_mode_measures_requests_against_the_plain_baseline(pipeline, tmp_path):
+    import instruct
+    asked = flagged_instruct(pipeline, tmp_path / "instruct.pt")
+    out = tmp_path / "ask"
+    r = run_eval([f"--checkpoint={asked}", f"--checkpoint={pipeline['out']}/ckpt.pt", "--instruct=true",
+                  "--instruct_requests=3", "--samples=2", "--max_prompts=2", "--steps=40", "--val_stories=20"], out)
+    assert r.returncode == 0, r.stderr
+    section = json.loads((out / "report.json").read_text(encoding="utf-8"))["instruct"]
+    kinds = [q["kind"] for q in section["requests"]]
+    assert kinds.count("words") == 3 and kinds.count("summary") == 3 and "feature" in kinds
+    assert [(m["name"], m["asked"]) for m in section["models"]] == [("instruct", True), ("ckpt", False)]
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    for m in section["models"]:
+        mine = [x for x in rows if x["model"] == m["name"] and "request" in x]
+        assert len(mine) == len(kinds) * 2 == m["n"]
+        for x in mine:  # the instruct model got the request's prompt, the baseline the story start
+            assert x["prompt"] == (x["asked"] if m["asked"] else "")
+            assert x["asked"].endswith("故事：")
+        triples = [x for x in mine if x["request"] == "words"]
+        want = sum(all(instruct.has_word(x["completion"].strip(), w, "zh") for w in
+                       section["requests"][x["prompt_index"]]["words"]) for x in triples) / len(triples)
+        assert m["all_words_rate"] == pytest.approx(want)
+        assert 0 <= m["feature_rate"] <= 1 and 0 <= m["summary_adherence"] <= 1
+        assert set(m["feature_rates"]) == {q["features"][0] for q in section["requests"] if q["kind"] == "feature"}
+    assert section["models"][0]["meets_goal"] in (True, False) and section["models"][1]["meets_goal"] is None
+    assert section["detectors"]["dialogue"]["precision"] is not None
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Stories on request" in md and "ckpt (baseline)" in md and "| all 3 words |" in md
+    assert "on request, instruct:" in r.stdout
