@@ -101,6 +101,9 @@ static double time_now_s(void) {
 #define MODEL_MAGIC 0x616b3432u /* "ak42" read as a little-endian uint32 */
 #define MODEL_HEADER_SIZE 256   /* versions 1, 2, 3 */
 #define LEGACY_HEADER_SIZE 28   /* version 0: 7 int32 */
+#define PROMPT_PLAIN 0       /* version 3 prompt_format: a story start (-i) */
+#define PROMPT_INSTRUCT_ZH 1 /* stories on request, instruct.py's Chinese template (-m instruct) */
+#define PROMPT_INSTRUCT_EN 2 /* ... its English one */
 #define MAX_DIM (1 << 20)       /* sanity bound on any config int, so size products fit int64 */
 /* A header may imply a full-context KV cache (2 x n_layers x max_seq_len x kv_dim floats) of at most
    KV_CACHE_PER_FILE_BYTE times the file's size plus KV_CACHE_SLACK: real models' caches are a
@@ -128,6 +131,7 @@ typedef struct {
     float norm_eps;   /* RMSNorm epsilon (1e-5 for versions 0-2) */
     float rope_theta; /* rotary base (10000 for versions 0-2) */
     uint32_t tokenizer_hash; /* version 3 only; 0 = not recorded */
+    int prompt_format; /* version 3 only: 0 plain, 1 instruct zh, 2 instruct en (PROMPT_*) */
     int version;      /* file format version 0..3 */
 } Config;
 
@@ -173,7 +177,8 @@ typedef struct {
     float *hb;         /* (block, hidden_dim) gate */
     float *hb2;        /* (block, hidden_dim) up */
     float *q;          /* (block, dim) queries */
-    float *att;        /* (slots, n_ctx) attention weights, one row per thread */
+    float *att;        /* (slots, att_stride) attention weights, one row per thread */
+    int att_stride;    /* n_ctx rounded up to 16 floats, so that no two threads' rows share a cache line */
     float *logits;     /* (vocab_size) of the last token of the last call */
     int8_t *xq;        /* (block, max(dim, hidden_dim)) int8 activations (quantized models) */
     float *xs;         /* (block, max(dim, hidden_dim) / group_size) their scales */
@@ -340,7 +345,10 @@ static void config_read(Config *c, const char *path, const unsigned char *h, siz
             if (weight_type > 1)
                 fatal("%s: unknown weight_type %d in version 3 header (0 = fp32, 1 = int8)", path,
                       weight_type);
-            if (h[38] || h[39]) fatal("%s: reserved header bytes 38-39 are not zero", path);
+            c->prompt_format = h[38] | h[39] << 8; /* uint16 */
+            if (c->prompt_format > PROMPT_INSTRUCT_EN)
+                fatal("%s: unknown prompt_format %d in version 3 header (0 = plain, 1 = instruct zh, "
+                      "2 = instruct en); re-run export.py", path, c->prompt_format);
             c->quantized = weight_type;
             c->group_size = read_i32(h + 40);
             if (!c->quantized && c->group_size != 0)
@@ -590,7 +598,8 @@ static void run_state_init(RunState *s, const Config *c, int kv_half, int n_ctx)
 #ifdef _OPENMP
     s->slots = omp_get_max_threads() < (int)B ? omp_get_max_threads() : (int)B;
 #endif
-    s->att = xmalloc_aligned((size_t)s->slots * (size_t)n_ctx * sizeof(float));
+    s->att_stride = (n_ctx + 15) / 16 * 16;
+    s->att = xmalloc_aligned((size_t)s->slots * (size_t)s->att_stride * sizeof(float));
     s->dn = xmalloc_aligned((size_t)s->slots * d * sizeof(float));
     memset(s->key_cache, 0, cache * esize);
     memset(s->value_cache, 0, cache * esize);
@@ -682,10 +691,12 @@ static void transformer_init(Transformer *t, const char *path, int kv) {
     t->kv_half = kv == KV_DEFAULT ? t->config.quantized : kv == KV_F16;
 }
 
-/* Sizes the run state (KV cache, RoPE tables, activations) for positions [0, n_ctx), capped at
-   max_seq_len: a 200-token story needs 200 positions of cache, not the whole context. Call it
-   once, before the first forward pass. */
+/* Sizes the run state (KV cache, RoPE tables, activations) for positions [0, n_ctx), rounded up to
+   whole blocks of BLOCK_MAX (a cache cut to the exact length made 2-thread int8 prefill slower)
+   and capped at max_seq_len: a 200-token story needs 256 positions of cache, not a context of
+   2^20. Call it once, before the first forward pass. */
 static void transformer_context(Transformer *t, int n_ctx) {
+    if (n_ctx >= 1 && n_ctx < t->config.max_seq_len) n_ctx = (n_ctx + BLOCK_MAX - 1) / BLOCK_MAX * BLOCK_MAX;
     if (n_ctx < 1 || n_ctx > t->config.max_seq_len) n_ctx = t->config.max_seq_len;
     run_state_free(&t->state);
     memset(&t->state, 0, sizeof t->state);
@@ -1027,7 +1038,7 @@ OMP_PARALLEL_FOR
             slot = omp_get_thread_num();
 #endif
             const float *qh = s->q + (size_t)i * d + (size_t)h * hs;
-            float *att = s->att + (size_t)slot * s->n_ctx;
+            float *att = s->att + (size_t)slot * s->att_stride;
             float *out = s->xb + (size_t)i * d + (size_t)h * hs;
             size_t kv_off = (size_t)(h / rep) * hs; /* query head h reads kv head h / rep */
             attention_head(out, qh, kv_at(kc, kv_off, kv16), kv_at(vc, kv_off, kv16), kv16, att, len, kv, hs,
@@ -1131,7 +1142,7 @@ static void transformer_decode(Transformer *t, int token, int pos) {
             for (b = 0; b < c->n_heads; b++) {
                 size_t kv_off = (size_t)(b / rep) * hs;
                 attention_head(s->xb + (size_t)b * hs, s->q + (size_t)b * hs, kv_at(kc, kv_off, kv16),
-                               kv_at(vc, kv_off, kv16), kv16, s->att + (size_t)me * s->n_ctx, pos + 1, kv, hs,
+                               kv_at(vc, kv_off, kv16), kv16, s->att + (size_t)me * s->att_stride, pos + 1, kv, hs,
                                att_scale);
             }
             /* wo, each thread adding its rows into the residual stream */
@@ -1443,6 +1454,180 @@ static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const
     return st;
 }
 
+/* ----------------------------------------------------------------------------------------------
+   instructions: the prompt of a story on request, byte for byte as instruct.py's render_prompt
+   writes it (and pretokenize --instruct=true trained on): one line per field given, in the order
+   words, features, summary, sentence, then the story's label. */
+
+typedef struct {
+    const char *words;    /* -w: words the story must use, separated by , ， or 、 (NULL: none) */
+    const char *features; /* -f: feature names, separated likewise */
+    const char *summary;  /* -u */
+    const char *sentence; /* -x */
+} InstructRequest;
+
+enum { LABEL_WORDS, LABEL_FEATURES, LABEL_SUMMARY, LABEL_SENTENCE, LABEL_STORY, LABEL_SEP };
+/* instruct.TEMPLATES: [language][label]; language 0 = zh, 1 = en */
+static const char *const INSTRUCT_LABELS[2][6] = {
+    {"词语：", "特点：", "摘要：", "句子：", "故事：", "，"},
+    {"Words: ", "Features: ", "Summary: ", "Sentence: ", "Story:", ", "},
+};
+/* instruct.FEATURES: id, Chinese name, English name; any of the three is accepted (ASCII case aside) */
+#define N_FEATURES 6
+static const char *const INSTRUCT_FEATURES[N_FEATURES][3] = {
+    {"dialogue", "对话", "Dialogue"},   {"moral", "寓意", "MoralValue"},      {"twist", "转折", "Twist"},
+    {"bad_ending", "坏结局", "BadEnding"}, {"conflict", "冲突", "Conflict"}, {"foreshadowing", "伏笔", "Foreshadowing"},
+};
+
+/* Bytes of the whitespace character (Python's str.isspace) at s, or 0: ASCII whitespace, U+0085,
+   U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000. */
+static size_t utf8_space(const unsigned char *s, const unsigned char *end) {
+    size_t n = (size_t)(end - s);
+    if (n >= 1 && ((s[0] >= 0x09 && s[0] <= 0x0d) || (s[0] >= 0x1c && s[0] <= 0x20))) return 1;
+    if (n >= 2 && s[0] == 0xc2 && (s[1] == 0x85 || s[1] == 0xa0)) return 2;
+    if (n >= 3) {
+        if (s[0] == 0xe1 && s[1] == 0x9a && s[2] == 0x80) return 3;
+        if (s[0] == 0xe2 && s[1] == 0x80 && (s[2] <= 0x8a || s[2] == 0xa8 || s[2] == 0xa9 || s[2] == 0xaf)) return 3;
+        if (s[0] == 0xe2 && s[1] == 0x81 && s[2] == 0x9f) return 3;
+        if (s[0] == 0xe3 && s[1] == 0x80 && s[2] == 0x80) return 3;
+    }
+    return 0;
+}
+
+/* [*start, *end) trimmed of whitespace on both sides (str.strip). */
+static void text_strip(const char **start, const char **end) {
+    const unsigned char *a = (const unsigned char *)*start, *e = (const unsigned char *)*end;
+    size_t sp;
+    while (a < e && (sp = utf8_space(a, e)) > 0) a += sp;
+    const unsigned char *last = a; /* end of the last character that is not whitespace */
+    for (const unsigned char *q = a; q < e;) {
+        if ((sp = utf8_space(q, e)) > 0) {
+            q += sp;
+            continue;
+        }
+        q++;
+        while (q < e && (*q & 0xc0) == 0x80) q++;
+        last = q;
+    }
+    *start = (const char *)a;
+    *end = (const char *)last;
+}
+
+/* Bytes of the list separator at s (, ， 、), or 0. */
+static size_t list_separator(const char *s) {
+    if (*s == ',') return 1;
+    if (strncmp(s, "，", 3) == 0 || strncmp(s, "、", 3) == 0) return 3;
+    return 0;
+}
+
+/* The next non-empty, trimmed item of a list (instruct.split_list) from *cursor, advancing it;
+   0 when none is left. */
+static int list_next(const char **cursor, const char **item, size_t *len) {
+    while (**cursor) {
+        const char *a = *cursor, *e = a;
+        while (*e && !list_separator(e)) e++;
+        *cursor = *e ? e + list_separator(e) : e;
+        text_strip(&a, &e);
+        if (e > a) {
+            *item = a;
+            *len = (size_t)(e - a);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The feature a name (id, Chinese or English, instruct.feature_id) stands for, or -1. */
+static int feature_find(const char *name, size_t len) {
+    for (int f = 0; f < N_FEATURES; f++)
+        for (int k = 0; k < 3; k++) {
+            const char *n = INSTRUCT_FEATURES[f][k];
+            if (strlen(n) != len) continue;
+            size_t i = 0;
+            while (i < len && (unsigned char)(name[i] | (name[i] >= 'A' && name[i] <= 'Z' ? 0x20 : 0)) ==
+                                  (unsigned char)(n[i] | (n[i] >= 'A' && n[i] <= 'Z' ? 0x20 : 0)))
+                i++;
+            if (i == len) return f;
+        }
+    return -1;
+}
+
+/* One clear line for a request that cannot work (instruct.make_instruction's checks), before
+   any model is loaded. */
+static void instruct_check(const InstructRequest *r) {
+    const char *cur, *item;
+    size_t len;
+    int n_words = 0, n_features = 0, any = 0;
+    if (r->words) {
+        for (cur = r->words; list_next(&cur, &item, &len); n_words++)
+            if (memchr(item, '\n', len)) fatal("-w: the word '%.*s' holds a line break", (int)len, item);
+        if (!n_words) fatal("-w '%s' names no word; give words separated by commas (-w 苹果,跑)", r->words);
+    }
+    if (r->features)
+        for (cur = r->features; list_next(&cur, &item, &len); n_features++)
+            if (feature_find(item, len) < 0)
+                fatal("-f: unknown feature '%.*s'; features: 对话 (Dialogue), 寓意 (MoralValue), 转折 (Twist), "
+                      "坏结局 (BadEnding), 冲突 (Conflict), 伏笔 (Foreshadowing)", (int)len, item);
+    const char *lines[2] = {r->summary, r->sentence};
+    for (int i = 0; i < 2; i++) {
+        if (!lines[i]) continue;
+        const char *a = lines[i], *e = a + strlen(a);
+        text_strip(&a, &e);
+        if (memchr(a, '\n', (size_t)(e - a))) fatal("%s must be one line", i ? "-x" : "-u");
+        any |= e > a;
+    }
+    if (!(n_words || n_features || any))
+        fatal("-m instruct needs a request: words (-w), features (-f), a summary (-u) or a sentence (-x)");
+}
+
+static void text_add(char **buf, size_t *len, size_t *cap, const char *s, size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t want = (*len + n + 1) * 2;
+        char *p = realloc(*buf, want);
+        if (!p) fatal("out of memory (%zu bytes)", want);
+        *buf = p;
+        *cap = want;
+    }
+    memcpy(*buf + *len, s, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+}
+
+/* The prompt text for a checked request in prompt_format fmt (PROMPT_INSTRUCT_*); malloc'd. */
+static char *instruct_prompt(const InstructRequest *r, int fmt) {
+    const char *const *t = INSTRUCT_LABELS[fmt == PROMPT_INSTRUCT_EN];
+    char *buf = NULL;
+    size_t len = 0, cap = 0, n;
+    const char *cur, *item;
+    for (int field = LABEL_WORDS; field <= LABEL_SENTENCE; field++) {
+        int first = 1;
+        if (field == LABEL_WORDS || field == LABEL_FEATURES) {
+            cur = field == LABEL_WORDS ? r->words : r->features;
+            while (cur && list_next(&cur, &item, &n)) {
+                text_add(&buf, &len, &cap, first ? t[field] : t[LABEL_SEP], strlen(first ? t[field] : t[LABEL_SEP]));
+                if (field == LABEL_FEATURES) {
+                    item = INSTRUCT_FEATURES[feature_find(item, n)][fmt == PROMPT_INSTRUCT_EN ? 2 : 1];
+                    n = strlen(item);
+                }
+                text_add(&buf, &len, &cap, item, n);
+                first = 0;
+            }
+        } else {
+            const char *a = field == LABEL_SUMMARY ? r->summary : r->sentence, *e;
+            if (!a) continue;
+            e = a + strlen(a);
+            text_strip(&a, &e);
+            if (e == a) continue;
+            text_add(&buf, &len, &cap, t[field], strlen(t[field]));
+            text_add(&buf, &len, &cap, a, (size_t)(e - a));
+            first = 0;
+        }
+        if (!first) text_add(&buf, &len, &cap, "\n", 1);
+    }
+    text_add(&buf, &len, &cap, t[LABEL_STORY], strlen(t[LABEL_STORY]));
+    return buf;
+}
+
 #ifndef TESTING
 /* ----------------------------------------------------------------------------------------------
    CLI */
@@ -1450,6 +1635,7 @@ static GenStats generate(Transformer *t, Tokenizer *tok, Sampler *sampler, const
 static void usage(FILE *f) {
     fputs("usage: run model.bin [options]\n"
           "       run -m encode -z tokenizer.bin -i text\n"
+          "       run model.bin -m instruct -w 苹果,跑 -f 对话 [-u summary] [-x sentence]\n"
           "  -t <float>  temperature: 0 = greedy, else a normal float >= 1.18e-38 (default 1.0)\n"
           "  -p <float>  top-p (nucleus) mass in (0, 1]; 1 = off (default 0.9)\n"
           "  -k <int>    top-k, >= 0; 0 = off (default 0)\n"
@@ -1458,7 +1644,14 @@ static void usage(FILE *f) {
           "  -i <string> prompt (default empty)\n"
           "  -z <path>   tokenizer .bin (default: tok<vocab>.bin, then tokenizer.bin,\n"
           "              next to the model file)\n"
-          "  -m <mode>   generate | chat | encode (default generate)\n"
+          "  -m <mode>   generate | chat | encode | instruct (default generate); instruct: a story\n"
+          "              on request, for a model trained with instructions (encode with -w/-f/-u/-x\n"
+          "              and a model prints the request's prompt ids)\n"
+          "  -w <list>   instruct: words the story must use, separated by , or ，\n"
+          "  -f <list>   instruct: features it must have: 对话 寓意 转折 坏结局 冲突 伏笔 or Dialogue\n"
+          "              MoralValue Twist BadEnding Conflict Foreshadowing\n"
+          "  -u <string> instruct: a one-line summary of the story\n"
+          "  -x <string> instruct: a sentence it must contain\n"
           "  -y <string> system prompt for chat mode\n"
           "  -c <type>   KV cache precision: f32 | f16 (default f16 for int8 models, f32 for\n"
           "              fp32 ones: half the attention memory traffic, a small rounding error)\n"
@@ -1578,6 +1771,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sampler, const char *f
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tokenizer_path = NULL, *prompt = "", *mode = "generate";
     const char *system_prompt = NULL;
+    InstructRequest request = {NULL, NULL, NULL, NULL};
     float temperature = 1.0f, top_p = 0.9f;
     long top_k = 0, seed = 0, steps = 256;
     int kv = KV_DEFAULT;
@@ -1625,6 +1819,10 @@ int main(int argc, char **argv) {
         case 'i': prompt = val; break;
         case 'z': tokenizer_path = val; break;
         case 'y': system_prompt = val; break;
+        case 'w': request.words = val; break;
+        case 'f': request.features = val; break;
+        case 'u': request.summary = val; break;
+        case 'x': request.sentence = val; break;
         case 'c':
             if (strcmp(val, "f32") == 0) kv = KV_F32;
             else if (strcmp(val, "f16") == 0) kv = KV_F16;
@@ -1632,13 +1830,21 @@ int main(int argc, char **argv) {
             break;
         case 'm':
             mode = val;
-            if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode"))
-                usage_error("-m must be generate, chat or encode, got '%s'", val);
+            if (strcmp(mode, "generate") && strcmp(mode, "chat") && strcmp(mode, "encode") && strcmp(mode, "instruct"))
+                usage_error("-m must be generate, chat, encode or instruct, got '%s'", val);
             break;
         default: usage_error("unknown flag '%s'", flag);
         }
     }
     int encode_only = strcmp(mode, "encode") == 0;
+    int asked = request.words || request.features || request.summary || request.sentence;
+    int instruct_mode = strcmp(mode, "instruct") == 0;
+    if (asked && !instruct_mode && !encode_only)
+        usage_error("-w, -f, -u and -x ask for a story on request: add -m instruct");
+    if (instruct_mode && prompt[0]) fatal("-i and -m instruct do not mix: the story starts after the request");
+    if (instruct_mode || asked) instruct_check(&request);
+    if (asked && !model_path)
+        fatal("-m encode with -w/-f/-u/-x needs the model file (its header says the prompt's language)");
     if (!model_path && !(encode_only && tokenizer_path))
         usage_error(encode_only ? "-m encode needs -z tokenizer.bin (or a model path)" : "no model file given");
 
@@ -1661,6 +1867,22 @@ int main(int argc, char **argv) {
               "pass the tokenizer it was trained with (-z)", tokenizer_path, model_path,
               (unsigned)tokenizer.hash, (unsigned)transformer.config.tokenizer_hash);
 
+    char *asked_prompt = NULL;
+    if (instruct_mode || asked) {
+        if (transformer.config.prompt_format == PROMPT_PLAIN)
+            fatal("%s: trained without instructions (prompt_format 0 in its header), so it cannot take "
+                  "-m instruct; train on pretokenize --instruct=true data and export version 3", model_path);
+        asked_prompt = instruct_prompt(&request, transformer.config.prompt_format);
+        prompt = asked_prompt;
+        if (instruct_mode) {
+            int n = 0;
+            int *ids = tokenizer_encode(&tokenizer, prompt, 1, 0, &n);
+            free(ids);
+            if (n >= transformer.config.max_seq_len)
+                fatal("the request is %d tokens (BOS included), leaving no room for a story in the model's "
+                      "max_seq_len=%d; ask for less", n, transformer.config.max_seq_len);
+        }
+    }
     if (encode_only) {
         int n = 0;
         int *ids = tokenizer_encode(&tokenizer, prompt, 0, 0, &n);
@@ -1693,6 +1915,7 @@ int main(int argc, char **argv) {
         }
         sampler_free(&sampler);
     }
+    free(asked_prompt);
     tokenizer_free(&tokenizer);
     free(default_tok);
     if (have_model) transformer_free(&transformer);
