@@ -264,7 +264,12 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # Targets of -1 (instruction tokens, tinystories.TokenBatches) are left out; a batch
+            # holding no other target gives loss 0, not the NaN of an empty mean.
+            flat = targets.reshape(-1)
+            total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=-1,
+                                    reduction="sum")
+            loss = total / (flat != -1).sum().clamp(min=1)
         return logits, loss
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> list:

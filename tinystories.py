@@ -16,6 +16,10 @@ One subcommand per stage; every stage skips work that is already done and never 
 
 Pretokenized shards are a 256-byte header, then uint16 token ids (every story is BOS, its
 tokens, EOS); docs/formats.md specifies them byte by byte, as it does meta.json and .complete.
+`pretokenize --instruct=true` puts an instruction (instruct.py's template, built from the
+record's words/features/summary/sentence fields) between BOS and a story, for a share of the
+stories (--instruct_share), and writes a .mask beside each shard flagging the instruction's
+tokens, which TokenBatches leaves out of the loss unless --instruct_loss=true.
 
 Layout under data/: zh/, en/, synth/ (raw stories), tok<N>.model/.vocab/.bin (tokenizer),
 tok<N>/train_000.bin ... (one shard per source file) and tok<N>/val.bin. The val split is
@@ -210,6 +214,56 @@ def read_shard(path: Path) -> tuple[dict, np.ndarray]:
     return head, tokens
 
 
+# Instruction masks: beside an instruct shard X.bin, X.mask holds one byte per token of X.bin (the
+# same 256-byte header as the shard, with MASK_MAGIC), bit 0 set on the tokens of an instruction
+# (the prompt instruct.render_prompt writes, BOS excluded); the other bits are 0. docs/formats.md.
+MASK_MAGIC = 0x6B73616D  # b"mask" read as a little-endian uint32
+MASK_VERSION = 1
+MASK_INSTRUCTION = 1  # bit 0: this token is part of an instruction
+
+
+def mask_path(shard: Path) -> Path:
+    return Path(shard).with_suffix(".mask")
+
+
+def mask_header(*, vocab_size: int, tokenizer_hash: int, n_tokens: int, n_stories: int) -> bytes:
+    head = _HEADER_STRUCT.pack(MASK_MAGIC, MASK_VERSION, vocab_size, tokenizer_hash, n_tokens, n_stories)
+    return head + b"\0" * (HEADER_BYTES - len(head))
+
+
+def write_mask(path: Path, mask: np.ndarray, *, vocab_size: int, tokenizer_hash: int, n_stories: int) -> None:
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    fileio.write_bytes(path, mask_header(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash,
+                                         n_tokens=int(mask.size), n_stories=n_stories) + mask.tobytes())
+
+
+def read_mask(shard: Path, head: dict) -> np.ndarray | None:
+    """The instruction mask beside a shard (uint8 memmap, one flag byte per token), or None when
+    the shard has none; DataError when it does not fit the shard whose header is `head`."""
+    path = mask_path(shard)
+    if not path.exists():
+        return None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read instruction mask ({e.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: truncated mask header; re-run `python tinystories.py pretokenize --force=true`")
+    magic, version, vocab_size, tok_hash, n_tokens, n_stories = _HEADER_STRUCT.unpack_from(raw)
+    if magic != MASK_MAGIC or version != MASK_VERSION:
+        raise DataError(f"{path}: not an instruction mask of version {MASK_VERSION} "
+                        f"(magic 0x{magic:08x}, version {version})")
+    if (n_tokens, vocab_size, tok_hash) != (head["n_tokens"], head["vocab_size"], head["tokenizer_hash"]) \
+            or size != HEADER_BYTES + n_tokens:
+        raise DataError(f"{path}: does not match {shard} ({n_tokens} mask bytes for {head['n_tokens']} "
+                        "tokens); re-run `python tinystories.py pretokenize --force=true`")
+    if n_tokens == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
 def shard_paths(shard_dir: Path, split: str) -> list[Path]:
     shard_dir = Path(shard_dir)
     if split == "train":
@@ -232,6 +286,11 @@ class TokenBatches:
     windows g*B .. g*B+B-1 of that endless sequence, so ranks never overlap, one process with
     grad_accum=2 sees exactly what two ranks with grad_accum=1 see, and a run resumes exactly
     by asking for the same (step, micro) again: there is no hidden iterator state.
+
+    Instruct data (`pretokenize --instruct=true`): shards with a .mask beside them flag their
+    instruction tokens; unless the data folder's meta.json says `instruct.loss_on_instruction`,
+    those targets become -1 in y, which the model's cross entropy ignores. `instruct` is that
+    meta.json record (None for plain data).
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, max_seq_len: int, *, seed: int,
@@ -256,6 +315,7 @@ class TokenBatches:
                             f"({'train_*.bin' if split == 'train' else 'val.bin'}); "
                             "run `python tinystories.py pretokenize` first")
         self.shards = []
+        self.masks: list = []
         vocab = tok_hash = None
         for p in paths:
             head, tokens = read_shard(p)
@@ -265,6 +325,13 @@ class TokenBatches:
                 raise DataError(f"{p}: made with a different tokenizer than {paths[0]} "
                                 f"(vocab {head['vocab_size']} vs {vocab}); re-run pretokenize")
             self.shards.append(tokens)
+            self.masks.append(read_mask(p, head))
+        meta = _read_json(self.data_dir / "meta.json")
+        rec = meta.get("instruct") if isinstance(meta, dict) else None
+        self.instruct = rec if isinstance(rec, dict) else None
+        # Targets on instruction tokens are left out of the loss unless the data says otherwise.
+        self.mask_instructions = any(m is not None for m in self.masks) and \
+            not (self.instruct or {}).get("loss_on_instruction", False)
         self.vocab_size = vocab
         self.tokenizer_hash = tok_hash
         self.n_tokens = sum(int(t.size) for t in self.shards)
@@ -302,14 +369,26 @@ class TokenBatches:
             self._epochs[epoch] = got
         return got
 
-    def window(self, j: int) -> np.ndarray:
-        """The j-th window (int64, max_seq_len + 1 tokens) of the endless epoch sequence."""
+    def _locate(self, j: int) -> tuple[int, int]:
+        """(shard, first token) of the j-th window of the endless epoch sequence."""
         epoch, i = divmod(j, self.n_windows)
         offsets, perm = self._epoch(epoch)
         w = int(perm[i])
         s = int(np.searchsorted(self._starts, w, side="right") - 1)
-        start = int(offsets[s]) + (w - int(self._starts[s])) * self.max_seq_len
+        return s, int(offsets[s]) + (w - int(self._starts[s])) * self.max_seq_len
+
+    def window(self, j: int) -> np.ndarray:
+        """The j-th window (int64, max_seq_len + 1 tokens) of the endless epoch sequence."""
+        s, start = self._locate(j)
         return np.asarray(self.shards[s][start:start + self.max_seq_len + 1], dtype=np.int64)
+
+    def window_mask(self, j: int) -> np.ndarray:
+        """The instruction flags (bool, max_seq_len + 1) of window j; all False without a mask."""
+        s, start = self._locate(j)
+        m = self.masks[s]
+        if m is None:
+            return np.zeros(self.max_seq_len + 1, dtype=bool)
+        return (np.asarray(m[start:start + self.max_seq_len + 1]) & MASK_INSTRUCTION).astype(bool)
 
     def micro_index(self, step: int, micro: int) -> int:
         if not 0 <= micro < self.grad_accum:
@@ -319,14 +398,18 @@ class TokenBatches:
         return (step * self.grad_accum + micro) * self.world_size + self.rank
 
     def get(self, step: int, micro: int = 0):
-        """(x, y) int64 torch tensors of shape (batch_size, max_seq_len); y is x shifted by one."""
+        """(x, y) int64 torch tensors of shape (batch_size, max_seq_len); y is x shifted by one,
+        with -1 (ignored by the loss) on instruction targets when mask_instructions."""
         import torch  # lazy: the data stages must not pay for importing torch
 
         g = self.micro_index(step, micro)
         B = self.batch_size
         rows = np.stack([self.window(g * B + b) for b in range(B)])  # (B, T + 1)
-        t = torch.from_numpy(rows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        y = rows[:, 1:].copy()
+        if self.mask_instructions:
+            flags = np.stack([self.window_mask(g * B + b) for b in range(B)])
+            y[flags[:, 1:]] = -1
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +484,13 @@ class ProblemLog:
 
 def iter_file_stories(path: Path, *, text_key: str = "", problems: ProblemLog) -> Iterator[str]:
     """Stories in one file, stripped of surrounding whitespace; empty ones are dropped."""
+    for text, _ in iter_file_records(path, text_key=text_key, problems=problems):
+        yield text
+
+
+def iter_file_records(path: Path, *, text_key: str = "", problems: ProblemLog) -> Iterator[tuple[str, dict | None]]:
+    """(story, its JSON object or None) for each story in one file: the object is what a .jsonl
+    line or .json array item held (instruct fields live there), None for .txt and plain strings."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -426,12 +516,12 @@ def iter_file_stories(path: Path, *, text_key: str = "", problems: ProblemLog) -
                     continue
                 text = _story_text(obj, text_key, f"{path}:{lineno}", problems)
                 if text:
-                    yield text
+                    yield text, obj if isinstance(obj, dict) else None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iterator[str]:
+def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iterator[tuple[str, dict | None]]:
     try:
         data = json.load(f)
     except json.JSONDecodeError as e:
@@ -443,10 +533,10 @@ def _iter_json_array(path: Path, f, text_key: str, problems: ProblemLog) -> Iter
     for i, obj in enumerate(data):
         text = _story_text(obj, text_key, f"{path}: item {i}", problems)
         if text:
-            yield text
+            yield text, obj if isinstance(obj, dict) else None
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
+def _iter_txt(path: Path) -> Iterator[tuple[str, None]]:
     """Stories separated by one or more blank (whitespace-only) lines."""
     buf: list[str] = []
     with open(path, encoding="utf-8-sig") as f:
@@ -454,10 +544,10 @@ def _iter_txt(path: Path) -> Iterator[str]:
             if line.strip():
                 buf.append(line)
             elif buf:
-                yield "".join(buf).strip()
+                yield "".join(buf).strip(), None
                 buf = []
     if buf:
-        yield "".join(buf).strip()
+        yield "".join(buf).strip(), None
 
 
 def is_val_story(text: str, val_fraction: float) -> bool:
@@ -512,6 +602,14 @@ class TrainVocabConfig(SourceConfig):
 @dataclass
 class PretokenizeConfig(SourceConfig):
     workers: int = opt(0, "processes encoding shards in parallel; 0 = one per core")
+    instruct: bool = opt(False, "put an instruction (instruct.py's template) before stories whose "
+                                "records carry words/features/summary/sentence")
+    instruct_share: float = opt(1.0, "share of those stories given an instruction; the rest stay plain")
+    instruct_loss: bool = opt(False, "train on the instruction's tokens too (default: left out of the loss)")
+    instruct_seed: int = opt(0, "seed of the per-story choice of instruction fields")
+    instruct_lang: str = opt("", "template language, zh or en; '' = en for --dataset=en, else zh")
+    instruct_max_tokens: int = opt(128, "an instruction longer than this many tokens is left out (the "
+                                        "story stays plain); keep it well under train's max_seq_len")
 
 
 STAGES = {}  # name -> (config class, function, one-line description); filled below
@@ -1132,11 +1230,35 @@ _SP_CACHE: dict = {}
 ENCODE_BATCH = 4096  # stories per sentencepiece call: bounds a worker's memory on huge files
 
 
+def story_prompt(obj: dict | None, ins_cfg: dict, index: int, problems: dict) -> str:
+    """The instruction prompt for story number `index` of a file (its JSON record obj), or "" for
+    a plain story. Deterministic: the share draw and the field subset come from a Random seeded
+    by (instruct seed, file index, story index). Counts records with unusable fields in problems."""
+    import random
+
+    import instruct
+
+    if obj is None:
+        return ""
+    full = instruct.from_record(obj)
+    if full is None:
+        if any(k in obj for k in ("words", "features", "instruction")):
+            problems["bad_fields"] += 1  # e.g. words that are not a list: the story stays plain
+        return ""
+    rng = random.Random((ins_cfg["seed"] * 1_000_003 + ins_cfg["file_index"]) * 1_000_003 + index)
+    if rng.random() >= ins_cfg["share"]:
+        return ""
+    ins = instruct.training_instruction(full, rng)
+    return "" if ins.empty() else instruct.render_prompt(ins, ins_cfg["lang"])
+
+
 def _encode_file(job: dict) -> dict:
     """Worker: one source file -> a train shard in job['out'] and the val tokens returned.
 
     Stories stream through in batches and the shard is written as it grows (header last), so a
-    single huge file needs memory for one batch, not for the whole file."""
+    single huge file needs memory for one batch, not for the whole file. With job['instruct'],
+    a story whose record carries instruct fields may get a prompt: BOS + prompt + story + EOS,
+    the prompt and the story encoded separately, and a .mask beside the shard flags the prompt."""
     import sentencepiece as spm
 
     key = job["model"]
@@ -1144,53 +1266,103 @@ def _encode_file(job: dict) -> dict:
     if sp is None:
         sp = _SP_CACHE[key] = spm.SentencePieceProcessor(model_file=key)
     problems = ProblemLog(job["strict"])
+    ins_cfg = job.get("instruct")
+    ins_counts = {"instructed": 0, "too_long": 0, "bad_fields": 0}
 
-    def pack(stories: list[str]) -> np.ndarray:
-        ids = sp.encode(stories, num_threads=job["threads"])
-        out = np.empty(sum(len(x) + 2 for x in ids), dtype="<u2")
+    def pack(batch: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        ids = sp.encode([s for s, _ in batch], num_threads=job["threads"])
+        asked = [i for i, (_, p) in enumerate(batch) if p]
+        pids: list[list[int]] = [[] for _ in batch]
+        for i, x in zip(asked, sp.encode([batch[i][1] for i in asked], num_threads=job["threads"]) if asked else []):
+            if len(x) > ins_cfg["max_tokens"]:
+                ins_counts["too_long"] += 1  # the story is written plain
+            else:
+                pids[i] = x
+                ins_counts["instructed"] += 1
+        out = np.empty(sum(len(x) + len(p) + 2 for x, p in zip(ids, pids)), dtype="<u2")
+        mask = np.zeros(out.size, dtype=np.uint8)
         pos = 0
-        for x in ids:  # BOS, story, EOS
+        for x, p in zip(ids, pids):  # BOS, prompt, story, EOS
             out[pos] = job["bos"]
-            out[pos + 1:pos + 1 + len(x)] = x
-            out[pos + 1 + len(x)] = job["eos"]
-            pos += len(x) + 2
-        return out
+            out[pos + 1:pos + 1 + len(p)] = p
+            mask[pos + 1:pos + 1 + len(p)] = MASK_INSTRUCTION
+            pos += 1 + len(p)
+            out[pos:pos + len(x)] = x
+            out[pos + len(x)] = job["eos"]
+            pos += len(x) + 1
+        return out, mask
 
     counts = {"train_stories": 0, "train_tokens": 0, "train_chars": 0, "val_stories": 0}
     val_parts: list[np.ndarray] = []
+    val_masks: list[np.ndarray] = []
+    out_path = Path(job["out"])
+    mask_file = open(mask_path(out_path), "wb") if ins_cfg else None  # inside pretokenize's atomic dir
 
-    def add(f, batch: list[str], split: str) -> None:
-        tokens = pack(batch)
+    def add(f, batch: list[tuple[str, str]], split: str) -> None:
+        tokens, mask = pack(batch)
         if split == "train":
             f.write(tokens.tobytes())
+            if mask_file:
+                mask_file.write(mask.tobytes())
             counts["train_tokens"] += tokens.size
-            counts["train_chars"] += sum(len(t) for t in batch)
+            counts["train_chars"] += sum(len(s) for s, _ in batch)
         else:
             val_parts.append(tokens)
+            val_masks.append(mask)
         counts[f"{split}_stories"] += len(batch)
         batch.clear()
 
     def write_body(f) -> None:
         f.write(bytes(HEADER_BYTES))  # the real header once the counts are known
+        if mask_file:
+            mask_file.write(bytes(HEADER_BYTES))
         batches = {"train": [], "val": []}
-        for story in iter_file_stories(Path(job["path"]), text_key=job["text_key"], problems=problems):
+        records = iter_file_records(Path(job["path"]), text_key=job["text_key"], problems=problems)
+        for k, (story, obj) in enumerate(records):
             split = "val" if is_val_story(story, job["val_fraction"]) else "train"
-            batches[split].append(story)
+            batches[split].append((story, story_prompt(obj, ins_cfg, k, ins_counts) if ins_cfg else ""))
             if len(batches[split]) >= ENCODE_BATCH:
                 add(f, batches[split], split)
         for split, batch in batches.items():
             if batch:
                 add(f, batch, split)
+        meta = dict(vocab_size=job["vocab_size"], tokenizer_hash=job["hash"],
+                    n_tokens=counts["train_tokens"], n_stories=counts["train_stories"])
         f.seek(0)
-        f.write(shard_header(vocab_size=job["vocab_size"], tokenizer_hash=job["hash"],
-                             n_tokens=counts["train_tokens"], n_stories=counts["train_stories"]))
+        f.write(shard_header(**meta))
+        if mask_file:
+            mask_file.seek(0)
+            mask_file.write(mask_header(**meta))
 
-    out_path = Path(job["out"])
-    fileio.atomic_write(out_path, write_body)
+    try:
+        fileio.atomic_write(out_path, write_body)
+    finally:
+        if mask_file:
+            mask_file.close()
     if not counts["train_stories"]:
         out_path.unlink()  # a file of val stories only makes no train shard
-    return {**counts, "val": np.concatenate(val_parts) if val_parts else np.zeros(0, dtype="<u2"),
+        if mask_file:
+            mask_path(out_path).unlink()
+    empty = np.zeros(0, dtype="<u2")
+    return {**counts, **ins_counts, "val": np.concatenate(val_parts) if val_parts else empty,
+            "val_mask": np.concatenate(val_masks) if val_masks else np.zeros(0, dtype=np.uint8),
             "problems": problems.items, "problem_count": problems.count}
+
+
+def instruct_settings(cfg: PretokenizeConfig) -> dict | None:
+    """meta.json's `instruct` record for these options (None without --instruct); DataError for a
+    bad value."""
+    if not cfg.instruct:
+        return None
+    lang = cfg.instruct_lang or ("en" if cfg.dataset == "en" and not cfg.data_dir else "zh")
+    if lang not in ("zh", "en"):
+        raise DataError(f"--instruct_lang={cfg.instruct_lang}: choose zh or en")
+    if not 0.0 < cfg.instruct_share <= 1.0:
+        raise DataError(f"--instruct_share={cfg.instruct_share}: must be in (0, 1]")
+    if cfg.instruct_max_tokens < 1:
+        raise DataError(f"--instruct_max_tokens={cfg.instruct_max_tokens}: must be >= 1")
+    return {"lang": lang, "share": cfg.instruct_share, "loss_on_instruction": cfg.instruct_loss,
+            "seed": cfg.instruct_seed, "max_tokens": cfg.instruct_max_tokens, "mask_version": MASK_VERSION}
 
 
 def cmd_pretokenize(cfg: PretokenizeConfig) -> None:
@@ -1234,6 +1406,7 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
     if not model_path.exists():
         raise DataError(f"{model_path}: not found; run `python tinystories.py train_vocab "
                         f"--vocab_size={N}` first")
+    ins = instruct_settings(cfg)
     tok = load_tokenizer(model_path, N)
     folder, files = source_files(cfg)
     tok_hash = tok.hash()
@@ -1242,6 +1415,8 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
            "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
            "tokenizer_hash": tok_hash,
            "shard_version": SHARD_VERSION}
+    if ins:
+        sig["instruct"] = ins  # also what train.py reads: lang, share, loss_on_instruction ...
     if not cfg.force and _read_json(out / "meta.json") == sig:
         print(f"{out}: already pretokenized from {folder} with this tokenizer; nothing to do")
         return
@@ -1254,7 +1429,8 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
         jobs = [{"path": str(p), "model": str(model_path), "out": str(tmp / f"train_{i:03d}.bin"),
                  "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
                  "vocab_size": N, "hash": tok_hash, "bos": tok.bos_id, "eos": tok.eos_id,
-                 "threads": max(1, cores // workers)} for i, p in enumerate(files)]
+                 "threads": max(1, cores // workers),
+                 "instruct": {**ins, "file_index": i} if ins else None} for i, p in enumerate(files)]
         try:
             results = _encode_files(jobs, workers, bar)
         finally:
@@ -1271,12 +1447,31 @@ def _pretokenize(cfg: PretokenizeConfig, root: Path) -> None:
         val = np.concatenate([r["val"] for r in results])
         n_val = sum(r["val_stories"] for r in results)
         write_shard(tmp / "val.bin", val, vocab_size=N, tokenizer_hash=tok_hash, n_stories=n_val)
+        if ins:
+            write_mask(mask_path(tmp / "val.bin"), np.concatenate([r["val_mask"] for r in results]),
+                       vocab_size=N, tokenizer_hash=tok_hash, n_stories=n_val)
         _write_json(tmp / "meta.json", sig)
     n_shards = sum(1 for r in results if r["train_tokens"])
     chars = sum(r["train_chars"] for r in results)
     print(f"{out}: {n_train} train stories, {n_tokens} tokens in {n_shards} shards; {n_val} val "
           f"stories, {val.size} tokens; {chars / max(n_tokens, 1):.2f} characters per token "
           f"(BOS/EOS included); {time.time() - t0:.1f}s")
+    if ins:
+        asked = sum(r["instructed"] for r in results)
+        print(f"{out}: {asked} of {n_train + n_val} stories have an instruction ({ins['lang']}, share "
+              f"{ins['share']}, instruction tokens {'in' if ins['loss_on_instruction'] else 'left out of'} "
+              "the loss)")
+        too_long = sum(r["too_long"] for r in results)
+        if too_long:
+            print(f"note: {too_long} instructions longer than --instruct_max_tokens="
+                  f"{cfg.instruct_max_tokens} tokens were left out; those stories are plain", file=sys.stderr)
+        bad = sum(r["bad_fields"] for r in results)
+        if bad:
+            print(f"warning: {bad} records had unusable instruct fields (words or features not a list, "
+                  "or nothing usable); those stories are plain", file=sys.stderr)
+        if asked == 0:
+            print(f"warning: no story in {folder} carries instruct fields (words, features, summary, "
+                  "sentence, or TinyStories' instruction); the shards are plain", file=sys.stderr)
     if n_val == 0:
         print(f"warning: {out / 'val.bin'} is empty: no story fell into the val split "
               f"(val_fraction={cfg.val_fraction})", file=sys.stderr)

@@ -658,7 +658,23 @@ def start_run(cfg: TrainConfig, overrides: dict, d: Dist) -> Run:
                  f"{raw_model.num_params() / 1e6:.2f}M params, data {data_dir} ({train_batches.n_tokens} train "
                  f"tokens), {run.tokens_per_iter} tokens/iter, device {device}, dtype {dtype}, world size "
                  f"{d.world_size}, grad accum {grad_accum}/process")
+    ins = instruct_record(train_batches)
+    if ins:
+        run.log.note(f"instruct data: {ins['lang']} template, share {ins['share']}, instruction tokens "
+                     f"{'in' if ins['loss_on_instruction'] else 'left out of'} the loss")
     return run
+
+
+def instruct_record(batches) -> Optional[dict]:
+    """The checkpoint's data.instruct: how the shards were made (pretokenize --instruct=true's
+    meta.json record: lang, share, loss_on_instruction), None for plain data. export.py reads
+    its lang to mark the model as answering instructions."""
+    rec = batches.instruct
+    if not rec:
+        return None
+    return {"lang": rec.get("lang"), "share": rec.get("share"),
+            "loss_on_instruction": bool(rec.get("loss_on_instruction", False)),
+            "max_tokens": rec.get("max_tokens")}
 
 
 def make_model_and_optimizer(cfg: TrainConfig, args: ModelArgs, device: str, device_type: str, dtype: str):
@@ -755,7 +771,8 @@ def save_checkpoint(run: Run, names: list[str]) -> None:
         # The loader is a pure function of these, so this is the whole data position.
         "data": {"data_dir": str(run.data_dir), "seed": cfg.seed, "step": run.iter_num,
                  "tokens_seen": run.iter_num * run.tokens_per_iter, "world_size": d.world_size,
-                 "vocab_size": run.train_batches.vocab_size, "tokenizer_hash": run.train_batches.tokenizer_hash},
+                 "vocab_size": run.train_batches.vocab_size, "tokenizer_hash": run.train_batches.tokenizer_hash,
+                 "instruct": instruct_record(run.train_batches)},
     }
     for name in names:
         checkpoint.save(run.out_dir / name, obj)

@@ -105,3 +105,165 @@ def test_synth_writes_the_fields(tmp_path):
     for got, w in zip(recs, want):
         assert list(got) == ["story_zh", "words", "features", "summary", "sentence"]
         assert all(got[k] == w[k] for k in instruct.FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# pretokenize --instruct=true
+
+VOCAB = 600
+N_SYNTH = 400
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A data root with 400 synth stories (with fields) and a tokenizer trained on them."""
+    r = tmp_path_factory.mktemp("instruct")
+    assert ts.main(["synth", f"--data_root={r}", f"--n_stories={N_SYNTH}", "--seed=1"]) == 0
+    assert ts.main(["train_vocab", f"--data_root={r}", "--dataset=synth", f"--vocab_size={VOCAB}"]) == 0
+    return r
+
+
+def pretokenize(root, *args, dataset="synth"):
+    assert ts.main(["pretokenize", f"--data_root={root}", f"--dataset={dataset}", f"--vocab_size={VOCAB}",
+                    "--workers=1", "--force=true", *args]) == 0
+    return root / f"tok{VOCAB}"
+
+
+def sp_of(root):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(root / f"tok{VOCAB}.model"))
+
+
+def framed(out, name):
+    """[(ids, flags)] per story of shard `name`: BOS ... EOS, flags from the .mask beside it."""
+    head, tokens = ts.read_shard(out / name)
+    mask = ts.read_mask(out / name, head)
+    toks = np.asarray(tokens, dtype=np.int64)
+    flags = np.zeros(toks.size, dtype=np.uint8) if mask is None else np.asarray(mask)
+    assert set(np.unique(flags)) <= {0, ts.MASK_INSTRUCTION}
+    bos, eos = 1, 2
+    starts, ends = np.flatnonzero(toks == bos), np.flatnonzero(toks == eos)
+    assert len(starts) == len(ends) == head["n_stories"]
+    return [(toks[s:e + 1], flags[s:e + 1]) for s, e in zip(starts, ends)]
+
+
+def expected_prompts(path, ins_cfg, val_fraction=0.01):
+    """(story, prompt) of the train stories of one source file, as pretokenize must choose them."""
+    counts = {"bad_fields": 0}
+    out = []
+    for k, (story, obj) in enumerate(ts.iter_file_records(path, problems=ts.ProblemLog(False))):
+        if not ts.is_val_story(story, val_fraction):
+            out.append((story, ts.story_prompt(obj, ins_cfg, k, counts)))
+    return out
+
+
+def test_instruct_shards_are_bos_prompt_story_eos_with_the_mask(root):
+    out = pretokenize(root, "--instruct=true", "--instruct_share=0.5")
+    sp = sp_of(root)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["instruct"] == {"lang": "zh", "share": 0.5, "loss_on_instruction": False, "seed": 0,
+                                "max_tokens": 128, "mask_version": 1}
+    want = expected_prompts(root / "synth" / "data00.jsonl", {**meta["instruct"], "file_index": 0})
+    got = framed(out, "train_000.bin")
+    assert len(got) == len(want)
+    n_prompts = 0
+    for (ids, flags), (story, prompt) in zip(got, want):
+        p = sp.encode(prompt) if prompt else []
+        if len(p) > 128:
+            p = []  # too long: written plain
+        # BOS + prompt + story + EOS, each encoded on its own, as ./run -i and sample.py do
+        assert ids.tolist() == [sp.bos_id()] + p + sp.encode(story) + [sp.eos_id()]
+        assert flags.tolist() == [0] + [1] * len(p) + [0] * (len(ids) - 1 - len(p))
+        if p:
+            n_prompts += 1
+            assert sp.decode(p) == prompt and prompt.endswith("故事：")
+    # the share is respected (0.5 of stories with fields, binomial spread on ~400)
+    assert 0.38 <= n_prompts / len(got) <= 0.62, n_prompts
+    # val gets the same treatment and its own mask
+    framed(out, "val.bin")  # framed like train, with its own val.mask
+
+
+def test_instruct_deterministic_and_loader_masks_targets(root):
+    out = pretokenize(root, "--instruct=true")
+    first = [(out / n).read_bytes() for n in ("train_000.bin", "train_000.mask", "val.mask")]
+    out = pretokenize(root, "--instruct=true")
+    assert [(out / n).read_bytes() for n in ("train_000.bin", "train_000.mask", "val.mask")] == first
+    got = framed(out, "train_000.bin")
+    assert sum(f.any() for _, f in got) >= 0.9 * len(got)  # share 1.0: all but the too-long ones
+    tb = ts.TokenBatches(out, "train", 4, 64, seed=0)
+    assert tb.mask_instructions and tb.instruct["lang"] == "zh"
+    for step in range(5):
+        x, y = tb.get(step)
+        for b in range(4):
+            j = tb.micro_index(step, 0) * 4 + b
+            w, m = tb.window(j), tb.window_mask(j)
+            assert x[b].tolist() == w[:-1].tolist()
+            assert y[b].tolist() == [-1 if f else int(t) for t, f in zip(w[1:], m[1:])]
+    # --instruct_loss=true: the mask is still written, but nothing is left out of the loss
+    out = pretokenize(root, "--instruct=true", "--instruct_loss=true")
+    tb = ts.TokenBatches(out, "train", 4, 64, seed=0)
+    assert not tb.mask_instructions and (out / "train_000.mask").exists()
+    assert int((tb.get(0)[1] == -1).sum()) == 0
+
+
+def test_instruction_longer_than_the_limit_stays_plain(root, capsys):
+    out = pretokenize(root, "--instruct=true", "--instruct_max_tokens=3")
+    err = capsys.readouterr().err
+    assert "longer than --instruct_max_tokens=3 tokens were left out; those stories are plain" in err
+    assert not any(f.any() for _, f in framed(out, "train_000.bin"))
+    assert ts.main(["pretokenize", f"--data_root={root}", "--dataset=synth", f"--vocab_size={VOCAB}",
+                    "--instruct=true", "--instruct_share=0"]) == 1
+    assert "--instruct_share=0.0: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_plain_pretokenize_writes_no_mask(root):
+    out = pretokenize(root)
+    assert not list(out.glob("*.mask")) and "instruct" not in json.loads((out / "meta.json").read_text())
+    tb = ts.TokenBatches(out, "train", 2, 32, seed=0)
+    assert not tb.mask_instructions and tb.instruct is None
+
+
+def test_bad_fields_give_a_plain_story_and_one_warning(root, tmp_path, capsys):
+    data = tmp_path / "mine"
+    data.mkdir()
+    good = storygen.story_record(5, 0)
+    recs = [{"story": "从前有一只小猫。它很开心。", "words": "小猫", "features": ["dialogue"]},  # words not a list
+            {"story": good["story"], "words": good["words"], "features": good["features"]},
+            {"story": "小狗在草地上跑来跑去。", "features": {"x": 1}},  # features not a list
+            {"story": "没有字段的故事。"}]
+    (data / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+    dr = tmp_path / "root"
+    dr.mkdir()
+    for suffix in (".model", ".vocab"):
+        (dr / f"tok{VOCAB}{suffix}").write_bytes((root / f"tok{VOCAB}{suffix}").read_bytes())
+    assert ts.main(["pretokenize", f"--data_root={dr}", f"--data_dir={data}", f"--vocab_size={VOCAB}",
+                    "--workers=1", "--instruct=true", "--val_fraction=0"]) == 0
+    err = capsys.readouterr().err
+    assert "2 records had unusable instruct fields" in err and "Traceback" not in err
+    got = framed(dr / f"tok{VOCAB}", "train_000.bin")
+    assert [bool(f.any()) for _, f in got] == [False, True, False, False]
+
+
+def test_english_tinystories_records(root, tmp_path, capsys):
+    """--dataset=en: TinyStories_all_data's layout, instruction {prompt:, words, features} + summary."""
+    dr = tmp_path / "root"
+    (dr / "en").mkdir(parents=True)
+    for suffix in (".model", ".vocab"):
+        (dr / f"tok{VOCAB}{suffix}").write_bytes((root / f"tok{VOCAB}{suffix}").read_bytes())
+    recs = [{"story": f"Tom had a red ball {i}. \"Look!\" he said. He learned to share.",
+             "instruction": {"prompt:": "Write a short story ...", "words": ["ball", "red", "share"],
+                             "features": ["Dialogue", "MoralValue"]},
+             "summary": "Tom learns to share his ball.", "source": "GPT-4"} for i in range(30)]
+    (dr / "en" / "data00.json").write_text(json.dumps(recs), "utf-8")
+    out = pretokenize(dr, "--instruct=true", "--val_fraction=0", dataset="en")
+    assert json.loads((out / "meta.json").read_text())["instruct"]["lang"] == "en"
+    sp = sp_of(dr)
+    got = framed(out, "train_000.bin")
+    assert len(got) == 30
+    for (ids, flags), rec in zip(got, recs):
+        n = int(flags.sum())
+        assert n > 0
+        prompt = sp.decode(ids[1:1 + n].tolist())
+        assert prompt.endswith("Story:") and sp.decode(ids[1 + n:-1].tolist()) == rec["story"]
+        assert set(re.findall(r"Words: (.*)", prompt)[0].split(", ") if "Words:" in prompt else []) <= {"ball", "red", "share"}
+        assert "Features: Dialogue, MoralValue" in prompt or "Features:" not in prompt

@@ -239,6 +239,7 @@ def test_checkpoint_contents(trained, shards):
         ckpt = checkpoint.load(trained / name)
         assert ckpt["format"] == checkpoint.CKPT_FORMAT and ckpt["version"] == checkpoint.CKPT_VERSION
         assert ckpt["iter_num"] == 40 and ckpt["data"]["step"] == 40
+        assert ckpt["data"]["instruct"] is None  # plain data; export.py reads data.instruct.lang
         assert ckpt["config"]["max_iters"] == 40 and ckpt["model_args"]["dim"] == 32
         assert ckpt["best_val_loss"] < 5.0 and ckpt["optimizer"]["state"]
         assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -515,3 +516,47 @@ def test_foreign_checkpoint_is_rejected(tmp_path, capsys):
     torch.save({"model": {}, "model_args": {}, "iter_num": 0}, tmp_path / "ckpt.pt")  # e.g. nanoGPT's layout
     assert train.main(["--init_from=resume", f"--out_dir={tmp_path}"]) == 1
     assert "ckpt.pt: not a train.py checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# instruct data: masked instruction targets, the checkpoint's data.instruct record
+
+def test_loss_leaves_out_ignored_targets():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16))
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    logits, full = model(x, y)
+    keep = torch.rand(2, 16) < 0.5
+    _, part = model(x, torch.where(keep, y, torch.full_like(y, -1)))
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64)[keep.reshape(-1)], y.reshape(-1)[keep.reshape(-1)])
+    assert part.item() == pytest.approx(want.item(), rel=1e-5) and part.item() != pytest.approx(full.item())
+    _, none = model(x, torch.full_like(y, -1))
+    assert none.item() == 0.0  # not NaN
+
+
+def test_instruct_shards_train_resume_and_record(tmp_path):
+    src = tmp_path / "src"
+    write_stories(src, 600, 1)
+    lines = (src / "data00.jsonl").read_text().splitlines()
+    with open(src / "data00.jsonl", "w") as f:  # give each story instruct fields it really has
+        for line in lines:
+            text = json.loads(line)["text"]
+            words = [w for w in text.replace(".", "").split() if len(w) > 3][:3]
+            f.write(json.dumps({"text": text, "words": words, "summary": text.split(". ")[0] + "."}) + "\n")
+    common = [f"--data_root={tmp_path}", f"--data_dir={src}", f"--vocab_size={VOCAB}"]
+    assert tinystories.main(["train_vocab", *common, "--character_coverage=1.0"]) == 0
+    assert tinystories.main(["pretokenize", *common, "--workers=1", "--val_fraction=0.05", "--instruct=true",
+                             "--instruct_lang=en", "--instruct_share=0.5"]) == 0
+    data = tmp_path / f"tok{VOCAB}"
+    tb = tinystories.TokenBatches(data, "train", 8, 64, seed=0)
+    assert tb.mask_instructions and int((tb.get(0)[1] == -1).sum()) > 0
+    args = [*TINY, f"--data_dir={data}", "--dropout=0.1", "--eval_interval=3"]
+    assert train.main([*args, f"--out_dir={tmp_path / 'a'}", "--max_iters=6"]) == 0
+    assert train.main([*args, f"--out_dir={tmp_path / 'b'}", "--max_iters=3"]) == 0
+    assert train.main(["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=6"]) == 0
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [b[i] for i in (3, 4, 5)] == [a[i] for i in (3, 4, 5)]  # exact resume on masked data
+    ckpt = checkpoint.load(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["data"]["instruct"] == {"lang": "en", "share": 0.5, "loss_on_instruction": False,
+                                        "max_tokens": 128}
