@@ -11,27 +11,9 @@
  * run.c #includes this file at its tokenizer section; a test harness can
  * include it on its own (tests/tok_harness.c). C99, no dependencies.
  *
- * Our format, version 1 (little-endian; tokenizer.py writes it):
- *   64-byte header:
- *     off  0 uint32 magic 0x6b746b61 ("aktk" as bytes)
- *     off  4 int32  version = 1
- *     off  8 int32  vocab_size
- *     off 12 int32  max_piece_len      longest piece, bytes
- *     off 16 int32  model_type         sentencepiece enum: 2 = BPE (the only one accepted)
- *     off 20 uint8  add_dummy_prefix
- *     off 21 uint8  remove_extra_whitespaces
- *     off 22 uint8  escape_whitespaces
- *     off 23 uint8  byte_fallback
- *     off 24 int32  unk_id, bos_id, eos_id, pad_id   (-1 = none)
- *     off 40 uint32 tokenizer_hash     FNV-1a over pieces, see tokenizer_hash_pieces
- *     off 44 uint32 charsmap_len       bytes of the precompiled charsmap (0 = none)
- *     off 48 uint32 unk_surface_len    bytes of the text decoding prints for unk
- *     off 52..63 zero (checked)
- *   charsmap_len bytes: sentencepiece's precompiled_charsmap blob as is
- *   unk_surface_len bytes: UTF-8
- *   vocab_size pieces: float32 score, uint8 type (sentencepiece enum:
- *     1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte),
- *     uint32 byte length, the piece's UTF-8 bytes (U+2581 kept as is).
+ * File layouts (ours, version 1, and llama2.c's): docs/formats.md, "Tokenizer
+ * files" and "llama2.c tokenizer files"; tok_load_ours and tok_load_legacy check
+ * every field they read against the bytes left.
  * ------------------------------------------------------------------------- */
 
 #include <errno.h>
@@ -209,7 +191,7 @@ static void tok_check_special(Tokenizer *t, int id, const char *what) {
     }
 }
 
-/* Our versioned format (see the top of this section). */
+/* Our versioned format (docs/formats.md, "Tokenizer files"). */
 static void tok_load_ours(Tokenizer *t, const unsigned char *d, size_t size, int model_vocab) {
     char msg[256];
     if (size < TOK_HEADER_SIZE) tok_fail(t->path, "file too short for its 64-byte header (truncated?)");
