@@ -1230,10 +1230,14 @@ _SP_CACHE: dict = {}
 ENCODE_BATCH = 4096  # stories per sentencepiece call: bounds a worker's memory on huge files
 
 
-def story_prompt(obj: dict | None, ins_cfg: dict, index: int, problems: dict) -> str:
+def story_prompt(obj: dict | None, ins_cfg: dict, index: int, problems: dict, story: str = "") -> str:
     """The instruction prompt for story number `index` of a file (its JSON record obj), or "" for
     a plain story. Deterministic: the share draw and the field subset come from a Random seeded
-    by (instruct seed, file index, story index). Counts records with unusable fields in problems."""
+    by (instruct seed, file index, story index). Counts records with unusable fields in problems.
+
+    Given the story, only fields it really holds are asked for: words it contains (instruct.has_word)
+    and, for the zh template, a summary or sentence written in Chinese; a translated data set whose
+    records kept the English instruction thus asks only for its features."""
     import random
 
     import instruct
@@ -1241,6 +1245,15 @@ def story_prompt(obj: dict | None, ins_cfg: dict, index: int, problems: dict) ->
     if obj is None:
         return ""
     full = instruct.from_record(obj)
+    if full is not None and story:
+        lang = ins_cfg["lang"]
+        full.words = [w for w in full.words if instruct.has_word(story, w, lang)]
+        if lang == "zh":
+            def cjk(s):
+                return s if any("\u4e00" <= ch <= "\u9fff" for ch in s) else ""
+            full.summary, full.sentence = cjk(full.summary), cjk(full.sentence)
+        if full.empty():
+            return ""  # nothing in the record fits this story: plain, and not malformed
     if full is None:
         if any(k in obj for k in ("words", "features", "instruction")):
             problems["bad_fields"] += 1  # e.g. words that are not a list: the story stays plain
@@ -1320,7 +1333,7 @@ def _encode_file(job: dict) -> dict:
         records = iter_file_records(Path(job["path"]), text_key=job["text_key"], problems=problems)
         for k, (story, obj) in enumerate(records):
             split = "val" if is_val_story(story, job["val_fraction"]) else "train"
-            batches[split].append((story, story_prompt(obj, ins_cfg, k, ins_counts) if ins_cfg else ""))
+            batches[split].append((story, story_prompt(obj, ins_cfg, k, ins_counts, story) if ins_cfg else ""))
             if len(batches[split]) >= ENCODE_BATCH:
                 add(f, batches[split], split)
         for split, batch in batches.items():

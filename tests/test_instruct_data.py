@@ -153,7 +153,7 @@ def expected_prompts(path, ins_cfg, val_fraction=0.01):
     out = []
     for k, (story, obj) in enumerate(ts.iter_file_records(path, problems=ts.ProblemLog(False))):
         if not ts.is_val_story(story, val_fraction):
-            out.append((story, ts.story_prompt(obj, ins_cfg, k, counts)))
+            out.append((story, ts.story_prompt(obj, ins_cfg, k, counts, story)))
     return out
 
 
@@ -267,3 +267,17 @@ def test_english_tinystories_records(root, tmp_path, capsys):
         assert prompt.endswith("Story:") and sp.decode(ids[1 + n:-1].tolist()) == rec["story"]
         assert set(re.findall(r"Words: (.*)", prompt)[0].split(", ") if "Words:" in prompt else []) <= {"ball", "red", "share"}
         assert "Features: Dialogue, MoralValue" in prompt or "Features:" not in prompt
+
+
+def test_translated_records_ask_only_for_what_the_story_holds():
+    """A zh record that kept the English instruction: its English words and summary are dropped,
+    its features kept; a record with nothing left stays plain."""
+    cfg = {"lang": "zh", "share": 1.0, "seed": 0, "file_index": 0}
+    story = "小猫说：“你好！”它学会了分享。"
+    rec = {"story_zh": story, "instruction": {"words": ["cat", "share"], "features": ["Dialogue"]},
+           "summary": "A cat learns to share."}
+    counts = {"bad_fields": 0}
+    prompts = {ts.story_prompt(rec, cfg, k, counts, story) for k in range(20)}
+    assert prompts == {"特点：对话\n故事："}
+    rec2 = {"story_zh": story, "instruction": {"words": ["cat"], "features": []}, "summary": "A cat."}
+    assert ts.story_prompt(rec2, cfg, 0, counts, story) == "" and counts["bad_fields"] == 0
