@@ -766,14 +766,21 @@ def _lost_item(s: Story) -> None:
         s.feats.add("twist")  # 这时候 the dog runs off and finds it
 
 
-def _share(s: Story) -> None:
-    h, par = s.hero, s.parent
-    P, p = h.name, h.pron
+def _friend_and_toy(s: Story):
+    """The cast and props of a story about a friend and a toy outdoors (_share, _quarrel): the
+    friend, the toy (noun, measure word, adjective) and the place (noun, locative suffix)."""
     f = s.friend()
-    s.others.append(par.name)
+    s.others.append(s.parent.name)
     obj, clf, _, fits = s.c(PLAY_TOYS)
     adj = _obj_adj(s, fits)
     place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
+    return f, obj, clf, adj, place, loc
+
+
+def _share(s: Story) -> None:
+    h, par = s.hero, s.parent
+    P, p = h.name, h.pron
+    f, obj, clf, adj, place, loc = _friend_and_toy(s)
     s.word(obj, place)
     s.feats.add("conflict")  # the hero refuses to share and the friend walks away
     s.summary = f"{P}不肯把{obj}借给{f.name}玩，后来{p}向{f.name}道歉，两个人一起玩{obj}。"
@@ -1078,11 +1085,7 @@ def _quarrel(s: Story) -> None:
     """Two friends both want the same toy, quarrel, and make up: the plot with a conflict."""
     h, par = s.hero, s.parent
     P, p = h.name, h.pron
-    f = s.friend()
-    s.others.append(par.name)
-    obj, clf, _, fits = s.c(PLAY_TOYS)
-    adj = _obj_adj(s, fits)
-    place, loc, _ = s.c([pl for pl in PLACES if "out" in pl[2]])
+    f, obj, clf, adj, place, loc = _friend_and_toy(s)
     s.para(_opening(s, with_pet=False),
            f"{P}有一个好朋友，是{f.intro_named()}。", s.c(["他们常常在一起玩。", "他们每天都一起玩。"]))
     s.para(f"{_one_day(s)}{P}和{f.name}在{place}{loc}玩，{s.c(['地上', '长椅上', '旁边'])}放着一{clf}{adj}的{obj}。",
