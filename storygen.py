@@ -15,6 +15,10 @@ their measure word, foods, colours, feelings, activities, skills ...); each plot
 function that writes paragraphs from those tables with several phrasings per sentence. Objects are
 never referred to with a third-person pronoun in narration, so 他/她/它 in a sentence about the
 protagonist always means the protagonist (tests/test_storygen.py checks this on the text).
+
+Instruct fields: story_record(seed, i) gives the story with what it really holds: `words` (table
+words it chose, each in the text), `features` (instruct.FEATURES ids), a one-sentence `summary` from
+the plot's facts and one of its `sentence`s; `tinystories.py synth` writes them beside each story.
 """
 
 from __future__ import annotations
