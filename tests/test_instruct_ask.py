@@ -163,3 +163,144 @@ def test_sample_refuses_a_plain_model(files, capsys, argv, needle):
 def test_sample_refuses_requests_that_cannot_work(files, capsys, argv, needle):
     rc, out, err = run_sample(capsys, f"--checkpoint={files['zh_ckpt']}", *argv)
     assert rc == 1 and out == "" and err.count("\n") == 1 and needle in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# ./run -m instruct
+
+@pytest.fixture(scope="module", params=["run", "runsan"])
+def run_bin(request, tmp_path_factory) -> Path:
+    """The plain build, and the sanitizers' (the request parsing walks UTF-8 by hand)."""
+    path = tmp_path_factory.mktemp(request.param) / "run"
+    p = subprocess.run(["make", "-s", request.param, f"BIN={path}"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stdout + p.stderr
+    return path
+
+
+def run_c(run_bin: Path, model: Path, *args, tok: Path) -> subprocess.CompletedProcess:
+    env = {"OMP_NUM_THREADS": "1", "ASAN_OPTIONS": "detect_leaks=1:exitcode=99",
+           "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98"}
+    return subprocess.run([str(run_bin), str(model), "-z", str(tok), *map(str, args)], capture_output=True,
+                          env=env, timeout=120)
+
+
+def c_flags(request) -> list[str]:
+    out = []
+    for flag, value in zip(("-w", "-f", "-u", "-x"), request):
+        if value:
+            out += [flag, value]
+    return out
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_run_builds_the_pretokenized_prompt(files, run_bin, lang):
+    for request_ in REQUESTS:
+        want = expected_ids(files["tok"], request_, lang)
+        p = run_c(run_bin, files[f"{lang}_bin"], "-m", "encode", *c_flags(request_), tok=files["tok_bin"])
+        assert p.returncode == 0, p.stderr
+        assert [Tokenizer(files["tok"]).bos_id] + [int(x) for x in p.stdout.split()] == want, request_
+        # -m instruct prints the prompt it built, then the story.
+        p = run_c(run_bin, files[f"{lang}_bin"], "-m", "instruct", *c_flags(request_), "-n", "3", "-t", "0",
+                  tok=files["tok_bin"])
+        assert p.returncode == 0, p.stderr
+        ins = instruct.make_instruction(*request_)
+        assert p.stdout.decode("utf-8", "replace").startswith(instruct.render_prompt(ins, lang))
+
+
+def test_run_and_sample_answer_a_request_alike(files, capsys):
+    """Greedy: the PyTorch checkpoint and the .bin in C continue the same prompt with the same text."""
+    path = files["zh_bin"].parent / "run"
+    p = subprocess.run(["make", "-s", "run", f"BIN={path}"], cwd=ROOT, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    request_ = ("苹果,跑", "对话", "", "")
+    rc, out, err = run_sample(capsys, f"--checkpoint={files['zh_ckpt']}", "--steps=12", "--temperature=0",
+                              *flags(request_))
+    assert rc == 0, err
+    c = run_c(path, files["zh_bin"], "-m", "instruct", *c_flags(request_), "-n", "12", "-t", "0", tok=files["tok_bin"])
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.decode("utf-8") == out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-m", "instruct", "-w", "苹果"], "trained without instructions"),
+    (["-m", "encode", "-f", "对话"], "trained without instructions"),
+])
+def test_run_refuses_a_plain_model(files, run_bin, args, needle):
+    p = run_c(run_bin, files["plain_bin"], *args, tok=files["tok_bin"])
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 1 and p.stdout == b"" and err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-m", "instruct"], "needs a request"),
+    (["-m", "instruct", "-w", ",， 、"], "names no word"),
+    (["-m", "instruct", "-u", "  "], "needs a request"),
+    (["-m", "instruct", "-f", "魔法"], "unknown feature '魔法'"),
+    (["-m", "instruct", "-w", "苹果", "-i", "从前"], "do not mix"),
+    (["-m", "instruct", "-u", "一\n二"], "one line"),
+    (["-m", "instruct", "-u", "小猫找到了皮球。" * 30], "no room for a story"),
+])
+def test_run_refuses_requests_that_cannot_work(files, run_bin, args, needle):
+    p = run_c(run_bin, files["zh_bin"], *args, tok=files["tok_bin"])
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 1 and p.stdout == b"" and err.count("\n") == 1 and needle in err, err
+
+
+def test_run_wants_instruct_mode_for_a_request_and_a_known_prompt_format(files, run_bin, tmp_path):
+    p = run_c(run_bin, files["zh_bin"], "-w", "苹果", tok=files["tok_bin"])
+    assert p.returncode == 1 and b"add -m instruct" in p.stderr and p.stdout == b""
+    bad = tmp_path / "bad.bin"
+    data = bytearray(files["zh_bin"].read_bytes())
+    data[38] = 3
+    bad.write_bytes(bytes(data))
+    p = run_c(run_bin, bad, "-n", "2", tok=files["tok_bin"])
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 1 and err.count("\n") == 1 and "unknown prompt_format 3" in err and str(bad) in err
+
+
+# ----------------------------------------------------------------------------------------------
+# pretokenize --instruct=true, sample.py and ./run: the same ids for the same request
+
+def request_of(prompt: str, lang: str) -> tuple[str, str, str, str]:
+    """The (words, features, summary, sentence) a rendered prompt asks for, read back by its labels."""
+    t = instruct.TEMPLATES[lang]
+    fields = dict.fromkeys(instruct.FIELDS, "")
+    for line in prompt.split("\n")[:-1]:
+        name = next(f for f in instruct.FIELDS if line.startswith(t[f]))
+        fields[name] = line[len(t[name]):]
+    return tuple(fields[f] for f in instruct.FIELDS)
+
+
+def test_pretokenized_instructions_are_what_sample_and_run_build(tmp_path, run_bin):
+    import numpy as np
+    import tinystories as ts
+    root, vocab = tmp_path / "data", 600
+    assert ts.main(["synth", f"--data_root={root}", "--n_stories=300", "--seed=5"]) == 0
+    assert ts.main(["train_vocab", f"--data_root={root}", "--dataset=synth", f"--vocab_size={vocab}"]) == 0
+    assert ts.main(["pretokenize", f"--data_root={root}", "--dataset=synth", f"--vocab_size={vocab}", "--workers=1",
+                    "--instruct=true", "--instruct_share=1"]) == 0
+    tok_path = str(root / f"tok{vocab}.model")
+    tok_bin = Path(export_tokenizer(tok_path, str(tmp_path / "tok.bin")))
+    tok = Tokenizer(tok_path)
+    model = Transformer(model_args_from_preset("micro", vocab_size=vocab, max_seq_len=256)).eval()
+    model_bin = tmp_path / "zh.bin"
+    export.write_model_bin(model, model_bin, version=3, tokenizer_hash=tok.hash(),
+                           prompt_format=export.PROMPT_INSTRUCT_ZH)
+    head, tokens = ts.read_shard(root / f"tok{vocab}" / "train_000.bin")
+    flags = np.asarray(ts.read_mask(root / f"tok{vocab}" / "train_000.bin", head))
+    toks = np.asarray(tokens, dtype=np.int64)
+    starts = np.flatnonzero(toks == tok.bos_id)
+    checked = 0
+    for s in starts[:40]:
+        n = 0
+        while flags[s + 1 + n]:
+            n += 1
+        prompt_ids = toks[s:s + 1 + n].tolist()  # BOS + the instruction's ids, as the model saw them
+        request_ = request_of(tok.decode(prompt_ids[1:]), "zh")
+        ins = instruct.make_instruction(*request_)
+        assert sample.instruct_prompt_ids(tok, ins, "zh", 256)[1] == prompt_ids, request_
+        p = run_c(run_bin, model_bin, "-m", "encode", *c_flags(request_), tok=tok_bin)
+        assert p.returncode == 0, p.stderr
+        assert [tok.bos_id] + [int(x) for x in p.stdout.split()] == prompt_ids, request_
+        checked += 1
+    assert checked == 40
