@@ -2,6 +2,11 @@
 
     python demo.py                    # synth -> vocab -> shards -> train -> export -> C engine stories -> evaluation
     python demo.py --train_seconds=60 # a shorter training run (stories get worse)
+    python demo.py --instruct_share=0 # a plain model: no stories on request
+
+By default half of the training stories carry an instruction (pretokenize --instruct=true), so
+the model also writes a story on request: the demo asks `./run -m instruct` for one with three
+words training never asked for together (instruct.held_out) and dialogue.
 
 Each step is the same command a user would type (printed before it runs), and each one skips work
 that is already done, so running the demo again reuses the corpus, the tokenizer, the shards and
@@ -37,6 +42,10 @@ class DemoConfig:
     data_root: str = opt("data", "corpus, tokenizer and shards (the tests point this at a temporary folder)")
     run_bin: str = opt("run", "where the C engine is built")
     eval_samples: int = opt(2, "completions per prompt in the closing evaluation (0: skip it)")
+    instruct_share: float = opt(0.5, "share of the training stories given an instruction (pretokenize "
+                                     "--instruct=true); 0 = a plain model, no story on request")
+    words: str = opt("公园,面包,鸽子", "the story on request: words it must use (a triple held out of training)")
+    features: str = opt("对话", "... and features it must have")
 
 
 PROMPTS = ["从前，", "有一天，小猫", "小明和他的狗"]
@@ -59,7 +68,23 @@ def main(argv: list[str]) -> int:
     return cli("demo.py", lambda: run_demo(apply_options(DemoConfig(), argv)))
 
 
+def instruct_record_of(path: Path):
+    """The checkpoint's data.instruct record (None for a plain model), or -1 when there is no checkpoint."""
+    import checkpoint
+    if not path.exists():
+        return -1
+    data = checkpoint.load(path).get("data") or {}
+    rec = data.get("instruct")
+    return (rec.get("lang"), rec.get("share")) if isinstance(rec, dict) else None
+
+
 def run_demo(cfg: DemoConfig) -> int:
+    if not 0.0 <= cfg.instruct_share <= 1.0:
+        raise UserError(f"--instruct_share={cfg.instruct_share} must be in [0, 1]")
+    asked = cfg.instruct_share > 0
+    if asked:
+        import instruct
+        instruct.make_instruction(words=cfg.words, features=cfg.features)  # a bad request fails before the work
     py = sys.executable
     t_start = time.time()
     V = cfg.vocab_size
@@ -76,12 +101,18 @@ def run_demo(cfg: DemoConfig) -> int:
     if not (ROOT / tok_bin).exists():
         step("    export the tokenizer for the C engine",
              [py, "tokenizer.py", f"--tokenizer-model={tok_model}"])
-    step("3/8 pretokenize into uint16 shards",
-         [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *where])
+    ins_flags = ["--instruct=true", f"--instruct_share={cfg.instruct_share}"] if asked else []
+    step("3/8 pretokenize into uint16 shards" + (f" ({cfg.instruct_share:.0%} of the stories with an instruction)"
+                                                  if asked else ""),
+         [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *ins_flags, *where])
 
     from checkpoint import trained_iters  # imports torch: only once the data steps are done
 
     done = trained_iters(ROOT / out / "ckpt.pt")
+    if done >= 0 and instruct_record_of(ROOT / out / "ckpt.pt") != (("zh", cfg.instruct_share) if asked else None):
+        print(f"\n    {out / 'ckpt.pt'} was trained on other data (with or without instructions); "
+              "training a new one", flush=True)
+        done = -1
     data_flag = "--vocab_source=custom" if not where else f"--data_dir={data / f'tok{V}'}"
     train_cmd = [py, "train.py", f"--preset={cfg.preset}", data_flag, f"--vocab_size={V}",
                  f"--out_dir={out}", f"--max_iters={cfg.max_iters}", f"--lr_decay_iters={cfg.max_iters}",
@@ -111,12 +142,26 @@ def run_demo(cfg: DemoConfig) -> int:
         if r.returncode != 0:
             raise UserError(f"./run failed (exit {r.returncode})")
 
+    if asked:
+        cmd = [run_bin, str(model_bin), "-z", str(tok_bin), "-m", "instruct", "-w", cfg.words,
+               *(["-f", cfg.features] if cfg.features else []), "-t", str(cfg.temperature), "-p", str(cfg.top_p),
+               "-s", str(cfg.seed), "-n", str(cfg.steps)]
+        print(f"\n    a story on request: words never asked for together in training\n"
+              f"$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        r = subprocess.run(cmd, cwd=ROOT)
+        if r.returncode != 0:
+            raise UserError(f"./run -m instruct failed (exit {r.returncode})")
+
     if cfg.eval_samples > 0:
-        step("8/8 how good are the stories? fp32 and int8 beside real held-out stories",
+        step("8/8 how good are the stories? fp32 and int8 beside real held-out stories"
+             + ("; stories on request" if asked else ""),
              [py, "evaluate.py", f"--bin={model_bin}", f"--bin={model_q8}", f"--tokenizer={tok_bin}",
               *([] if not where else [f"--data_dir={data / f'tok{V}'}"]), f"--samples={cfg.eval_samples}",
-              "--val_stories=100", f"--run_bin={run_bin}", f"--out={out}/eval"])
+              "--val_stories=100", f"--run_bin={run_bin}", f"--out={out}/eval",
+              *(["--instruct=true", "--instruct_requests=4"] if asked else [])])
 
+    ask_hint = (f"  ./run {model_bin} -z {tok_bin} -m instruct -w 小猫,皮球 -f 对话,寓意   # a story on request\n"
+                if asked else "")
     print(f"""
 Done in {time.time() - t_start:.0f} s. What is where:
   {data}/synth/            the built-in corpus (jsonl)
@@ -128,7 +173,7 @@ Done in {time.time() - t_start:.0f} s. What is where:
   {out}/eval/report.md  the evaluation: story metrics beside real stories, plots, samples
 Next:
   ./run {model_q8} -z {tok_bin} -i '从前，'            # the int8 model, faster
-  python sample.py --checkpoint={out}/ckpt.pt --prompt='从前，'
+{ask_hint}  python sample.py --checkpoint={out}/ckpt.pt --prompt='从前，'
   python evaluate.py --checkpoint={out}/ckpt.pt --bin={model_q8} --tokenizer={tok_model}  # PyTorch vs int8
   python tinystories.py download && python tinystories.py train_vocab --vocab_size=5000 \\
       && python tinystories.py pretokenize --vocab_size=5000           # the real TinyStoriesChinese

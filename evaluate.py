@@ -529,6 +529,14 @@ def instruct_requests(records, lang: str, n: int) -> list[Request]:
             + [Request("summary", instruct.Instruction(summary=x)) for x in summaries])
 
 
+def fitting_requests(reqs: list[Request], lang: str, tok, max_seq_len: int) -> tuple[list[Request], int]:
+    """The requests whose prompt leaves at least a quarter of the context for the story, and how
+    many were left out (a long summary in a small model's context)."""
+    import instruct
+    keep = [r for r in reqs if len(tok.encode(instruct.render_prompt(r.ins, lang), bos=True)) <= 0.75 * max_seq_len]
+    return keep, len(reqs) - len(keep)
+
+
 def detector_check(records, lang: str) -> dict:
     """Each feature detector against the labels the corpus records carry: precision, recall and
     how many stories carry the label (None where no story does)."""
@@ -1000,6 +1008,10 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
     if cfg.instruct:
         records = val_records(corpus)
         reqs = instruct_requests(records, lang, cfg.instruct_requests)
+        reqs, dropped = fitting_requests(reqs, lang, tok, max_len)
+        if dropped:
+            print(f"{PROG}: note: {dropped} request(s) left out: their prompt leaves under a quarter of "
+                  f"max_seq_len={max_len} for the story", file=sys.stderr)
         if not any(r.kind == "words" for r in reqs):
             print(f"{PROG}: note: the corpus records carry no words: no word triples asked for", file=sys.stderr)
     run = tok_bin = None

@@ -1,6 +1,6 @@
 """`make demo`'s script end to end, shrunk to seconds: corpus, vocab, shards, training, both
-exports, the OpenMP build, three stories from the C engine and the closing evaluation, all in a
-temporary folder."""
+exports, the OpenMP build, three stories from the C engine and one on request, and the closing
+evaluation (stories on request included), all in a temporary folder."""
 
 import json
 import re
@@ -25,10 +25,18 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     for prompt in ("从前，", "有一天，小猫", "小明和他的狗"):
         assert f"\n{prompt}" in text, prompt
     assert "Done in" in text
+    # One story written to a request: ./run -m instruct prints the prompt it built, then the story.
+    assert "-m instruct -w '公园,面包,鸽子' -f '对话'" in text
+    assert "\n词语：公园，面包，鸽子\n特点：对话\n故事：" in text
     # It ends with an evaluation of both exports beside the reference stories.
     report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
     assert [m["engine"] for m in report["models"]] == ["c-fp32", "c-int8"]
     assert "entity_consistency" in report["reference"] and "report:" in text
+    # The model was trained on mixed data and says so: its exports ask for instructions, and the
+    # evaluation measured its stories on request.
+    assert (out / "model.bin").read_bytes()[38] == 1
+    assert [m["asked"] for m in report["instruct"]["models"]] == [True, True]
+    assert "## Stories on request" in (out / "eval" / "report.md").read_text(encoding="utf-8")
     # A second run reuses everything: no training step runs again.
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600)
     text2 = r2.stdout.decode("utf-8")

@@ -295,3 +295,25 @@ def test_instruct_mode_measures_requests_against_the_plain_baseline(pipeline, tm
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Stories on request" in md and "ckpt (baseline)" in md and "| all 3 words |" in md
     assert "on request, instruct:" in r.stdout
+
+
+def test_instruct_mode_in_pytorch_and_the_c_engine_alike(pipeline, run_bin, tmp_path):
+    """Greedy, the checkpoint and its .bin answer each request with the same story: ./run gets
+    the request as -m instruct -w/-f/-u, PyTorch the prompt instruct.render_prompt writes."""
+    asked = flagged_instruct(pipeline, tmp_path / "instruct.pt")
+    model_bin = tmp_path / "instruct.bin"
+    assert export.main([str(model_bin), f"--checkpoint={asked}", f"--tokenizer={pipeline['tok']}"]) == 0
+    out = tmp_path / "both"
+    r = run_eval([f"--checkpoint={asked}", f"--bin={model_bin}", f"--tokenizer={pipeline['tok']}",
+                  f"--run_bin={run_bin}", "--instruct=true", "--instruct_requests=2", "--temperature=0",
+                  "--samples=1", "--max_prompts=1", "--steps=30", "--val_stories=10"], out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_engine = {e: {x["prompt_index"]: x for x in rows if x["engine"] == e and "request" in x}
+                 for e in ("pytorch", "c-fp32")}
+    assert len(by_engine["pytorch"]) == len(by_engine["c-fp32"]) >= 8
+    for i, x in by_engine["pytorch"].items():
+        assert x["completion"] == by_engine["c-fp32"][i]["completion"], x["asked"]
+    section = json.loads((out / "report.json").read_text(encoding="utf-8"))["instruct"]
+    pt, c = section["models"]
+    assert pt["asked"] and c["asked"] and pt["all_words_rate"] == c["all_words_rate"]
