@@ -822,7 +822,8 @@ def instruct_md(section: dict, lang: str) -> list[str]:
     name = {fid: f"{zh} ({en})" for fid, (zh, en) in instruct.FEATURES.items()}
     lines = ["## Stories on request", "",
              f"{kinds['words']} word triples held out of training by construction, {kinds['feature']} features and "
-             f"{kinds['summary']} summaries of val stories, {section['samples']} {'story' if section['samples'] == 1 else 'stories'} each. A model trained with "
+             f"{kinds['summary']} summaries of val stories, {section['samples']} "
+             f"{'story' if section['samples'] == 1 else 'stories'} each. A model trained with "
              "instructions is given the request's prompt; a plain one (*baseline*) only the story start, and its "
              f"stories are measured against the same requests. Goal: {section['goal']:.0%} for every word of a "
              "triple and for each feature.", "",
