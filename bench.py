@@ -9,25 +9,25 @@ What it does, all inside one temporary folder:
      compiled with the same flags: a memory-bandwidth probe (streaming read of a 1 GiB buffer) and
      an FMA-throughput probe (independent fused multiply-adds on registers);
   2. writes random-weight models of the zh15M (dim 288, 6 layers, 6 heads, seq 256), zh42M
-     (512, 8, 8, 1024) and zh110M (768, 12, 12, 1024) shapes, vocab 5000, as version 3 fp32 and
-     int8 files, with a 5000-piece llama2.c-format tokenizer (the BOS/EOS embedding rows are zero,
+     (512, 8, 8, 1024) and zh110M (768, 12, 12, 1024) shapes, vocab 5000, as version 3 fp32,
+     int8 and bf16 files, with a 5000-piece llama2.c-format tokenizer (the BOS/EOS embedding rows are zero,
      so greedy decoding of random weights never stops early);
   3. times `./run model -t 0 -n 256` (decode, empty prompt) and a 200-token prompt (prefill) with
-     OMP_NUM_THREADS=1 and 2, several runs each (a model's fp32/int8 x 1/2-thread configurations
+     OMP_NUM_THREADS=1 and 2, several runs each (a model's fp32/int8/bf16 x 1/2-thread configurations
      take turns, so the ratios between them compare runs made side by side), from the engine's own
      stderr timing line; each round also probes the read bandwidth of a buffer of each file's size
      with 1 and 2 threads, so "% bw" and the 2/1 ceiling compare with the machine as it was then;
   3b. unless --llama_cpp=off, does the same beside llama.cpp: builds its llama-bench once (from the
      llama-cpp-python sdist requirements-test.txt pins, cached in ~/.cache/tinystories-zh/; where
      cmake, a C++ compiler or the sdist is missing, one line says so and those rows are skipped),
-     writes each model as GGUF with export.py (f32 for our fp32, q8_0 for our int8) and runs
+     writes each model as GGUF with export.py (f32 for our fp32, q8_0 for our int8, bf16 for our bf16) and runs
      `llama-bench -p 200 -n 256 -t THREADS -r 1` right after each of our runs of the same model;
   4. times the tokenizer: encoding a 10,000-character Chinese text (storygen.py's stories) with a
      sentencepiece BPE model trained on the spot, in C (tests/tok_harness.c) and in sentencepiece;
   5. with --quality_checkpoint (by default make demo's out/demo/ckpt.pt, when it exists): the val
      cross-entropy of that trained model through the engine as fp32, int8 (with its default fp16 KV
-     cache and with an fp32 one), fp32 with an fp16 KV cache, and fp32 with weights rounded to
-     bf16, i.e. what int8, the fp16 cache (and bf16 storage) would cost in quality;
+     cache and with an fp32 one), fp32 with an fp16 KV cache, and bf16, i.e. what int8, the fp16
+     cache and bf16 weights cost in quality;
   6. prints the tables and writes them to BENCHMARKS.md between `<!-- bench:begin -->` and
      `<!-- bench:end -->` (the rest of the file is kept; the markers are added if absent).
 
@@ -64,7 +64,7 @@ VOCAB = 5000
 @dataclass
 class BenchConfig:
     models: str = "zh15M,zh42M,zh110M"  # comma-separated names from SHAPES
-    dtypes: str = "fp32,int8"
+    dtypes: str = "fp32,int8,bf16"
     threads: str = "1,2"  # OMP_NUM_THREADS values; "2p" = 2 threads with OMP_WAIT_POLICY=passive
     max_seconds: float = 40.0  # per configuration: fewer rounds than `runs` once this is spent
     runs: int = 5  # timed runs per configuration (median and min-max reported)
@@ -383,7 +383,7 @@ def peer_stats(ours: dict, peer: dict) -> dict:
 # llama.cpp, the engine a user would pick instead of ours: its llama-bench on GGUF exports of the
 # same random weights, f32 beside our fp32 and q8_0 beside our int8
 
-GGUF_OF = {"fp32": "f32", "int8": "q8_0"}  # our .bin dtype -> the GGUF dtype compared with it
+GGUF_OF = {"fp32": "f32", "int8": "q8_0", "bf16": "bf16"}  # our .bin dtype -> the GGUF dtype compared with it
 
 
 def llama_cpp_version() -> str:
@@ -548,15 +548,13 @@ def tokenizer_bench(folder: Path, bins: dict, n_chars: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# what int8 costs in quality
+# what int8 and bf16 cost in quality
 
 def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
     """Val cross-entropy of one trained model through the C engine's prefill path, as an fp32 file,
     an int8 file (weights and activations quantized, as the engine runs them, with its default fp16
-    KV cache and with an fp32 one), the fp32 file with an fp16 KV cache, and an fp32 file of weights
-    rounded to bf16 (what bf16 storage would cost), next to PyTorch's fp32 value."""
-    import copy
-
+    KV cache and with an fp32 one), the fp32 file with an fp16 KV cache, and a bf16 file (on
+    AVX512-BF16 CPUs its prefill also rounds the activations), next to PyTorch's fp32 value."""
     import numpy as np
     import torch
 
@@ -577,23 +575,18 @@ def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
         raise BenchError(f"--quality_data: {e}") from None
     if int(x.max()) >= p.vocab_size:
         raise BenchError(f"{data}: token ids up to {int(x.max())}, but the model's vocab is {p.vocab_size}")
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for w in rounded.parameters():
-            if w.dim() == 2:
-                w.copy_(w.to(torch.bfloat16).float())
-    # name: (weights, file dtype, KV cache); the engine's defaults are fp32 + f32 and int8 + f16
-    runs = {"fp32": (model, "fp32", "f32"), "int8": (model, "int8", "f16"), "int8-kv32": (model, "int8", "f32"),
-            "fp32-kv16": (model, "fp32", "f16"), "bf16-rounded": (rounded, "fp32", "f32")}
+    # name: (file dtype, KV cache); the engine's defaults are f32 beside fp32 and bf16, f16 beside int8
+    runs = {"fp32": ("fp32", "f32"), "int8": ("int8", "f16"), "int8-kv32": ("int8", "f32"),
+            "fp32-kv16": ("fp32", "f16"), "bf16": ("bf16", "f32")}
     logits_bin = folder / "engine_logits"
     sh(["make", "-s", "runomp", f"BIN={logits_bin}", "SRC=tests/engine_logits.c"], cwd=ROOT)
     ce = {}
     with torch.no_grad():
         ce["pytorch"] = model(x, y)[1].item()
-    for name, (m, dtype, kv) in runs.items():
-        path = folder / f"quality_{dtype}{'-bf16' if m is rounded else ''}.bin"
+    for name, (dtype, kv) in runs.items():
+        path = folder / f"quality_{dtype}.bin"
         if not path.exists():
-            write_model_bin(m, path, version=3, dtype=dtype)
+            write_model_bin(model, path, version=3, dtype=dtype)
         losses = []
         for row, target in zip(x.tolist(), y):
             sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32", kv])
@@ -640,14 +633,24 @@ def render(cfg: BenchConfig, env: dict, probes: dict, results: dict, files: dict
                   f"parameters) on {quality['windows']} windows of {quality['len']} tokens, through the C "
                   f"engine: fp32 {ce['fp32']:.4f}; int8 {ce['int8']:.4f} ({rel['int8']:+.2f}%) with its default fp16 "
                   f"KV cache, {ce['int8-kv32']:.4f} ({rel['int8-kv32']:+.2f}%) with an fp32 one; fp32 weights with "
-                  f"an fp16 KV cache {ce['fp32-kv16']:.4f} ({rel['fp32-kv16']:+.2f}%); weights rounded to bf16 "
-                  f"{ce['bf16-rounded']:.4f} ({rel['bf16-rounded']:+.2f}%); PyTorch fp32 {ce['pytorch']:.4f}."]
+                  f"an fp16 KV cache {ce['fp32-kv16']:.4f} ({rel['fp32-kv16']:+.2f}%); bf16 "
+                  f"{ce['bf16']:.4f} ({rel['bf16']:+.2f}%); PyTorch fp32 {ce['pytorch']:.4f}."]
     return "\n".join(lines)
+
+
+def has_avx512_bf16() -> bool:
+    try:
+        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def peak(probes: dict, dtype: str, threads: int) -> float:
     """The arithmetic peak a prefill of these weights is measured against."""
-    return probes["int8"][threads] if dtype == "int8" and probes["int8"][threads] else probes["fma"][threads]
+    if dtype == "int8" and probes["int8"][threads]:
+        return probes["int8"][threads]
+    # bf16 prefill on AVX512-BF16 does two products per lane per instruction: twice the FMA rate
+    return probes["fma"][threads] * (2 if dtype == "bf16" and has_avx512_bf16() else 1)
 
 
 def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> list:
@@ -686,13 +689,15 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
             lines.append(f"| {name} | {dtype} | {f['bytes'] / 1e6:.0f} | {t} | {r['load']:.1f} | {dec['n']} | {fmt(dec)} | {gbs:.1f} | "
                          f"{f['bw'][k]:.1f} | {100 * gbs / f['bw'][k]:.0f}% | {fmt(pre)} | {gflops:.1f} | "
                          f"{100 * gflops / peak(probes, dtype, k):.0f}% |")
-    lines += ["", "Ratios of medians. int8/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
+    have = [d for d in ("fp32", "int8", "bf16") if any(fd == d for _, fd in files)]
+    lines += ["", "Ratios of medians. int8/fp32, bf16/fp32: decode tok/s. Prefill speed-up: prefill tok/s over decode tok/s, "
               f"i.e. the time of {cfg.prompt_tokens} decode steps over one {cfg.prompt_tokens}-token prefill. "
               "2t/1t: 2 threads over 1 thread. At peak: the speed-up a prefill running at the probe's arithmetic "
               "peak would give over this decode speed (its upper bound; models whose decode runs from cache "
               "leave it low).", "",
-              "| model | threads | int8/fp32 decode | prefill speed-up fp32 | (at peak) | prefill speed-up int8 | (at peak) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | threads | " + "".join(f"{d}/fp32 decode | " for d in have if d != "fp32")
+              + "".join(f"prefill speed-up {d} | (at peak) | " for d in have).rstrip(" "),
+              "|---|---:|" + "---:|" * (len(have) - 1 + 2 * len(have))]
     names = list(dict.fromkeys(n for n, _ in files))
 
     def med(n, d, t, k):
@@ -703,12 +708,12 @@ def speed_tables(cfg: BenchConfig, probes: dict, results: dict, files: dict) -> 
         for t in threads:
             k = thread_setting(t)[0]
             cells = []
-            for d in ("fp32", "int8"):
+            for d in have:
                 at_peak = (peak(probes, d, k) * 1e9 / (2 * files[(n, d)]["n_matrix"]) / med(n, d, t, "decode")
                            if (n, d) in files else float("nan"))
                 cells.append(f"{med(n, d, t, 'prefill') / med(n, d, t, 'decode'):.1f}x | {at_peak:.1f}x")
-            lines.append(f"| {n} | {t} | {med(n, 'int8', t, 'decode') / med(n, 'fp32', t, 'decode'):.2f}x | "
-                         + " | ".join(cells) + " |")
+            speedups = [f"{med(n, d, t, 'decode') / med(n, 'fp32', t, 'decode'):.2f}x" for d in have if d != "fp32"]
+            lines.append(f"| {n} | {t} | " + "".join(s + " | " for s in speedups) + " | ".join(cells) + " |")
     multi = [t for t in threads if thread_setting(t)[0] > 1]
     if "1" in threads and multi:
         lines += ["", f"{'/'.join(multi)}/1 bw: the bandwidth probe's own ratio at the model's size, the most a "
@@ -739,7 +744,7 @@ def llama_table(cfg: BenchConfig, llama: dict, results: dict, files: dict) -> li
         "its defaults otherwise: an f16 KV cache (ours: f32 beside fp32 weights, f16 beside int8), flash "
         "attention auto, "
         "one warm-up of each test) on GGUF files of the same random weights written by export.py's write_gguf, "
-        "f32 beside our fp32 and q8_0 (blocks of 32, fp16 scales) beside our int8. In each round llama-bench "
+        "f32 beside our fp32, q8_0 (blocks of 32, fp16 scales) beside our int8 and bf16 beside our bf16. In each round llama-bench "
         "runs right after our decode and prefill of the same model, weights and threads; ours/llama.cpp is "
         "the median (min-max) of the per-round ratios of tok/s, above 1 where ours is faster. llama-bench "
         "feeds random token ids and samples nothing, so it never stops early; our decode also picks each "

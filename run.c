@@ -124,6 +124,7 @@ typedef struct {
     int kv_dim;       /* n_kv_heads * head_size */
     int shared_classifier; /* 1: the classifier is the token embedding */
     int quantized;    /* 1: matrices are int8 Q8_0 */
+    int bf16;         /* 1: matrices are bf16 (version 3 weight_type 2; norms stay fp32) */
     int group_size;   /* int8 values per fp32 scale (0 when fp32) */
     int w2_group_size; /* group_size of w2's rows after loading: group_size, or for a version 2 file
                           whose groups run across w2's row ends gcd(group_size, hidden_dim) (see
@@ -135,10 +136,12 @@ typedef struct {
     int version;      /* file format version 0..3 */
 } Config;
 
-/* One weight matrix (rows, cols), row-major like PyTorch's nn.Linear: fp32 in w, or int8 values
-   in q with one fp32 scale per group of consecutive values of a row in s (q8_group_size). */
+/* One weight matrix (rows, cols), row-major like PyTorch's nn.Linear: fp32 in w, bf16 in b, or
+   int8 values in q with one fp32 scale per group of consecutive values of a row in s
+   (q8_group_size). */
 typedef struct {
     const float *w;    /* (rows, cols) fp32, or NULL */
+    const uint16_t *b; /* (rows, cols) bf16, or NULL */
     const int8_t *q;   /* (rows, cols) int8, or NULL */
     const float *s;    /* (rows * cols / group_size) scales, or NULL */
     const int32_t *pw; /* int8 matrices on VNNI CPUs: q repacked at load time (q8_pack), else NULL */
@@ -183,6 +186,8 @@ typedef struct {
     int8_t *xq;        /* (block, max(dim, hidden_dim)) int8 activations (quantized models) */
     float *xs;         /* (block, max(dim, hidden_dim) / group_size) their scales */
     int32_t *xsum;     /* (block, max(dim, hidden_dim) / group_size) sums of each group's int8 */
+    uint16_t *xh;      /* (block, max(dim, hidden_dim)) activations rounded to bf16 for the prefill
+                          kernel (bf16 models on AVX512-BF16 CPUs; see matmul_jobs), else NULL */
     void *key_cache;   /* (n_layers, n_ctx, kv_dim), float or fp16 (kv_half) */
     void *value_cache; /* (n_layers, n_ctx, kv_dim), float or fp16 (kv_half) */
     int kv_half;       /* 1: the caches hold IEEE fp16 (uint16_t), 0: float */
@@ -281,7 +286,7 @@ static const char *config_problem(const Config *c, char *buf, size_t n) {
 
 /* Bytes one matrix of `numel` values takes in the file. */
 static int64_t matrix_bytes(const Config *c, int64_t numel) {
-    return c->quantized ? numel + 4 * (numel / c->group_size) : 4 * numel;
+    return c->quantized ? numel + 4 * (numel / c->group_size) : c->bf16 ? 2 * numel : 4 * numel;
 }
 
 /* The exact file size the config implies, in bytes. */
@@ -342,17 +347,19 @@ static void config_read(Config *c, const char *path, const unsigned char *h, siz
             zero_from = 41;
         } else if (c->version == 3) {
             int weight_type = h[37];
-            if (weight_type > 1)
-                fatal("%s: unknown weight_type %d in version 3 header (0 = fp32, 1 = int8)", path,
-                      weight_type);
+            if (weight_type > 2)
+                fatal("%s: unknown weight_type %d in version 3 header (0 = fp32, 1 = int8, 2 = bf16)",
+                      path, weight_type);
             c->prompt_format = h[38] | h[39] << 8; /* uint16 */
             if (c->prompt_format > PROMPT_INSTRUCT_EN)
                 fatal("%s: unknown prompt_format %d in version 3 header (0 = plain, 1 = instruct zh, "
                       "2 = instruct en); re-run export.py", path, c->prompt_format);
-            c->quantized = weight_type;
+            c->quantized = weight_type == 1;
+            c->bf16 = weight_type == 2;
             c->group_size = read_i32(h + 40);
             if (!c->quantized && c->group_size != 0)
-                fatal("%s: group_size=%d in an fp32 file (must be 0)", path, c->group_size);
+                fatal("%s: group_size=%d in an %s file (must be 0)", path, c->group_size,
+                      c->bf16 ? "bf16" : "fp32");
             c->norm_eps = read_f32(h + 44);
             c->rope_theta = read_f32(h + 48);
             c->tokenizer_hash = read_u32(h + 52);
@@ -407,8 +414,13 @@ static const float *take_scales(Cursor *cur, int64_t n) {
 }
 
 static Matrix take_matrix(Cursor *cur, const Config *c, int64_t rows, int64_t cols) {
-    Matrix m = {NULL, NULL, NULL, NULL, NULL};
-    if (!c->quantized) {
+    Matrix m = {0};
+    if (c->bf16) {
+        /* 2-byte aligned: the body starts at 256 and every tensor before it is a whole number of
+           2- or 4-byte values. */
+        m.b = (const uint16_t *)(const void *)cur->p;
+        cur->p += 2 * rows * cols;
+    } else if (!c->quantized) {
         m.w = take_f32(cur, rows * cols);
     } else {
         m.q = (const int8_t *)cur->p;
@@ -459,6 +471,13 @@ static void weights_regroup_w2(Transformer *t) {
     c->w2_group_size = g;
 }
 
+/* 1 when no bf16 value of b[0..n) is NaN or +-Inf (all exponent bits set). */
+static int bf16_all_finite(const uint16_t *b, int64_t n) {
+    uint16_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (uint16_t)((b[i] & 0x7f80u) == 0x7f80u);
+    return !bad;
+}
+
 /* 1 when every |x[i]| of x[0..n) is at most `limit` (so NaN and +-Inf fail). Integer compares on
    the bit patterns (magnitudes order like their bits), so that the compiler vectorizes it without
    -ffast-math: one streaming pass at memory speed. */
@@ -497,6 +516,11 @@ static void weights_check_finite(const Transformer *t) {
     do {                                                                                           \
         if ((m)->w) {                                                                              \
             CHECK_VALUES((m)->w, (n), __VA_ARGS__);                                                \
+        } else if ((m)->b) {                                                                       \
+            if (!bf16_all_finite((m)->b, (n))) {                                                   \
+                snprintf(name, sizeof name, __VA_ARGS__);                                          \
+                fatal("%s: %s holds NaN/Inf; the file is damaged, re-export it", t->path, name);  \
+            }                                                                                      \
         } else {                                                                                   \
             CHECK_VALUES((m)->s, (n) / c->group_size, __VA_ARGS__);                                \
             if (!floats_within((m)->s, (n) / c->group_size, FLT_MAX / 127.0f)) {                   \
@@ -587,6 +611,7 @@ static void run_state_init(RunState *s, const Config *c, int kv_half, int n_ctx)
     size_t n_groups = B * (c->quantized ? wide / (size_t)c->w2_group_size : 1); /* the smaller size */
     s->xs = xmalloc_aligned(n_groups * sizeof(float));
     s->xsum = xmalloc_aligned(n_groups * sizeof(int32_t));
+    s->xh = c->bf16 ? xmalloc_aligned(B * wide * sizeof(uint16_t)) : NULL;
     s->kv_half = kv_half;
     s->key_cache = xmalloc_aligned(cache * esize);
     s->value_cache = xmalloc_aligned(cache * esize);
@@ -628,6 +653,7 @@ static void run_state_free(RunState *s) {
     free(s->value_cache);
     free(s->key_cache);
     free(s->xsum);
+    free(s->xh);
     free(s->xs);
     free(s->xq);
     free(s->logits);
@@ -724,6 +750,8 @@ static void transformer_free(Transformer *t) {
    sum i % 16) combined in a fixed tree at the end, so the result does not depend on how rows and
    tokens are split across threads or tiles: within one build, prompt prefill of a block and
    token-by-token decoding give bit-identical logits. */
+
+#include "run_f16.h" /* defines: f32_to_f16, f16_to_f32 (the fp16 KV cache), bf16_to_f32, f32_to_bf16 */
 
 static float dot_f32_ref(const float *a, const float *b, int n) {
     float acc[16] = {0};
@@ -869,19 +897,19 @@ static void rope_rows(float *v, int i0, int i1, int head_size, const float *cosp
     }
 }
 
-/* Copies row `token` of the embedding into x (dim), dequantizing int8 rows. */
+/* Copies row `token` of the embedding into x (dim), widening bf16 and dequantizing int8 rows. */
 static void embedding_lookup(const Transformer *t, float *x, int token) {
     const Config *c = &t->config;
     const Matrix *e = &t->weights.token_embedding;
     size_t off = (size_t)token * c->dim;
     if (e->w) {
         memcpy(x, e->w + off, (size_t)c->dim * sizeof(float));
+    } else if (e->b) {
+        for (int i = 0; i < c->dim; i++) x[i] = bf16_to_f32(e->b[off + i]);
     } else {
         for (int i = 0; i < c->dim; i++) x[i] = (float)e->q[off + i] * e->s[(off + i) / c->group_size];
     }
 }
-
-#include "run_f16.h" /* defines: f32_to_f16, f16_to_f32 (IEEE half precision for the fp16 KV cache) */
 
 /* The address of element e of a cache array. */
 static inline const void *kv_at(const void *base, size_t e, int half) {

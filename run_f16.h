@@ -1,6 +1,6 @@
-/* run_f16.h: IEEE half precision for the fp16 KV cache, #included by run.c's plain ops. Plain C;
-   run_kernels.h's kv_store_f16 uses the CPU's conversion instructions where it has them, which
-   give the same bits. */
+/* run_f16.h: the two half precisions, #included by run.c's plain ops: IEEE fp16 for the fp16 KV
+   cache and bf16 for bf16 weights. Plain C; run_kernels.h's kv_store_f16 uses the CPU's
+   conversion instructions where it has them, which give the same bits. */
 
 /* IEEE fp16 for the KV cache, round to nearest even: the same bits as the F16C/AVX-512
    conversion instructions for every float (tests/engine_kernels.c checks all 2^32 of them where
@@ -39,4 +39,22 @@ static float f16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &x, sizeof f);
     return f;
+}
+
+/* bf16 bits -> float: bf16 is the top half of an fp32 value, so this is exact. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float -> bf16 bits, rounded to nearest even like PyTorch's .to(torch.bfloat16) and the
+   AVX512-BF16 conversion instruction; a NaN stays a (quiet) NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }

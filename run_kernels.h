@@ -21,53 +21,66 @@ static inline float hsum16_ps(__m512 v) {
     return _mm_cvtss_f32(s1);
 }
 
-/* A tile of R rows x T tokens (R, T <= 4, compile-time constants after inlining): R*T register
-   accumulators, each W and x vector loaded once per 16 columns. */
+/* The body of a tile of R rows x T tokens (R, T <= 4, compile-time constants after inlining):
+   R*T register accumulators, each W and x vector loaded once per 16 columns, summed in
+   dot_f32_ref's order. LOADW(p) and MLOADW(k, p) give 16 weights as fp32 (plain loads here;
+   run_bf16.h widens bf16 with the same body). Expects out, x, w, d, m, R, T in scope. */
+#define TILE_BODY(LOADW, MLOADW)                                                                   \
+    __m512 acc[4][4];                                                                              \
+    for (int r = 0; r < R; r++)                                                                    \
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();                               \
+    int i = 0;                                                                                     \
+    for (; i + 16 <= m; i += 16) {                                                                 \
+        __m512 wv[4], xv[4];                                                                       \
+        /* The next block's rows (the next 4 rows; past the end only a harmless hint): the         \
+           hardware prefetcher alone does not keep enough lines in flight to stream at bandwidth. */ \
+        if (T == 1)                                                                                \
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + (size_t)(r + 4) * m + i), _MM_HINT_T0); \
+        for (int r = 0; r < R; r++) wv[r] = LOADW(w + (size_t)r * m + i);                          \
+        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * m + i);               \
+        for (int r = 0; r < R; r++)                                                                \
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);     \
+    }                                                                                              \
+    if (i < m) { /* the last m % 16 columns land in partial sums 0 .. m%16-1, as in the reference */ \
+        __mmask16 k = (__mmask16)((1u << (m - i)) - 1);                                            \
+        __m512 wv[4], xv[4];                                                                       \
+        for (int r = 0; r < R; r++) wv[r] = MLOADW(k, w + (size_t)r * m + i);                      \
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(k, x + (size_t)t * m + i);      \
+        for (int r = 0; r < R; r++)                                                                \
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_mask3_fmadd_ps(wv[r], xv[t], acc[r][t], k); \
+    }                                                                                              \
+    for (int r = 0; r < R; r++)                                                                    \
+        for (int t = 0; t < T; t++) out[(size_t)t * d + r] = hsum16_ps(acc[r][t])
+
 static inline __attribute__((always_inline)) void tile_f32(float *out, const float *x, const float *w,
                                                            int d, int m, int R, int T) {
-    __m512 acc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= m; i += 16) {
-        __m512 wv[4], xv[4];
-        /* The next block's rows (the next 4 rows; past the end only a harmless hint): the
-           hardware prefetcher alone does not keep enough lines in flight to stream at bandwidth. */
-        if (T == 1)
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + (size_t)(r + 4) * m + i), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + (size_t)r * m + i);
-        for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * m + i);
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
-    }
-    if (i < m) { /* the last m % 16 columns land in partial sums 0 .. m%16-1, as in the reference */
-        __mmask16 k = (__mmask16)((1u << (m - i)) - 1);
-        __m512 wv[4], xv[4];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_ps(k, w + (size_t)r * m + i);
-        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(k, x + (size_t)t * m + i);
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < T; t++) acc[r][t] = _mm512_mask3_fmadd_ps(wv[r], xv[t], acc[r][t], k);
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) out[(size_t)t * d + r] = hsum16_ps(acc[r][t]);
+    TILE_BODY(_mm512_loadu_ps, _mm512_maskz_loadu_ps);
 }
+
+/* Rows [i0, i0+R) (R = 4, or fewer at the end) against all n tokens, 4 tokens at a time, through
+   TILE(out, x, w, d, m, rows, tokens), a tile function that inlines to constant sizes: o is out
+   + i0, xs the tokens' rows (m wide), wr the first row of W (m wide). One driver for the fp32
+   and both bf16 kernels, so they split the work the same way. */
+#define TILE_ROWS(TILE, o, xs, wr, n, d, m, R)                                                     \
+    do {                                                                                           \
+        int t_ = 0;                                                                                \
+        if ((R) == 4) {                                                                            \
+            for (; t_ + 4 <= (n); t_ += 4) TILE((o) + (size_t)t_ * (d), (xs) + (size_t)t_ * (m), (wr), d, m, 4, 4); \
+            for (; t_ < (n); t_++) TILE((o) + (size_t)t_ * (d), (xs) + (size_t)t_ * (m), (wr), d, m, 4, 1);      \
+        } else {                                                                                   \
+            for (int r_ = 0; r_ < (R); r_++) {                                                     \
+                for (t_ = 0; t_ + 4 <= (n); t_ += 4)                                               \
+                    TILE((o) + (size_t)t_ * (d) + r_, (xs) + (size_t)t_ * (m), (wr) + (size_t)r_ * (m), d, m, 1, 4); \
+                for (; t_ < (n); t_++)                                                             \
+                    TILE((o) + (size_t)t_ * (d) + r_, (xs) + (size_t)t_ * (m), (wr) + (size_t)r_ * (m), d, m, 1, 1); \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
 
 /* Rows [i0, i0+4) (or fewer at the end) against all n tokens, 4 tokens at a time. */
 static void rows_f32(float *out, const float *x, const float *w, int n, int d, int m, int i0) {
-    const float *wr = w + (size_t)i0 * m;
-    float *o = out + i0;
     int R = d - i0 < 4 ? d - i0 : 4;
-    int t = 0;
-    if (R == 4) {
-        for (; t + 4 <= n; t += 4) tile_f32(o + (size_t)t * d, x + (size_t)t * m, wr, d, m, 4, 4);
-        for (; t < n; t++) tile_f32(o + (size_t)t * d, x + (size_t)t * m, wr, d, m, 4, 1);
-    } else {
-        for (int r = 0; r < R; r++) {
-            for (t = 0; t + 4 <= n; t += 4)
-                tile_f32(o + (size_t)t * d + r, x + (size_t)t * m, wr + (size_t)r * m, d, m, 1, 4);
-            for (; t < n; t++) tile_f32(o + (size_t)t * d + r, x + (size_t)t * m, wr + (size_t)r * m, d, m, 1, 1);
-        }
-    }
+    TILE_ROWS(tile_f32, out + i0, x, w + (size_t)i0 * m, n, d, m, R);
 }
 #endif
 
@@ -358,7 +371,7 @@ static void block_q8(float *out, const int8_t *xq, const float *xs, const int32_
    compares it with matmul_q8_ref. */
 void matmul_q8(float *out, const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *wq,
                const float *ws, int n, int d, int m, int gs) {
-    Matrix w = {NULL, wq, ws, NULL, NULL};
+    Matrix w = {.q = wq, .s = ws};
     void *buf = NULL;
     if (q8_packable(gs)) {
         buf = xmalloc_aligned(q8_packed_bytes(d, m, gs));
@@ -421,14 +434,18 @@ static void weights_pack(Transformer *t) {
     drop_pages(t, &w->wcls, c->vocab_size, d);
 }
 
-/* Rows in one unit of work of a product with W: 4 for fp32, a packed block or 4 for int8. */
-static int matrix_rows(const Matrix *w) { return w->w ? 4 : q8_block_rows(w); }
+#include "run_bf16.h" /* defines: matmul_bf16_ref, block_bf16, round_rows_bf16 (bf16 weights) */
 
-/* Rows [i0, i0 + matrix_rows) of out (n, d) = x (n, m) @ W^T: fp32 weights read x, int8 weights
-   its quantized form (xq, xs, xsum). */
+/* Rows in one unit of work of a product with W: 4 for fp32 and bf16, a packed block or 4 for int8. */
+static int matrix_rows(const Matrix *w) { return w->w || w->b ? 4 : q8_block_rows(w); }
+
+/* Rows [i0, i0 + matrix_rows) of out (n, d) = x (n, m) @ W^T: fp32 and bf16 weights read x (bf16
+   prefill blocks its bf16 rounding in t->state.xh, see matmul_jobs), int8 weights its quantized
+   form (xq, xs, xsum). */
 static void matrix_block(const Transformer *t, float *out, const Matrix *w, const float *x, const int8_t *xq,
                          const float *xs, const int32_t *xsum, int n, int d, int m, int i0) {
     if (w->w) block_f32(out, x, w->w, n, d, m, i0);
+    else if (w->b) block_bf16(out, x, n >= BF16_DP_MIN_TOKENS ? t->state.xh : NULL, w->b, n, d, m, i0);
     else block_q8(out, xq, xs, xsum, w, n, d, m, q8_group_size(&t->config, m), i0);
 }
 
@@ -442,9 +459,11 @@ typedef struct {
 /* Several products of the same input x (n, m) (q, k, v; or w1, w3) in one parallel loop over all
    their blocks of rows (4, or 32 for packed int8): one fork and one barrier instead of one
    per matrix. For int8 weights, x must already be quantized into s->xq / s->xs / s->xsum
-   (quantize_rows). */
+   (quantize_rows); for bf16 weights a block of tokens is rounded to bf16 here, once for all the
+   rows that read it. */
 static void matmul_jobs(Transformer *t, const MatJob *jobs, int n_jobs, const float *x, int n, int m) {
     RunState *s = &t->state;
+    if (jobs[0].w->b && s->xh && n >= BF16_DP_MIN_TOKENS) round_rows_bf16(s->xh, x, n, m);
     int start[4] = {0, 0, 0, 0}, rows[3];
     for (int j = 0; j < n_jobs; j++) {
         rows[j] = matrix_rows(jobs[j].w);

@@ -262,6 +262,83 @@ static int check_quantize_hostile(void) {
     return failures;
 }
 
+/* bf16 products: the widening kernel (decode, and prefill without AVX512-BF16) against
+   matmul_bf16_ref within fp32's FMA bound; with AVX512-BF16, the vdpbf16ps prefill kernel within
+   that bound plus the activations' rounding (each |x| <= 1 rounds by at most 2^-9 of itself, and
+   |w| <= 1, so a sum of m terms moves by at most m * 2^-9). fast and ref are n * d scratch. */
+static int check_bf16_product(const float *w, const float *x, float *fast, float *ref, int n, int d, int m) {
+    int failures = 0;
+    uint16_t *wb = xmalloc((size_t)d * m * sizeof(uint16_t));
+    uint16_t *xb = xmalloc((size_t)n * m * sizeof(uint16_t));
+    for (size_t i = 0; i < (size_t)d * m; i++) wb[i] = f32_to_bf16(w[i]);
+    matmul_bf16_ref(ref, x, wb, n, d, m);
+    float tol = 4.0f * (float)m * (float)m * 5.97e-8f + 1e-7f;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+#if HAVE_AVX512BF16
+            round_rows_bf16(xb, x, n, m);
+            tol += (float)m * 0x1p-9f;
+#else
+            break;
+#endif
+        }
+        matmul_bf16(fast, x, pass ? xb : NULL, wb, n, d, m);
+        for (int i = 0; i < n * d; i++)
+            if (!(fabsf(fast[i] - ref[i]) <= tol)) {
+                printf("bf16 %s d=%d m=%d n=%d: out[%d] fast %.9g ref %.9g\n", pass ? "vdpbf16ps" : "widened", d, m,
+                       n, i, fast[i], ref[i]);
+                failures++;
+                break;
+            }
+    }
+    free(xb);
+    free(wb);
+    return failures;
+}
+
+/* f32_to_bf16 rounds to nearest even: known values everywhere, and with AVX512-BF16 the CPU's
+   conversion instruction for a sweep of float patterns (the instruction flushes subnormal inputs
+   to zero, so those are left out; activations that small change nothing). */
+static int check_bf16_conversion(void) {
+    int failures = 0;
+    const struct { float f; uint16_t b; } known[] = {
+        {1.0f, 0x3f80}, {-2.0f, 0xc000}, {1.0f + 0x1p-8f, 0x3f80}, {1.0f + 0x1p-7f, 0x3f81},
+        {1.0f + 0x1.8p-7f, 0x3f82}, {1.0f + 0x1.8p-8f, 0x3f81}, {3.4028235e38f, 0x7f80}, {INFINITY, 0x7f80},
+        {-INFINITY, 0xff80}, {0x1p-133f, 0x0001}, {0x1p-134f, 0x0000}, {0x1.8p-133f, 0x0002}, {-0.0f, 0x8000}};
+    for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+        if (f32_to_bf16(known[i].f) != known[i].b) {
+            printf("f32_to_bf16(%a) = %04x, want %04x\n", known[i].f, (unsigned)f32_to_bf16(known[i].f),
+                   (unsigned)known[i].b);
+            failures++;
+        }
+    if (!isnan(bf16_to_f32(f32_to_bf16(NAN)))) {
+        printf("f32_to_bf16(NaN) is not a NaN\n");
+        failures++;
+    }
+#if HAVE_AVX512BF16
+    enum { N = 1 << 12 };
+    float in[N];
+    uint16_t hw[N];
+    const uint32_t step = 4099; /* odd, so every mantissa pattern's low bits come round */
+    for (uint64_t base = 0; base < (1ull << 32); base += (uint64_t)N * step) {
+        int k = 0;
+        for (uint32_t i = 0; i < N; i++) {
+            uint32_t u = (uint32_t)(base + (uint64_t)i * step), e = u & 0x7f800000u;
+            if (e == 0 || e == 0x7f800000u) continue; /* subnormals, infinities and NaNs: above */
+            memcpy(&in[k++], &u, sizeof u);
+        }
+        for (; k % 16; k++) in[k] = 0.0f;
+        for (int i = 0; i < k; i += 16)
+            _mm256_storeu_si256((__m256i *)(void *)(hw + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+        for (int i = 0; i < k; i++)
+            if (f32_to_bf16(in[i]) != hw[i] && failures++ < 10)
+                printf("f32_to_bf16(%a) = %04x, the CPU gives %04x\n", in[i], (unsigned)f32_to_bf16(in[i]),
+                       (unsigned)hw[i]);
+    }
+#endif
+    return failures;
+}
+
 static int check(void) {
     int failures = check_elementwise();
     const int ds[] = {1, 3, 4, 5, 17, 64, 301};
@@ -289,6 +366,7 @@ static int check(void) {
                         break;
                     }
                 }
+                failures += check_bf16_product(w, x, fast, ref, n, d, m);
                 /* int8: every group size that divides m (the file format's constraint) */
                 for (int gs = 1; gs <= m; gs++) {
                     if (m % gs || (gs & (gs - 1) && gs % 16)) continue; /* powers of two and x16 */
@@ -366,6 +444,7 @@ static int check(void) {
                 free(ref); free(fast); free(att); free(v16); free(k16); free(v); free(k); free(q);
             }
     failures += check_f16();
+    failures += check_bf16_conversion();
     failures += check_quantize_hostile();
     failures += check_argmax();
     failures += check_top_p();
@@ -388,7 +467,7 @@ static void time_kernels(int d, int m, int n) {
     quantize_rows(xq, xs, xsum, x, n, m, gs);
     /* the engine packs int8 matrices once at load: time the product on a packed copy, not the
        packing that matmul_q8 does on every call */
-    Matrix wm = {NULL, wq, ws, NULL, NULL};
+    Matrix wm = {.q = wq, .s = ws};
     void *packed = q8_packable(gs) ? xmalloc_aligned(q8_packed_bytes(d, m, gs)) : NULL;
     if (packed) q8_pack(&wm, packed, d, m, gs);
     int rows = q8_block_rows(&wm), blocks = (d + rows - 1) / rows;
