@@ -675,13 +675,17 @@ BAD_FILES = {
     "bad_group_size": (2, put_i32(37, 7), ["group_size"]),
     "zero_group_size": (3, put_i32(40, 0), ["group_size"]),
     "bad_weight_type": (3, lambda d: d[:37] + b"\x05" + d[38:], ["weight_type"]),
+    "bf16_weight_type_3": (3, lambda d: d[:37] + b"\x03" + d[38:], ["weight_type 3", "bf16"]),
+    "bf16_truncated": (3, lambda d: d[:-2], ["truncated"]),
+    "bf16_group_size": (3, put_i32(40, 64), ["group_size=64", "bf16"]),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_FILES))
 def test_bad_model_file(engine, models, tok_files, tmp_path, name):
     version, edit, words = BAD_FILES[name]
-    dtype = "int8" if name in ("bad_group_size", "zero_group_size") else "fp32"
+    dtype = ("int8" if name in ("bad_group_size", "zero_group_size")
+             else "bf16" if name.startswith("bf16") else "fp32")
     if name == "zero_group_size" or name == "bad_weight_type":
         version = 3
     src = models["odd_gqa"][(version, dtype)]

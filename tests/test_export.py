@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 import checkpoint  # noqa: E402
 from export import ExportError, load_model_bin, quantize_roundtrip, write_model_bin  # noqa: E402
-from model import Transformer, model_args_from_preset  # noqa: E402
+from model import ModelArgs, Transformer, model_args_from_preset  # noqa: E402
 
 MAGIC = 0x616B3432
 VOCAB = 400  # the test tokenizer's size, so models and tokenizer fit together
@@ -525,3 +525,30 @@ def test_an_export_sweeps_what_killed_exports_left(tmp_path):
     write_model_bin(make_model("tied"), out, version=3)
     export.sweep_before_writing(tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == sorted(["hf", "model.bin"] + [p.name for p in kept])
+
+
+def test_bf16_only_where_the_format_holds_it(tmp_path):
+    """bf16 is a version 3 weight type: older versions refuse it in one line, exit 2; a bf16 file
+    reads back as exactly the bf16-rounded model."""
+    import subprocess
+    import sys
+
+    import export
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16))
+    for version in (0, 1, 2):
+        with pytest.raises(export.ExportError, match=f"version {version} stores .* not dtype='bf16'"):
+            export.write_model_bin(model, tmp_path / "x.bin", version=version, dtype="bf16")
+    src = tmp_path / "m.bin"
+    export.write_model_bin(model, src, version=1)
+    p = subprocess.run([sys.executable, "export.py", str(tmp_path / "y.bin"), "--version=2", "--dtype=bf16",
+                        f"--checkpoint={src}"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "export.py: error:" in p.stderr, p.stderr
+    out = tmp_path / "b.bin"
+    export.write_model_bin(model, out, version=3, dtype="bf16")
+    assert export.read_bin_header(out).dtype == "bf16"
+    back, want = export.load_model_bin(out), export.bf16_roundtrip(model)
+    for (name, a), b in zip(back.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), name
+    bits = export.to_bf16(np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -3.0e38], dtype=np.float32))
+    assert bits.tolist() == [0x3F80, 0x3F80, 0x3F82, 0xFF62]  # ties to even, like torch
