@@ -36,7 +36,6 @@ Numbers depend on what else the machine runs: the load average is recorded next 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -53,6 +52,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from options import OptionError, UserError, apply_options, cli, opt, render_help
+
 ROOT = Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -63,53 +64,49 @@ VOCAB = 5000
 
 @dataclass
 class BenchConfig:
-    models: str = "zh15M,zh42M,zh110M"  # comma-separated names from SHAPES
-    dtypes: str = "fp32,int8,bf16"
-    threads: str = "1,2"  # OMP_NUM_THREADS values; "2p" = 2 threads with OMP_WAIT_POLICY=passive
-    max_seconds: float = 40.0  # per configuration: fewer rounds than `runs` once this is spent
-    runs: int = 5  # timed runs per configuration (median and min-max reported)
-    decode_tokens: int = 256
-    prompt_tokens: int = 200  # prefill length, BOS included
-    tokenizer_chars: int = 10000  # 0: skip the tokenizer benchmark
-    # a train.py checkpoint (or .bin) whose val loss through the engine shows what int8 costs;
-    # "auto": make demo's out/demo/ckpt.pt when it exists; "": skip
-    quality_checkpoint: str = "auto"
-    quality_data: str = ""  # its shard folder (default: the checkpoint's data_dir, else data/tok<vocab>)
-    quality_windows: int = 32  # val windows of min(max_seq_len, 256) tokens
-    # llama.cpp's llama-bench beside our engine on GGUF exports of the same weights: "auto" builds
-    # it once from the llama-cpp-python sdist requirements-test.txt pins, "off", or a llama-bench path
-    llama_cpp: str = "auto"
-    output: str = "BENCHMARKS.md"
-    write: bool = True  # false: print the tables only
+    models: str = opt("zh15M,zh42M,zh110M", "comma-separated names from SHAPES; '' skips the engine runs")
+    dtypes: str = opt("fp32,int8,bf16", "weights to time, comma-separated")
+    threads: str = opt("1,2", "OMP_NUM_THREADS values; 2p = 2 threads with OMP_WAIT_POLICY=passive")
+    max_seconds: float = opt(40.0, "per configuration: fewer rounds than --runs once this is spent")
+    runs: int = opt(5, "timed runs per configuration (median and min-max reported)")
+    decode_tokens: int = opt(256, "tokens decoded per decode run")
+    prompt_tokens: int = opt(200, "prefill length, BOS included")
+    tokenizer_chars: int = opt(10000, "characters for the tokenizer benchmark; 0 skips it")
+    quality_checkpoint: str = opt("auto", "a train.py checkpoint (or .bin) whose val loss through the engine "
+                                          "shows what int8 and bf16 cost; auto = make demo's out/demo/ckpt.pt "
+                                          "when it exists; '' skips it")
+    quality_data: str = opt("", "its shard folder (default: the checkpoint's data_dir, else data/tok<vocab>)")
+    quality_windows: int = opt(32, "val windows of min(max_seq_len, 256) tokens")
+    llama_cpp: str = opt("auto", "llama.cpp's llama-bench beside ours on GGUF exports of the same weights: auto "
+                                 "(built once from the llama-cpp-python sdist requirements-test.txt pins), off, "
+                                 "or a llama-bench path")
+    output: str = opt("BENCHMARKS.md", "the file whose bench:begin/end block is rewritten")
+    write: bool = opt(True, "false: print the tables only")
 
 
-class BenchError(Exception):
+class BenchError(UserError):
     pass
 
 
 def parse_config(argv: list[str]) -> BenchConfig:
-    sys.path.insert(0, str(ROOT))
-    from options import OptionError, apply_options
-    try:
-        cfg = apply_options(BenchConfig(), argv)
-    except OptionError as e:
-        raise BenchError(str(e)) from None
+    """The options, checked; OptionError (exit 2) for any that cannot work."""
+    cfg = apply_options(BenchConfig(), argv)
     unknown = [m for m in cfg.models.split(",") if m and m not in SHAPES]
     if unknown:
-        raise BenchError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
+        raise OptionError(f"unknown model(s) {unknown}; choose from {', '.join(SHAPES)}")
     for t in cfg.threads.split(","):
         try:
             ok = thread_setting(t)[0] >= 1
         except ValueError:
             ok = False
         if not ok:
-            raise BenchError(f"--threads: {t!r} is not a thread count (like 1, 2, or 2p for passive waiting)")
+            raise OptionError(f"--threads: {t!r} is not a thread count (like 1, 2, or 2p for passive waiting)")
     if cfg.runs < 1 or cfg.decode_tokens < 2 or cfg.prompt_tokens < 2:
-        raise BenchError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
+        raise OptionError("runs must be >= 1, decode_tokens and prompt_tokens >= 2")
     if cfg.quality_windows < 1:
-        raise BenchError("quality_windows must be >= 1")
+        raise OptionError("quality_windows must be >= 1")
     if cfg.llama_cpp not in ("auto", "off") and not os.access(cfg.llama_cpp, os.X_OK):
-        raise BenchError(f"--llama_cpp={cfg.llama_cpp}: not an executable llama-bench (or use auto or off)")
+        raise OptionError(f"--llama_cpp={cfg.llama_cpp}: not an executable llama-bench (or use auto or off)")
     if cfg.quality_checkpoint == "auto":
         demo = ROOT / "out" / "demo" / "ckpt.pt"
         cfg.quality_checkpoint = str(demo) if demo.exists() else ""
@@ -291,7 +288,7 @@ def write_models(folder: Path, names: list[str], dtypes: list[str], *, gguf_toke
     .model), each with its GGUF twin of the same weights too (export.py's writer), as "gguf"."""
     import torch
 
-    from export import ExportError, write_gguf, write_model_bin
+    from export import write_gguf, write_model_bin
     from model import ModelArgs, Transformer
 
     files = {}
@@ -312,7 +309,7 @@ def write_models(folder: Path, names: list[str], dtypes: list[str], *, gguf_toke
                 gguf = folder / f"{name}_{GGUF_OF[dtype]}.gguf"
                 try:
                     write_gguf(model, gguf, dtype=GGUF_OF[dtype], tokenizer_model=gguf_tokenizer)
-                except ExportError as e:
+                except UserError as e:
                     raise BenchError(f"GGUF export for llama.cpp (--llama_cpp=off skips it): {e}") from None
                 files[(name, dtype)].update(gguf=gguf, gguf_bytes=gguf.stat().st_size)
     return files
@@ -559,11 +556,11 @@ def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
     import torch
 
     import tinystories
-    from export import ExportError, load_checkpoint, write_model_bin
+    from export import load_checkpoint, write_model_bin
 
     try:
         model, info = load_checkpoint(cfg.quality_checkpoint)
-    except ExportError as e:
+    except UserError as e:
         raise BenchError(str(e)) from None
     p = model.params
     data = Path(cfg.quality_data or info["config"].get("data_dir") or
@@ -786,15 +783,9 @@ def cpu_name() -> str:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("options (--key=value):", ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(BenchConfig)))
+        print(render_help(BenchConfig, "python bench.py [--key=value ...]", __doc__))
         return 0
-    try:
-        cfg = parse_config(argv)
-    except BenchError as e:
-        print(f"bench.py: {e}", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(ROOT))
+    cfg = parse_config(argv)
     names = [m for m in cfg.models.split(",") if m]
     dtypes = cfg.dtypes.split(",")
     threads = cfg.threads.split(",")
@@ -863,9 +854,8 @@ def main(argv: list[str]) -> int:
                               f"{fmt(q['prefill'])} tok/s", flush=True)
             tok = tokenizer_bench(folder, bins, cfg.tokenizer_chars) if cfg.tokenizer_chars > 0 else {}
             quality = quality_bench(folder, cfg) if cfg.quality_checkpoint else {}
-    except (BenchError, subprocess.TimeoutExpired) as e:
-        print(f"bench.py: {e}", file=sys.stderr)
-        return 1
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(str(e)) from None
     env["load_after"] = "%.2f" % os.getloadavg()[0]
     body = render(cfg, env, probes, results, files, tok, quality)
     print()
@@ -878,4 +868,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli("bench.py", lambda: main(sys.argv[1:])))

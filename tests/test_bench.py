@@ -64,7 +64,7 @@ def test_without_cmake_the_rows_are_skipped_with_one_line(tmp_path, monkeypatch)
     assert bench.find_llama_bench("off") == (None, "llama.cpp rows skipped: --llama_cpp=off")
     lines = bench.llama_table(bench.BenchConfig(), {"note": note}, {}, {})
     assert lines == ["", note + "."]
-    with pytest.raises(bench.BenchError, match="not an executable llama-bench"):
+    with pytest.raises(bench.OptionError, match="not an executable llama-bench"):
         bench.parse_config([f"--llama_cpp={tmp_path / 'llama-bench'}", "--quality_checkpoint="])
 
 
