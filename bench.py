@@ -588,7 +588,7 @@ def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
         for row, target in zip(x.tolist(), y):
             sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32", kv])
             logits = np.fromfile(folder / "logits.f32", dtype=np.float32).reshape(L, p.vocab_size)
-            losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits), target).item())
+            losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits), target, ignore_index=-1).item())
         ce[name] = sum(losses) / len(losses)
     shown = Path(os.path.abspath(cfg.quality_checkpoint))
     if shown.is_relative_to(ROOT):
