@@ -125,10 +125,12 @@ def run_demo(cfg: DemoConfig) -> int:
         step("4/8 train the model on the CPU", train_cmd)
     step("    draw the loss curve", [py, "train.py", "plot", str(out)])
 
-    model_bin, model_q8 = out / "model.bin", out / "model_q8.bin"
-    step("5/8 export for the C engine (fp32 and int8)",
+    model_bin, model_q8, model_bf16 = out / "model.bin", out / "model_q8.bin", out / "model_bf16.bin"
+    step("5/8 export for the C engine (fp32, int8 and bf16)",
          [py, "export.py", str(model_bin), f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
     step("    int8", [py, "export.py", str(model_q8), "--version=3", "--dtype=int8",
+                      f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
+    step("    bf16", [py, "export.py", str(model_bf16), "--version=3", "--dtype=bf16",
                       f"--checkpoint={out}/ckpt.pt", f"--tokenizer={tok_model}"])
     run_bin = "./run" if cfg.run_bin == "run" else cfg.run_bin
     step("6/8 build the C engine", ["make", "-s", "runomp", *([] if cfg.run_bin == "run" else [f"BIN={run_bin}"])])
@@ -153,9 +155,9 @@ def run_demo(cfg: DemoConfig) -> int:
             raise UserError(f"./run -m instruct failed (exit {r.returncode})")
 
     if cfg.eval_samples > 0:
-        step("8/8 how good are the stories? fp32 and int8 beside real held-out stories"
+        step("8/8 how good are the stories? fp32, int8 and bf16 beside real held-out stories"
              + ("; stories on request" if asked else ""),
-             [py, "evaluate.py", f"--bin={model_bin}", f"--bin={model_q8}", f"--tokenizer={tok_bin}",
+             [py, "evaluate.py", f"--bin={model_bin}", f"--bin={model_q8}", f"--bin={model_bf16}", f"--tokenizer={tok_bin}",
               *([] if not where else [f"--data_dir={data / f'tok{V}'}"]), f"--samples={cfg.eval_samples}",
               "--val_stories=100", f"--run_bin={run_bin}", f"--out={out}/eval",
               *(["--instruct=true", "--instruct_requests=4"] if asked else [])])
@@ -169,7 +171,7 @@ Done in {time.time() - t_start:.0f} s. What is where:
   {data}/tok{V}/          pretokenized shards
   {out}/ckpt.pt        the checkpoint; {out}/log.jsonl the training log
   {out}/loss.png       the loss curves
-  {model_bin}, {model_q8}   the fp32 and int8 models for ./run
+  {model_bin}, {model_q8}, {model_bf16}   the fp32, int8 and bf16 models for ./run
   {out}/eval/report.md  the evaluation: story metrics beside real stories, plots, samples
 Next:
   ./run {model_q8} -z {tok_bin} -i '从前，'            # the int8 model, faster

@@ -190,7 +190,7 @@ def expand_checkpoints(specs: list[str]) -> list[Path]:
 @dataclass
 class ModelEntry:
     name: str
-    engine: str  # pytorch | c-fp32 | c-int8
+    engine: str  # pytorch | c-fp32 | c-int8 | c-bf16 (the C engine on that file)
     path: Path
     iter: Optional[int]
     tokens_seen: Optional[int]
@@ -218,7 +218,7 @@ def describe_bin(path: Path) -> ModelEntry:
     if not path.is_file():
         raise EvalError(f"{path}: no such model file")
     h = export.read_bin_header(str(path))  # ExportError, a UserError, names the file
-    engine = "c-int8" if h.dtype == "int8" else "c-fp32"
+    engine = f"c-{h.dtype}"  # fp32, int8 or bf16: the weights the C engine runs
     return ModelEntry(name=f"{path.stem} ({engine})", engine=engine, path=path, iter=None, tokens_seen=None,
                       vocab_size=h.vocab_size, max_seq_len=h.max_seq_len, tokenizer_hash=h.tokenizer_hash,
                       config={}, prompt_format=h.prompt_format)

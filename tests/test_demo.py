@@ -19,7 +19,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600)
     text = r.stdout.decode("utf-8")
     assert r.returncode == 0, (text[-3000:], r.stderr.decode("utf-8", "replace")[-3000:])
-    for f in ("model.bin", "model_q8.bin", "ckpt.pt", "loss.png", "log.jsonl"):
+    for f in ("model.bin", "model_q8.bin", "model_bf16.bin", "ckpt.pt", "loss.png", "log.jsonl"):
         assert (out / f).stat().st_size > 0, f
     # Each story is echoed with its prompt first, and the engine's output is valid UTF-8 (decoded above).
     for prompt in ("从前，", "有一天，小猫", "小明和他的狗"):
@@ -28,14 +28,14 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     # One story written to a request: ./run -m instruct prints the prompt it built, then the story.
     assert "-m instruct -w '公园,面包,鸽子' -f '对话'" in text
     assert "\n词语：公园，面包，鸽子\n特点：对话\n故事：" in text
-    # It ends with an evaluation of both exports beside the reference stories.
+    # It ends with an evaluation of the three exports beside the reference stories.
     report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
-    assert [m["engine"] for m in report["models"]] == ["c-fp32", "c-int8"]
+    assert [m["engine"] for m in report["models"]] == ["c-fp32", "c-int8", "c-bf16"]
     assert "entity_consistency" in report["reference"] and "report:" in text
     # The model was trained on mixed data and says so: its exports ask for instructions, and the
     # evaluation measured its stories on request.
     assert (out / "model.bin").read_bytes()[38] == 1
-    assert [m["asked"] for m in report["instruct"]["models"]] == [True, True]
+    assert [m["asked"] for m in report["instruct"]["models"]] == [True, True, True]
     assert "## Stories on request" in (out / "eval" / "report.md").read_text(encoding="utf-8")
     # A second run reuses everything: no training step runs again.
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600)
