@@ -42,7 +42,7 @@ class DemoConfig:
     data_root: str = opt("data", "corpus, tokenizer and shards (the tests point this at a temporary folder)")
     run_bin: str = opt("run", "where the C engine is built")
     eval_samples: int = opt(2, "completions per prompt in the closing evaluation (0: skip it)")
-    instruct_share: float = opt(0.5, "share of the training stories given an instruction (pretokenize "
+    instruct_share: float = opt(1.0, "share of the training stories given an instruction (pretokenize "
                                      "--instruct=true); 0 = a plain model, no story on request")
     words: str = opt("公园,面包,鸽子", "the story on request: words it must use (a triple held out of training)")
     features: str = opt("对话", "... and features it must have")
