@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -26,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+import fileio
 from options import OptionError, cli, opt, parse_options, render_help
 
 # --------------------------------------------------------------------------- language and units
@@ -366,14 +365,15 @@ class CopyIndex:
         pad = q + w  # every context of a selected q-gram stays inside the padded chunk
 
         t0 = time.time()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "buckets").mkdir(parents=True)
         digest = hashlib.blake2b(digest_size=16)
         n_texts = n_chars = 0
         n_units = 1
         sep = np.array([SEP], dtype="<u2")
-        try:
+        fileio.sweep_stale(path.parent)  # what a killed build left
+        # Built in fileio's temporary folder and swapped in whole: a kill or a full disk leaves the
+        # old index (or none), never half of one.
+        with fileio.atomic_dir(path) as tmp:
+            (tmp / "buckets").mkdir()
             with open(tmp / "text.u16", "wb") as ft:
                 ft.write(sep.tobytes())
                 chunk: list[np.ndarray] = []
@@ -421,11 +421,6 @@ class CopyIndex:
             (tmp / "buckets").rmdir()
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=1)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path)
 
     @staticmethod
