@@ -27,6 +27,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from bench import has_avx512_bf16
 from export import load_model_bin, pick_group_size, write_model_bin
 from model import Attention, ModelArgs, Transformer
 from tokenizer import Tokenizer, export_tokenizer
@@ -348,13 +349,6 @@ def test_logits_match_pytorch(engine, models, shape, version, dtype, tmp_path):
     assert (step.argmax(-1) == exact.argmax(-1)).mean() >= 0.8
 
 
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def check_bf16_logits(engine, ref: Transformer, ids: list[int], step: np.ndarray, block: np.ndarray) -> None:
     """bf16 weights: decoding widens each weight to fp32, so it is the fp32 computation on the
     rounded weights (ref holds them) and meets the fp32 tolerance. Prefill blocks of 8 tokens or
@@ -365,7 +359,7 @@ def check_bf16_logits(engine, ref: Transformer, ids: list[int], step: np.ndarray
     want = torch_logits(ref, ids)
     assert np.abs(step - want).max() <= FP32_ATOL, describe_diff(step, want)
     assert (step.argmax(-1) == want.argmax(-1)).all()
-    if engine.name.startswith("native") and cpu_has_avx512_bf16():
+    if engine.name.startswith("native") and has_avx512_bf16():
         assert not np.array_equal(step, block), "the vdpbf16ps prefill did not run"
         bound = (4 * ref.params.n_layers + 1) * 2.0 ** -9
         rel = np.sqrt(np.mean((block - want) ** 2)) / np.sqrt(np.mean(want ** 2))
