@@ -584,12 +584,16 @@ def quality_bench(folder: Path, cfg: BenchConfig) -> dict:
         path = folder / f"quality_{dtype}.bin"
         if not path.exists():
             write_model_bin(model, path, version=3, dtype=dtype)
-        losses = []
+        total, count = 0.0, 0
         for row, target in zip(x.tolist(), y):
             sh([logits_bin, "block", path, " ".join(map(str, row)), folder / "logits.f32", kv])
             logits = np.fromfile(folder / "logits.f32", dtype=np.float32).reshape(L, p.vocab_size)
-            losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits), target, ignore_index=-1).item())
-        ce[name] = sum(losses) / len(losses)
+            total += torch.nn.functional.cross_entropy(torch.from_numpy(logits), target, ignore_index=-1,
+                                                       reduction="sum").item()
+            count += int((target != -1).sum())
+        # Pooled over every target, as PyTorch's loss is: rows of instruct data hold different
+        # numbers of masked (instruction) targets, so a mean of row means would differ.
+        ce[name] = total / max(count, 1)
     shown = Path(os.path.abspath(cfg.quality_checkpoint))
     if shown.is_relative_to(ROOT):
         shown = shown.relative_to(ROOT)
