@@ -111,6 +111,14 @@ def render_prompt(ins: Instruction, lang: str) -> str:
     return "\n".join(lines)
 
 
+def template_lines(ins: Instruction, lang: str) -> list[str]:
+    """Text for the tokenizer's training: the prompt lines of ins's words and features, and every
+    field label (a summary's or sentence's text is the story's own and stays out)."""
+    t = TEMPLATES[lang]
+    lines = render_prompt(Instruction(ins.words, ins.features), lang).split("\n") if (ins.words or ins.features) else []
+    return lines + [t["summary"], t["sentence"], t["story"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: a random subset of a story's own fields, never a held-out word combination.
 
@@ -122,19 +130,29 @@ def held_out(words: list[str]) -> bool:
     return zlib.crc32("|".join(sorted(words)).encode("utf-8")) % 8 == 0
 
 
+# How often training asks for each field a story has.
+KEEP = {"words": 0.5, "features": 0.5, "summary": 0.5, "sentence": 0.5}
+
+
 def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
     """A random subset of full's fields (each kept with probability 1/2, at least one present
-    one), with up to three of its words; a held-out triple is asked as its first two words."""
+    one), with up to three of its words and a random non-empty subset of its features, so that
+    a request for any one feature looks like prompts seen in training (every built-in story has
+    dialogue: asking for all of them would always start the list with 对话). A held-out triple
+    is asked as its first two words."""
     present = [f for f in FIELDS if getattr(full, f)]
     if not present:
         return Instruction()
-    keep = {f: rng.random() < 0.5 for f in FIELDS}
+    keep = {f: rng.random() < KEEP[f] for f in FIELDS}
     if not any(keep[f] for f in present):
         keep[present[int(rng.random() * len(present))]] = True
     words = rng.sample(full.words, min(3, len(full.words))) if keep["words"] else []
     if held_out(words):
         words = words[:2]
-    return Instruction(words, list(full.features) if keep["features"] else [],
+    features = []
+    if keep["features"] and full.features:
+        features = [f for f in full.features if rng.random() < 0.5] or [rng.choice(full.features)]
+    return Instruction(words, features,
                        full.summary if keep["summary"] else "",
                        full.sentence if keep["sentence"] else "")
 

@@ -1064,7 +1064,8 @@ def _train_vocab(cfg: TrainVocabConfig, root: Path) -> None:
            "text_key": cfg.text_key, "strict": cfg.strict, "val_fraction": cfg.val_fraction,
            "max_stories": cfg.max_stories,
            "input_sentence_size": cfg.input_sentence_size,
-           "character_coverage": cfg.character_coverage}
+           "character_coverage": cfg.character_coverage,
+           "instruction_text": default_instruct_lang(cfg)}  # records' instructions are read too
     if not cfg.force and model_path.exists() and _read_json(meta_path) == sig:
         print(f"{model_path}: already trained on {folder}; nothing to do (--force=true retrains)")
         return
@@ -1116,14 +1117,18 @@ class TrainingText:
 def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
                         text_path: Path) -> TrainingText:
     """The train split, one line per paragraph (sentencepiece reads one sentence per line;
-    newlines themselves become the <0x0A> byte piece). Val stories are kept to measure on."""
+    newlines themselves become the <0x0A> byte piece), with the instruction a record carries.
+    Val stories are kept to measure on."""
+    import instruct
+
     problems = ProblemLog(cfg.strict)
     text = TrainingText()
+    lang = default_instruct_lang(cfg)
     with open(text_path, "w", encoding="utf-8") as out:
         buf: list[str] = []
         buf_chars = 0
         for path in files:
-            for story in iter_file_stories(path, text_key=cfg.text_key, problems=problems):
+            for story, obj in iter_file_records(path, text_key=cfg.text_key, problems=problems):
                 if is_val_story(story, cfg.val_fraction):
                     if len(text.val_sample) < 5000:
                         text.val_sample.append(story)
@@ -1132,6 +1137,14 @@ def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
                     continue
                 text.n_stories += 1
                 lines = [line for line in story.split("\n") if line.strip()]
+                # The instruction a record carries is text the model will read too: without it
+                # the template's characters (词语, 特点, 故事 ...) are missing from a story-only
+                # vocabulary and each becomes three byte pieces. Its words and features, not its
+                # summary or sentence: those are story text, and formulaic summaries repeated
+                # thousands of times would spend the vocabulary on whole phrases.
+                ins = instruct.from_record(obj) if obj is not None else None
+                if ins is not None:
+                    lines += instruct.template_lines(ins, lang)
                 buf += lines
                 buf_chars += sum(map(len, lines))
                 if buf_chars > 2_000_000:  # counted in chunks: one bincount per 2M characters
@@ -1362,12 +1375,17 @@ def _encode_file(job: dict) -> dict:
             "problems": problems.items, "problem_count": problems.count}
 
 
+def default_instruct_lang(cfg: SourceConfig) -> str:
+    """The instruction template's language when none is given: en for the English TinyStories."""
+    return "en" if cfg.dataset == "en" and not cfg.data_dir else "zh"
+
+
 def instruct_settings(cfg: PretokenizeConfig) -> dict | None:
     """meta.json's `instruct` record for these options (None without --instruct); DataError for a
     bad value."""
     if not cfg.instruct:
         return None
-    lang = cfg.instruct_lang or ("en" if cfg.dataset == "en" and not cfg.data_dir else "zh")
+    lang = cfg.instruct_lang or default_instruct_lang(cfg)
     if lang not in ("zh", "en"):
         raise DataError(f"--instruct_lang={cfg.instruct_lang}: choose zh or en")
     if not 0.0 < cfg.instruct_share <= 1.0:

@@ -39,6 +39,11 @@ def test_training_never_asks_for_a_held_out_triple():
     assert all(not a.empty() for a in asked)
     assert not any(instruct.held_out(a.words) for a in asked)
     assert any(len(a.words) == 3 for a in asked) and any(a.summary for a in asked)
+    # features are a random non-empty subset, so a lone feature is asked as in training
+    assert any(a.features == ["dialogue"] for a in asked)
+    full2 = Instruction(words, ["dialogue", "moral"], "", "")
+    subsets = {tuple(instruct.training_instruction(full2, rng).features) for _ in range(300)}
+    assert {("moral",), ("dialogue",), ("dialogue", "moral")} <= subsets
     held = [t for t in ([a, b, c] for a in words for b in words for c in words if len({a, b, c}) == 3)
             if instruct.held_out(t)]
     assert held, "some triples of these words are held out"
