@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import stat
 import struct
 import sys
@@ -1114,6 +1115,9 @@ class TrainingText:
             self.n_pairs += p.size
 
 
+_CJK = re.compile("[\u4e00-\u9fff]")
+
+
 def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
                         text_path: Path) -> TrainingText:
     """The train split, one line per paragraph (sentencepiece reads one sentence per line;
@@ -1142,9 +1146,11 @@ def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
                 # vocabulary and each becomes three byte pieces. Its words and features, not its
                 # summary or sentence: those are story text, and formulaic summaries repeated
                 # thousands of times would spend the vocabulary on whole phrases.
+                # The template's language follows the story's script: a folder of English
+                # stories must not get Chinese labels in a small vocabulary.
                 ins = instruct.from_record(obj) if obj is not None else None
                 if ins is not None:
-                    lines += instruct.template_lines(ins, lang)
+                    lines += instruct.template_lines(ins, lang if _CJK.search(story) else "en")
                 buf += lines
                 buf_chars += sum(map(len, lines))
                 if buf_chars > 2_000_000:  # counted in chunks: one bincount per 2M characters
