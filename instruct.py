@@ -130,10 +130,6 @@ def held_out(words: list[str]) -> bool:
     return zlib.crc32("|".join(sorted(words)).encode("utf-8")) % 8 == 0
 
 
-# How often training asks for each field a story has.
-KEEP = {"words": 0.5, "features": 0.5, "summary": 0.5, "sentence": 0.5}
-
-
 def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
     """A random subset of full's fields (each kept with probability 1/2, at least one present
     one), with up to three of its words and a random non-empty subset of its features, so that
@@ -143,7 +139,7 @@ def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
     present = [f for f in FIELDS if getattr(full, f)]
     if not present:
         return Instruction()
-    keep = {f: rng.random() < KEEP[f] for f in FIELDS}
+    keep = {f: rng.random() < 0.5 for f in FIELDS}
     if not any(keep[f] for f in present):
         keep[present[int(rng.random() * len(present))]] = True
     words = rng.sample(full.words, min(3, len(full.words))) if keep["words"] else []

@@ -1066,7 +1066,7 @@ def _train_vocab(cfg: TrainVocabConfig, root: Path) -> None:
            "max_stories": cfg.max_stories,
            "input_sentence_size": cfg.input_sentence_size,
            "character_coverage": cfg.character_coverage,
-           "instruction_text": default_instruct_lang(cfg)}  # records' instructions are read too
+           "instruction_text": 1}  # records' instructions are read too (a retrain for older vocabularies)
     if not cfg.force and model_path.exists() and _read_json(meta_path) == sig:
         print(f"{model_path}: already trained on {folder}; nothing to do (--force=true retrains)")
         return
@@ -1127,7 +1127,6 @@ def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
 
     problems = ProblemLog(cfg.strict)
     text = TrainingText()
-    lang = default_instruct_lang(cfg)
     with open(text_path, "w", encoding="utf-8") as out:
         buf: list[str] = []
         buf_chars = 0
@@ -1150,7 +1149,7 @@ def write_training_text(cfg: TrainVocabConfig, folder: Path, files: list[Path],
                 # stories must not get Chinese labels in a small vocabulary.
                 ins = instruct.from_record(obj) if obj is not None else None
                 if ins is not None:
-                    lines += instruct.template_lines(ins, lang if _CJK.search(story) else "en")
+                    lines += instruct.template_lines(ins, "zh" if _CJK.search(story) else "en")
                 buf += lines
                 buf_chars += sum(map(len, lines))
                 if buf_chars > 2_000_000:  # counted in chunks: one bincount per 2M characters
