@@ -67,6 +67,23 @@ def silence_llama_cpp() -> None:
 silence_llama_cpp()
 
 
+def plain_cpu_buffers() -> None:
+    """Load weights into llama.cpp's plain CPU buffers, not its "extra" repacking ones: on a CPU
+    with AMX, the AMX buffer of a q8_0 matrix as small as the test models' (dim 64) crashes
+    llama.cpp's decode (seen with llama-cpp-python 0.3.36 on a Sapphire Rapids Xeon). The
+    tests check the file against llama.cpp's reference arithmetic, which this keeps."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
+plain_cpu_buffers()
+
+
 def llama_vocab(path: Path):
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
