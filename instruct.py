@@ -115,8 +115,7 @@ def template_lines(ins: Instruction, lang: str) -> list[str]:
     """Text for the tokenizer's training: the prompt lines of ins's words and features, and every
     field label (a summary's or sentence's text is the story's own and stays out)."""
     t = TEMPLATES[lang]
-    lines = render_prompt(Instruction(ins.words, ins.features), lang).split("\n") if (ins.words or ins.features) else []
-    return lines + [t["summary"], t["sentence"], t["story"]]
+    return [t["summary"], t["sentence"], *render_prompt(Instruction(ins.words, ins.features), lang).split("\n")]
 
 
 # ---------------------------------------------------------------------------------------------
