@@ -277,6 +277,14 @@ def shard_paths(shard_dir: Path, split: str) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # training data loader
 
+def instruction_starts(mask: np.ndarray, n: int, T: int) -> np.ndarray:
+    """Positions of the BOS before each instruction in a shard of n tokens (the token before a
+    run of MASK_INSTRUCTION flags) from which a whole window of T + 1 tokens fits."""
+    f = (np.asarray(mask) & MASK_INSTRUCTION).astype(bool)
+    starts = np.flatnonzero(f[1:] & ~f[:-1])
+    return starts[starts + T + 1 <= n].astype(np.int64)
+
+
 class TokenBatches:
     """Random windows of max_seq_len + 1 tokens from memory-mapped shards, as (x, y) batches.
 
@@ -289,7 +297,8 @@ class TokenBatches:
     by asking for the same (step, micro) again: there is no hidden iterator state.
 
     Instruct data (`pretokenize --instruct=true`): shards with a .mask beside them flag their
-    instruction tokens; unless the data folder's meta.json says `instruct.loss_on_instruction`,
+    instruction tokens, and their windows start at the BOS of each story with an instruction
+    (each once per epoch) instead of at multiples of max_seq_len; unless the data folder's meta.json says `instruct.loss_on_instruction`,
     those targets become -1 in y, which the model's cross entropy ignores. `instruct` is that
     meta.json record (None for plain data).
     """
@@ -341,9 +350,22 @@ class TokenBatches:
         # Windows per shard, the same every epoch: (n - T) // T of them fit after any offset in
         # [0, T); a shard too short for that but holding one window gets one, with a smaller
         # offset range. o_max[s] is the largest offset shard s allows.
+        # A shard with instructions is cut differently: each window starts at the BOS of a story
+        # that has one. Windows at any offset cut 4 in 10 story tokens off from their instruction
+        # and put the previous story's instruction before them; aligned, the row's first story
+        # always sees its own request, which doubled the rate of asked-for words at the demo's
+        # step count (BENCHMARKS.md, "Stories on request").
         counts, o_max = [], []
-        for t in self.shards:
+        self._aligned: list = []
+        for t, m in zip(self.shards, self.masks):
             n = int(t.size)
+            starts = instruction_starts(m, n, T) if m is not None else None
+            if starts is not None and starts.size:
+                self._aligned.append(starts)
+                counts.append(int(starts.size))
+                o_max.append(0)
+                continue
+            self._aligned.append(None)
             c = max((n - T) // T, 1) if n >= T + 1 else 0
             counts.append(c)
             o_max.append(min(T - 1, n - 1 - c * T) if c else 0)
@@ -376,6 +398,8 @@ class TokenBatches:
         offsets, perm = self._epoch(epoch)
         w = int(perm[i])
         s = int(np.searchsorted(self._starts, w, side="right") - 1)
+        if self._aligned[s] is not None:
+            return s, int(self._aligned[s][w - int(self._starts[s])])
         return s, int(offsets[s]) + (w - int(self._starts[s])) * self.max_seq_len
 
     def window(self, j: int) -> np.ndarray:

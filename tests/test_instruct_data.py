@@ -191,6 +191,34 @@ def test_vocabulary_covers_the_template(root):
     assert not [p for p in pieces if p.startswith("<0x") and p != "<0x0A>"], pieces
 
 
+def test_instruct_windows_start_at_each_request(root):
+    """Instruct shards are cut at the BOS of each story with an instruction, each once an epoch;
+    a plain shard beside them keeps its windows at multiples of max_seq_len."""
+    out = pretokenize(root, "--instruct=true", "--instruct_share=0.5")
+    T = 64
+    tb = ts.TokenBatches(out, "train", 1, T, seed=3)
+    head, tokens = ts.read_shard(out / "train_000.bin")
+    toks = np.asarray(tokens, dtype=np.int64)
+    flags = np.asarray(ts.read_mask(out / "train_000.bin", head)).astype(bool)
+    want = {int(p) for p in np.flatnonzero(toks == 1)
+            if p + 1 < toks.size and flags[p + 1] and p + T + 1 <= toks.size}
+    assert want and tb.n_windows == len(want)  # the one train shard of this corpus
+    for epoch in range(2):
+        seen = []
+        for j in range(epoch * tb.n_windows, (epoch + 1) * tb.n_windows):
+            s, start = tb._locate(j)
+            w, m = tb.window(j), tb.window_mask(j)
+            assert w[0] == 1 and m[1] and not m[0]  # BOS, then the instruction
+            seen.append(start)
+        assert sorted(seen) == sorted(want)
+    # a plain shard (no .mask) in the same folder keeps offset windows
+    plain = out / "train_001.bin"
+    ts.write_shard(plain, np.arange(5 * T) % 500 + 3, vocab_size=head["vocab_size"],
+                   tokenizer_hash=head["tokenizer_hash"], n_stories=1)
+    tb = ts.TokenBatches(out, "train", 1, T, seed=3)
+    assert tb.n_windows == len(want) + (5 * T - T) // T
+
+
 def test_instruct_deterministic_and_loader_masks_targets(root):
     out = pretokenize(root, "--instruct=true")
     first = [(out / n).read_bytes() for n in ("train_000.bin", "train_000.mask", "val.mask")]
