@@ -297,8 +297,9 @@ class TokenBatches:
     by asking for the same (step, micro) again: there is no hidden iterator state.
 
     Instruct data (`pretokenize --instruct=true`): shards with a .mask beside them flag their
-    instruction tokens, and their windows start at the BOS of each story with an instruction
-    (each once per epoch) instead of at multiples of max_seq_len; unless the data folder's meta.json says `instruct.loss_on_instruction`,
+    instruction tokens, and their windows start a random 0 to max_seq_len // 4 tokens before
+    the BOS of each story with an instruction (each once per epoch), not at multiples of
+    max_seq_len; unless the data folder's meta.json says `instruct.loss_on_instruction`,
     those targets become -1 in y, which the model's cross entropy ignores. `instruct` is that
     meta.json record (None for plain data).
     """
@@ -350,11 +351,13 @@ class TokenBatches:
         # Windows per shard, the same every epoch: (n - T) // T of them fit after any offset in
         # [0, T); a shard too short for that but holding one window gets one, with a smaller
         # offset range. o_max[s] is the largest offset shard s allows.
-        # A shard with instructions is cut differently: each window starts at the BOS of a story
-        # that has one. Windows at any offset cut 4 in 10 story tokens off from their instruction
-        # and put the previous story's instruction before them; aligned, the row's first story
-        # always sees its own request, which doubled the rate of asked-for words at the demo's
-        # step count (BENCHMARKS.md, "Stories on request").
+        # A shard with instructions is cut differently: each window starts a random lead of 0 to
+        # max_seq_len / 4 tokens before the BOS of a story that has one. Windows at any offset cut
+        # 4 in 10 story tokens off from their instruction; this way the row's first whole story
+        # always sees its own request, which lifted the rate of asked-for words by half at the
+        # demo's step count. The lead keeps rows that begin mid-story, without which plain
+        # prompts (BOS and a story's start) came out with more broken characters (BENCHMARKS.md,
+        # "Stories on request").
         counts, o_max = [], []
         self._aligned: list = []
         for t, m in zip(self.shards, self.masks):
@@ -379,14 +382,16 @@ class TokenBatches:
                             "max_seq_len")
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(offset per shard, permutation of window ids) for one epoch; the last two are cached."""
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offset per shard, permutation of window ids, lead per window id) for one epoch; the
+        last two epochs are cached."""
         got = self._epochs.get(epoch)
         if got is None:
             rng = np.random.default_rng([self.seed, epoch])
             offsets = (rng.random(len(self.shards)) * (self._o_max + 1)).astype(np.int64)
             perm = rng.permutation(self.n_windows)
-            got = (offsets, perm)
+            lead = rng.integers(0, self.max_seq_len // 4 + 1, self.n_windows)
+            got = (offsets, perm, lead)
             if len(self._epochs) >= 2:
                 self._epochs.pop(min(self._epochs))
             self._epochs[epoch] = got
@@ -395,11 +400,12 @@ class TokenBatches:
     def _locate(self, j: int) -> tuple[int, int]:
         """(shard, first token) of the j-th window of the endless epoch sequence."""
         epoch, i = divmod(j, self.n_windows)
-        offsets, perm = self._epoch(epoch)
+        offsets, perm, lead = self._epoch(epoch)
         w = int(perm[i])
         s = int(np.searchsorted(self._starts, w, side="right") - 1)
         if self._aligned[s] is not None:
-            return s, int(self._aligned[s][w - int(self._starts[s])])
+            bos = int(self._aligned[s][w - int(self._starts[s])])
+            return s, max(0, bos - int(lead[w]))
         return s, int(offsets[s]) + (w - int(self._starts[s])) * self.max_seq_len
 
     def window(self, j: int) -> np.ndarray:
