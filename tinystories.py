@@ -380,7 +380,7 @@ class TokenBatches:
             raise DataError(f"{self.data_dir}: {split} data has {self.n_tokens} tokens, fewer than "
                             f"one window of max_seq_len + 1 = {T + 1}; use more data or a smaller "
                             "max_seq_len")
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offset per shard, permutation of window ids, lead per window id) for one epoch; the
