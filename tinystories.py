@@ -941,9 +941,10 @@ def cmd_synth(cfg: SynthConfig) -> None:
 
 def _synth(cfg: SynthConfig, root: Path) -> None:
     out = root / "synth"
-    # fields: records carry storygen's instruct fields (words, features, summary, sentence)
+    # fields: records carry storygen's instruct fields (words, features, summary, sentence);
+    # 2: the words are the first of their kind in the story (older corpora are made again)
     want = {"generator": "storygen", "n_stories": cfg.n_stories, "seed": cfg.seed,
-            "shard_size": cfg.shard_size, "fields": 1}
+            "shard_size": cfg.shard_size, "fields": 2}
     if _read_json(out / ".complete") == want and list_text_files(out):
         print(f"{out}: already holds {cfg.n_stories} stories (seed {cfg.seed}); nothing to do")
         return
