@@ -129,16 +129,24 @@ def held_out(words: list[str]) -> bool:
     return zlib.crc32("|".join(sorted(words)).encode("utf-8")) % 8 == 0
 
 
+# How often a training prompt asks for words, and for each other field. Words are asked far more
+# often than the rest: copying an asked word from the prompt into its place in the story is the
+# skill a small model learns last, and it forms sooner the more asked words it sees (BENCHMARKS.md,
+# "Stories on request"); the other fields keep one chance in two, so any combination is still seen.
+WORDS_SHARE = 0.9
+FIELD_SHARE = 0.5
+
+
 def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
-    """A random subset of full's fields (each kept with probability 1/2, at least one present
-    one), with up to three of its words and a random non-empty subset of its features, so that
-    a request for any one feature looks like prompts seen in training (every built-in story has
-    dialogue: asking for all of them would always start the list with 对话). A held-out triple
-    is asked as its first two words."""
+    """A random subset of full's fields (words with probability WORDS_SHARE, the others each with
+    FIELD_SHARE, at least one present one), with up to three of its words and a random non-empty
+    subset of its features, so that a request for any one feature looks like prompts seen in
+    training (every built-in story has dialogue: asking for all of them would always start the
+    list with 对话). A held-out triple is asked as its first two words."""
     present = [f for f in FIELDS if getattr(full, f)]
     if not present:
         return Instruction()
-    keep = {f: rng.random() < 0.5 for f in FIELDS}
+    keep = {f: rng.random() < (WORDS_SHARE if f == "words" else FIELD_SHARE) for f in FIELDS}
     if not any(keep[f] for f in present):
         keep[present[int(rng.random() * len(present))]] = True
     words = rng.sample(full.words, min(3, len(full.words))) if keep["words"] else []

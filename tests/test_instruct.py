@@ -39,6 +39,10 @@ def test_training_never_asks_for_a_held_out_triple():
     assert all(not a.empty() for a in asked)
     assert not any(instruct.held_out(a.words) for a in asked)
     assert any(len(a.words) == 3 for a in asked) and any(a.summary for a in asked)
+    # words are asked nine times in ten, the other fields one time in two (with sampling noise)
+    assert 0.86 < sum(bool(a.words) for a in asked) / len(asked) < 0.94
+    assert 0.45 < sum(bool(a.summary) for a in asked) / len(asked) < 0.58
+    assert any(not a.words and a.features for a in asked), "a request without words is still seen"
     # features are a random non-empty subset, so a lone feature is asked as in training
     assert any(a.features == ["dialogue"] for a in asked)
     full2 = Instruction(words, ["dialogue", "moral"], "", "")
