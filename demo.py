@@ -4,9 +4,10 @@
     python demo.py --train_seconds=60 # a shorter training run (stories get worse)
     python demo.py --instruct_share=0 # a plain model: no stories on request
 
-By default half of the training stories carry an instruction (pretokenize --instruct=true), so
+By default nine training stories in ten carry an instruction (pretokenize --instruct=true), so
 the model also writes a story on request: the demo asks `./run -m instruct` for one with three
-words training never asked for together (instruct.held_out) and dialogue.
+words training never asked for together (instruct.held_out) and dialogue. The plain tenth trains
+what `./run -i 从前，` asks for, a story from nothing but its beginning.
 
 Each step is the same command a user would type (printed before it runs), and each one skips work
 that is already done, so running the demo again reuses the corpus, the tokenizer, the shards and
@@ -42,7 +43,7 @@ class DemoConfig:
     data_root: str = opt("data", "corpus, tokenizer and shards (the tests point this at a temporary folder)")
     run_bin: str = opt("run", "where the C engine is built")
     eval_samples: int = opt(2, "completions per prompt in the closing evaluation (0: skip it)")
-    instruct_share: float = opt(1.0, "share of the training stories given an instruction (pretokenize "
+    instruct_share: float = opt(0.9, "share of the training stories given an instruction (pretokenize "
                                      "--instruct=true); 0 = a plain model, no story on request")
     words: str = opt("公园,面包,鸽子", "the story on request: words it must use (a triple held out of training)")
     features: str = opt("对话", "... and features it must have")
@@ -68,14 +69,15 @@ def main(argv: list[str]) -> int:
     return cli("demo.py", lambda: run_demo(apply_options(DemoConfig(), argv)))
 
 
-def instruct_record_of(path: Path):
-    """The checkpoint's data.instruct record (None for a plain model), or -1 when there is no checkpoint."""
+def data_record_of(path: Path):
+    """What a checkpoint was trained on: (its data.instruct record's lang and share, or None for a
+    plain model; its shards' tokenizer hash), or -1 when there is no checkpoint."""
     import checkpoint
     if not path.exists():
         return -1
-    data = checkpoint.load(path).get("data") or {}
-    rec = data.get("instruct")
-    return (rec.get("lang"), rec.get("share")) if isinstance(rec, dict) else None
+    ckpt = checkpoint.load(path)
+    rec = (ckpt.get("data") or {}).get("instruct")
+    return ((rec.get("lang"), rec.get("share")) if isinstance(rec, dict) else None), checkpoint.tokenizer_hash(ckpt)
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -107,11 +109,15 @@ def run_demo(cfg: DemoConfig) -> int:
          [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *ins_flags, *where])
 
     from checkpoint import trained_iters  # imports torch: only once the data steps are done
+    from tokenizer import Tokenizer
 
     done = trained_iters(ROOT / out / "ckpt.pt")
-    if done >= 0 and instruct_record_of(ROOT / out / "ckpt.pt") != (("zh", cfg.instruct_share) if asked else None):
-        print(f"\n    {out / 'ckpt.pt'} was trained on other data (with or without instructions); "
-              "training a new one", flush=True)
+    # A checkpoint from other data (with or without instructions, or an older vocabulary: a newer
+    # corpus or tokenizer rule retrains it) is not resumed but trained again.
+    want = (("zh", cfg.instruct_share) if asked else None), Tokenizer(str(ROOT / tok_model)).hash()
+    if done >= 0 and data_record_of(ROOT / out / "ckpt.pt") != want:
+        print(f"\n    {out / 'ckpt.pt'} was trained on other data (with or without instructions, or "
+              "another vocabulary); training a new one", flush=True)
         done = -1
     data_flag = "--vocab_source=custom" if not where else f"--data_dir={data / f'tok{V}'}"
     train_cmd = [py, "train.py", f"--preset={cfg.preset}", data_flag, f"--vocab_size={V}",

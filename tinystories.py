@@ -277,11 +277,17 @@ def shard_paths(shard_dir: Path, split: str) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # training data loader
 
-def instruction_starts(mask: np.ndarray, n: int, T: int) -> np.ndarray:
-    """Positions of the BOS before each instruction in a shard of n tokens (the token before a
-    run of MASK_INSTRUCTION flags) from which a whole window of T + 1 tokens fits."""
-    f = (np.asarray(mask) & MASK_INSTRUCTION).astype(bool)
-    starts = np.flatnonzero(f[1:] & ~f[:-1])
+def story_starts(tokens: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
+    """Positions of every story's BOS in an instruct shard, with or without an instruction after
+    it, from which a whole window of T + 1 tokens fits. The shard's first token is a BOS
+    (pretokenize writes BOS + [instruction] + story + EOS), which names the BOS id."""
+    t = np.asarray(tokens)
+    n = int(t.size)
+    if n == 0 or len(mask) != n:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(t == t[0])
+    # A BOS id inside an instruction cannot start a story; plain stories never hold one.
+    starts = starts[(np.asarray(mask)[starts] & MASK_INSTRUCTION) == 0]
     return starts[starts + T + 1 <= n].astype(np.int64)
 
 
@@ -298,8 +304,8 @@ class TokenBatches:
 
     Instruct data (`pretokenize --instruct=true`): shards with a .mask beside them flag their
     instruction tokens, and their windows start a random 0 to max_seq_len // 4 tokens before
-    the BOS of each story with an instruction (each once per epoch), not at multiples of
-    max_seq_len; unless the data folder's meta.json says `instruct.loss_on_instruction`,
+    the BOS of each story, with an instruction or plain (each once per epoch), not at multiples
+    of max_seq_len; unless the data folder's meta.json says `instruct.loss_on_instruction`,
     those targets become -1 in y, which the model's cross entropy ignores. `instruct` is that
     meta.json record (None for plain data).
     """
@@ -352,17 +358,18 @@ class TokenBatches:
         # [0, T); a shard too short for that but holding one window gets one, with a smaller
         # offset range. o_max[s] is the largest offset shard s allows.
         # A shard with instructions is cut differently: each window starts a random lead of 0 to
-        # max_seq_len / 4 tokens before the BOS of a story that has one. Windows at any offset cut
-        # 4 in 10 story tokens off from their instruction; this way the row's first whole story
-        # always sees its own request, which lifted the rate of asked-for words by half at the
-        # demo's step count. The lead keeps rows that begin mid-story, without which plain
-        # prompts (BOS and a story's start) came out with more broken characters (BENCHMARKS.md,
-        # "Stories on request").
+        # max_seq_len / 4 tokens before the BOS of a story. Windows at any offset cut 4 in 10
+        # story tokens off from their instruction; this way the row's first whole story always
+        # sees its own request, which lifted the rate of asked-for words by half at the demo's
+        # step count. The lead keeps rows that begin mid-story, without which plain prompts (BOS
+        # and a story's start) came out with more broken characters. Plain stories of a mixed
+        # shard start windows too: cut only at requests, BOS + story was never trained, and a
+        # model given no request wrote worse stories (BENCHMARKS.md, "Stories on request").
         counts, o_max = [], []
         self._aligned: list = []
         for t, m in zip(self.shards, self.masks):
             n = int(t.size)
-            starts = instruction_starts(m, n, T) if m is not None else None
+            starts = story_starts(t, m, T) if m is not None else None
             if starts is not None and starts.size:
                 self._aligned.append(starts)
                 counts.append(int(starts.size))
@@ -1268,6 +1275,7 @@ def run_sentencepiece(cfg: TrainVocabConfig, work: Path, coverage: float, folder
             num_threads=os.cpu_count() or 1,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             minloglevel=2, self_test_sample_size=0,
+            **({"pretokenization_delimiter": WORD_EDGE} if word_edges else {}),
         )
     except (RuntimeError, OSError) as e:
         msg = str(e).strip().splitlines()[-1]
