@@ -627,6 +627,75 @@ def instruct_metrics(comps: list[Completion], reqs: list[Request], lang: str) ->
     return agg, per
 
 
+WORD_PROB_STORIES = 150  # val stories whose asked words word_probabilities scores
+
+
+def word_token_span(tok, story: str, word: str) -> Optional[tuple[int, int]]:
+    """(first, last + 1) of the story's tokens (as tok encodes the story alone) that spell the
+    first occurrence of word, or None when the story lacks it."""
+    raw = b" " + story.encode("utf-8") if tok.sp.encode("a", out_type=str)[0].startswith("\u2581") \
+        else story.encode("utf-8")  # the dummy prefix the encoder adds
+    at = raw.find(word.encode("utf-8"))
+    if at < 0:
+        return None
+    end, pos, span = at + len(word.encode("utf-8")), 0, []
+    for k, i in enumerate(tok.encode(story)):
+        piece = tok.sp.id_to_piece(i)
+        n = 1 if piece.startswith("<0x") and piece.endswith(">") else len(piece.replace("\u2581", " ").encode("utf-8"))
+        if pos + n > at and pos < end:
+            span.append(k)
+        pos += n
+    return (span[0], span[-1] + 1) if span else None
+
+
+def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Optional[dict] = None,
+                       n: int = WORD_PROB_STORIES) -> dict:
+    """Does a model trained with instructions use the words it is asked for? Teacher-forced on
+    val stories: PyTorch's probability of each asked word's tokens (their product) at the word's
+    first place in the story, after a request for three of the story's own words (`asked`) and
+    after a request that names no words, only dialogue (`unasked`). Sampling noise and the plot a
+    sampled story takes do not enter: the lift from unasked to asked is what copying from the
+    prompt gives. kinds (word -> kind, storygen.WORD_KINDS for the built-in corpus) adds the same
+    per kind of word."""
+    import random
+
+    import instruct
+    import torch
+    L = model.params.max_seq_len
+    rng = random.Random(0)
+    plain_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(features=["dialogue"]), lang), bos=False)
+    pairs = []  # (kind, p asked, p unasked)
+    for story, ins in [r for r in records if len(r[1].words) >= 3][:n]:
+        words = rng.sample(ins.words, 3)
+        asked_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(words=words), lang), bos=False)
+        ids = tok.encode(story)
+        got = []
+        for prompt in (asked_prompt, plain_prompt):
+            seq = [tok.bos_id] + prompt + ids
+            start = 1 + len(prompt)
+            with torch.inference_mode():
+                logits, _ = model(torch.tensor([seq[:L]], device=device))
+            logp = torch.log_softmax(logits[0].float(), dim=-1)
+            per_word = {}
+            for w in words:
+                span = word_token_span(tok, story, w)
+                if span is None or start + span[1] > L:
+                    continue  # not spelled in this story's tokens, or past the context
+                per_word[w] = math.exp(sum(float(logp[start + k - 1, ids[k]]) for k in range(*span)))
+            got.append(per_word)
+        pairs += [((kinds or {}).get(w, "other"), got[0][w], got[1][w]) for w in got[0] if w in got[1]]
+    if not pairs:
+        return {}
+    out = {"n_words": len(pairs), "asked": _mean(a for _, a, _ in pairs), "unasked": _mean(b for _, _, b in pairs)}
+    if kinds:
+        by = {}
+        for kind in sorted({k for k, _, _ in pairs}):
+            sel = [(a, b) for k, a, b in pairs if k == kind]
+            by[kind] = {"n": len(sel), "asked": _mean(a for a, _ in sel), "unasked": _mean(b for _, b in sel)}
+        out["by_kind"] = by
+    return out
+
+
 def instruct_goal(row: dict) -> bool:
     """Issue 17's goal for a model asked with instructions: every word in 80% of 3-word requests'
     stories and each requested feature in 80%."""
@@ -839,6 +908,18 @@ def instruct_md(section: dict, lang: str) -> list[str]:
     lines.append("| meets the goal | " + " | ".join("–" if m["meets_goal"] is None else ("yes" if m["meets_goal"] else "no")
                                                   for m in models) + " |")
     lines.append("")
+    probs = [(m["name"], m["word_prob"]) for m in models if m.get("word_prob")]
+    if probs:
+        lines += ["Copying an asked word, teacher-forced (`word_prob`): the probability of its tokens at its first "
+                  "place in a val story, asked for / not asked for (a request for dialogue only):", ""]
+        kinds = sorted({k for _, wp in probs for k in wp.get("by_kind", {})})
+        lines += ["| model | all words | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        def cell(d):
+            return f"{fmt(d['asked'])} / {fmt(d['unasked'])}" if d else "–"
+        for model_name, wp in probs:
+            lines.append(f"| {model_name} | {cell(wp)} | "
+                         + " | ".join(cell(wp.get("by_kind", {}).get(k)) for k in kinds) + " |")
+        lines.append("")
     if section["detectors"]:
         lines += [f"Feature detectors (instruct.detect_features) against the labels of {section['n_records']} val "
                   "records:", "", "| feature | labelled | precision | recall |", "|---|---|---|---|"]
@@ -1051,6 +1132,10 @@ def evaluate(cfg: EvalConfig, many: dict[str, list[str]]) -> dict:
             rcomps = request_completions(cfg, e, reqs, lang, tok, model=model, run=run, tok_bin=tok_bin)
             ragg, rper = instruct_metrics(rcomps, reqs, lang)
             asked = export.PROMPT_LANGS.get(e.prompt_format) is not None
+            if asked and any(len(r[1].words) >= 3 for r in records):
+                import storygen
+                ragg["word_prob"] = word_probabilities(model, tok, records, lang, device=cfg.device,
+                                                       kinds=storygen.WORD_KINDS if corpus.storygen else None)
             asked_rows.append({"name": e.name, "engine": e.engine, "asked": asked, **ragg,
                                "meets_goal": instruct_goal(ragg) if asked else None})
             all_rows += [(c, m, None) for c, m in zip(rcomps, rper)]
@@ -1124,8 +1209,11 @@ def print_summary(report: dict, out: str) -> None:
         for v in m["verdicts"]:
             print(f"{m['name']}: {v}")
     for m in (report.get("instruct") or {}).get("models", []):
+        wp = m.get("word_prob") or {}
+        copied = f", an asked word's probability {fmt(wp['asked'])} (not asked {fmt(wp['unasked'])})" if wp else ""
         print(f"on request, {m['name']}{'' if m['asked'] else ' (baseline)'}: all 3 words {fmt(m['all_words_rate'])}, "
-              f"requested feature {fmt(m['feature_rate'])}, summary adherence {fmt(m['summary_adherence'])}")
+              f"each word {fmt(m['word_rate'])}, requested feature {fmt(m['feature_rate'])}, "
+              f"summary adherence {fmt(m['summary_adherence'])}{copied}")
     print(f"report: {out}/report.md, {out}/report.json, {out}/samples.jsonl, " +
           ", ".join(f"{out}/{p}" for p in report["plots"]) + f" ({report['seconds']:.0f} s)")
 

@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import evaluate
 import export
+import storygen
 import tinystories
 import train
 
@@ -292,9 +293,37 @@ def test_instruct_mode_measures_requests_against_the_plain_baseline(pipeline, tm
         assert set(m["feature_rates"]) == {q["features"][0] for q in section["requests"] if q["kind"] == "feature"}
     assert section["models"][0]["meets_goal"] in (True, False) and section["models"][1]["meets_goal"] is None
     assert section["detectors"]["dialogue"]["precision"] is not None
+    # teacher-forced copying: for the model that reads requests, per kind of storygen word
+    wp = section["models"][0]["word_prob"]
+    assert wp["n_words"] > 0 and 0 < wp["asked"] <= 1 and 0 < wp["unasked"] <= 1
+    assert set(wp["by_kind"]) <= {*storygen.WORD_KINDS.values(), "other"}
+    assert sum(k["n"] for k in wp["by_kind"].values()) == wp["n_words"]
+    assert "word_prob" not in section["models"][1]
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Stories on request" in md and "ckpt (baseline)" in md and "| all 3 words |" in md
-    assert "on request, instruct:" in r.stdout
+    assert "Copying an asked word" in md and "| instruct | " in md
+    assert "on request, instruct:" in r.stdout and "an asked word's probability" in r.stdout
+
+
+def test_word_token_span_is_the_tokens_that_spell_the_word(pipeline):
+    """word_prob scores a word at the tokens that spell its first occurrence in the story: they
+    hold the word, and neither end token can be dropped (none of them is a neighbour only)."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer(str(pipeline["tok"]))
+    n = 0
+    for r in storygen.generate_records(40, seed=3):
+        ids = tok.encode(r["story"])
+        for w in r["words"]:
+            a, b = evaluate.word_token_span(tok, r["story"], w)
+            text = tok.sp.decode(ids[a:b])
+            assert w in text, (w, text)
+            # the first occurrence: the story's tokens before the span do not hold the word
+            assert w not in tok.sp.decode(ids[:a]), (w, a)
+            if b - a > 1:
+                assert w not in tok.sp.decode(ids[a + 1:b]) and w not in tok.sp.decode(ids[a:b - 1])
+            n += 1
+    assert n > 100
+    assert evaluate.word_token_span(tok, "小猫在花园里。", "皮球") is None
 
 
 def test_instruct_mode_in_pytorch_and_the_c_engine_alike(pipeline, run_bin, tmp_path):
