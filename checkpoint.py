@@ -81,13 +81,6 @@ def model_from_checkpoint(path: PathLike) -> tuple[Transformer, dict]:
     return model.eval(), ckpt
 
 
-def trained_iters(path: PathLike) -> int:
-    """The step the checkpoint at path reached, or -1 when there is none."""
-    if not os.path.lexists(path):
-        return -1
-    return int(load(path)["iter_num"])
-
-
 def tokenizer_hash(ckpt: dict) -> int:
     """The shards' tokenizer hash a checkpoint's data record holds; 0 when not recorded."""
     data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}

@@ -16,6 +16,7 @@ the trained checkpoint, and only prints new stories.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -69,15 +70,17 @@ def main(argv: list[str]) -> int:
     return cli("demo.py", lambda: run_demo(apply_options(DemoConfig(), argv)))
 
 
-def data_record_of(path: Path):
-    """What a checkpoint was trained on: (its data.instruct record's lang and share, or None for a
-    plain model; its shards' tokenizer hash), or -1 when there is no checkpoint."""
-    import checkpoint
-    if not path.exists():
-        return -1
+def checkpoint_state(path: Path):
+    """(the step the checkpoint at path reached, what it was trained on: its data.instruct record's
+    lang and share or None for a plain model, and its shards' tokenizer hash), read in one load;
+    (-1, None) when there is no checkpoint."""
+    import checkpoint  # imports torch: only once the data steps are done
+    if not os.path.lexists(path):
+        return -1, None
     ckpt = checkpoint.load(path)
     rec = (ckpt.get("data") or {}).get("instruct")
-    return ((rec.get("lang"), rec.get("share")) if isinstance(rec, dict) else None), checkpoint.tokenizer_hash(ckpt)
+    data = ((rec.get("lang"), rec.get("share")) if isinstance(rec, dict) else None), checkpoint.tokenizer_hash(ckpt)
+    return int(ckpt["iter_num"]), data
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -108,14 +111,13 @@ def run_demo(cfg: DemoConfig) -> int:
                                                   if asked else ""),
          [py, "tinystories.py", "pretokenize", "--dataset=synth", f"--vocab_size={V}", *ins_flags, *where])
 
-    from checkpoint import trained_iters  # imports torch: only once the data steps are done
     from tokenizer import Tokenizer
 
-    done = trained_iters(ROOT / out / "ckpt.pt")
+    done, trained_on = checkpoint_state(ROOT / out / "ckpt.pt")
     # A checkpoint from other data (with or without instructions, or an older vocabulary: a newer
     # corpus or tokenizer rule retrains it) is not resumed but trained again.
     want = (("zh", cfg.instruct_share) if asked else None), Tokenizer(str(ROOT / tok_model)).hash()
-    if done >= 0 and data_record_of(ROOT / out / "ckpt.pt") != want:
+    if done >= 0 and trained_on != want:
         print(f"\n    {out / 'ckpt.pt'} was trained on other data (with or without instructions, or "
               "another vocabulary); training a new one", flush=True)
         done = -1
