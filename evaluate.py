@@ -669,6 +669,7 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
         words = rng.sample(ins.words, 3)
         asked_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(words=words), lang), bos=False)
         ids = tok.encode(story)
+        spans = {w: word_token_span(tok, story, w) for w in words}
         got = []
         for prompt in (asked_prompt, plain_prompt):
             seq = [tok.bos_id] + prompt + ids
@@ -677,8 +678,7 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
                 logits, _ = model(torch.tensor([seq[:L]], device=device))
             logp = torch.log_softmax(logits[0].float(), dim=-1)
             per_word = {}
-            for w in words:
-                span = word_token_span(tok, story, w)
+            for w, span in spans.items():
                 if span is None or start + span[1] > L:
                     continue  # not spelled in this story's tokens, or past the context
                 per_word[w] = math.exp(sum(float(logp[start + k - 1, ids[k]]) for k in range(*span)))

@@ -280,10 +280,11 @@ def shard_paths(shard_dir: Path, split: str) -> list[Path]:
 def story_starts(tokens: np.ndarray, mask: np.ndarray, T: int) -> np.ndarray:
     """Positions of every story's BOS in an instruct shard, with or without an instruction after
     it, from which a whole window of T + 1 tokens fits. The shard's first token is a BOS
-    (pretokenize writes BOS + [instruction] + story + EOS), which names the BOS id."""
+    (pretokenize writes BOS + [instruction] + story + EOS), which names the BOS id. read_mask has
+    checked that mask is one flag per token."""
     t = np.asarray(tokens)
     n = int(t.size)
-    if n == 0 or len(mask) != n:
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(t == t[0])
     # A BOS id inside an instruction cannot start a story; plain stories never hold one.
