@@ -32,10 +32,11 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class DemoConfig:
     n_stories: int = opt(60000, "built-in stories to generate")
-    vocab_size: int = opt(2000, "sentencepiece vocabulary (the synthetic corpus uses about 1,400 distinct characters)")
+    vocab_size: int = opt(3000, "sentencepiece vocabulary: the built-in corpus's ~1,100 characters are all pieces, "
+                                "none spelled in bytes (docs/data.md)")
     preset: str = opt("tiny", "model.PRESETS name; tiny is about 1M parameters")
     max_iters: int = opt(1500, "optimizer steps; the step count, not the clock, decides when it is done")
-    train_seconds: int = opt(420, "safety stop for slow machines (a checkpoint is saved either way)")
+    train_seconds: int = opt(450, "safety stop for slow machines (a checkpoint is saved either way)")
     out_dir: str = opt("out/demo", "checkpoint, exports, loss curve and evaluation")
     temperature: float = opt(0.7, "sampling temperature of the C engine's stories")
     top_p: float = opt(0.9, "nucleus sampling threshold")

@@ -1,7 +1,7 @@
 """How good are the stories? Story metrics for checkpoints and C-engine models, beside real stories.
 
     python evaluate.py --checkpoint=out/demo/ckpt.pt                       # PyTorch
-    python evaluate.py --bin=out/demo/model.bin --bin=out/demo/model_q8.bin --tokenizer=data/tok2000.bin
+    python evaluate.py --bin=out/demo/model.bin --bin=out/demo/model_q8.bin --tokenizer=data/tok3000.bin
     python evaluate.py --checkpoint='out/ckpt_*.pt' --out=out/series       # a series across training
     python evaluate.py --bin=out/demo/model.bin --judge_url=http://127.0.0.1:8080/v1 --judge_model=NAME
 
@@ -301,7 +301,7 @@ class Corpus:
 
 def find_corpus(cfg: EvalConfig, entries: list[ModelEntry], tok_model: Path) -> Corpus:
     """The corpus behind the shards: --data_dir, else a checkpoint's data_dir, else the shard
-    folder beside the tokenizer (data/tok2000 for data/tok2000.model), else data/tok<vocab_size>."""
+    folder beside the tokenizer (data/tok3000 for data/tok3000.model), else data/tok<vocab_size>."""
     if cfg.data_dir:
         shard_dir = Path(cfg.data_dir)
     else:

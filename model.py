@@ -96,7 +96,7 @@ PRESETS: dict[str, dict] = {
     "gqa": dict(dim=256, hidden_dim=768, n_layers=4, n_heads=16, n_kv_heads=8, vocab_size=5000,
                 max_seq_len=512, norm_eps=1e-6),
     # About 1M parameters: the demo trains it on 2 CPU cores in a few minutes.
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2000, max_seq_len=256),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=3000, max_seq_len=256),
     # About 0.1M parameters, for tests and smoke runs.
     "micro": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64),
 }

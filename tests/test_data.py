@@ -255,6 +255,13 @@ def test_choose_kept_characters():
     kept = ts.choose_kept_characters(cjk, 5000, pairs)
     assert kept.size == int((2 * cjk > 6000 ** 2).sum())
     assert ts.choose_kept_characters(cjk, 300).size == 300 - 260
+    # a few characters (the built-in corpus has ~1,100) are all kept once they fit in half the
+    # slots, even against merges worth more: as bytes a small model misspells them
+    few = np.zeros(0x110000, dtype=np.int64)
+    few[0x4E00:0x4E00 + 1000] = np.arange(1000, 0, -1) ** 2
+    pairs = np.full(3000, 1000 ** 2)
+    assert ts.choose_kept_characters(few, 260 + 2000, pairs) is None
+    assert ts.choose_kept_characters(few, 260 + 1999, pairs).size < 1000
 
 
 # ------------------------------------------------------------------------------------------------
