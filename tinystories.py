@@ -1040,10 +1040,11 @@ def choose_kept_characters(char_counts: np.ndarray, vocab_size: int,
     character_coverage=0.98 itself, so train_vocab applies this choice to the training text.
 
     Counting tokens undervalues a character, though: as bytes it is three tokens a model has to
-    spell in order, and a small one gets them wrong (the demo's 1M model printed a broken
-    character in 1 story in 7 with 69 of the built-in corpus's 1,097 characters left as bytes,
-    3 in 100 with 0.07% of the text there). So when every character fits in half the slots, the
-    other half left to merges, all are kept: compression drops about 1%, broken characters stop.
+    spell in order, and a small one gets them wrong: the demo's 1M model printed a broken
+    character in 1 story in 7 with 199 of the built-in corpus's 1,097 characters in bytes
+    (vocab 2000), and in 3 in 100 with 69 (vocab 3000, 0.07% of the text). So when every
+    character fits in half the slots, the other half left to merges, all are kept: at vocab 3000
+    compression drops 1% and no demo story has a broken character (BENCHMARKS.md).
     """
     # Besides the 3 special and 256 byte pieces, ▁ (the dummy prefix, and every space) is always a
     # piece of its own: the characters compete for what is left. A space is ▁, so it costs nothing.
