@@ -145,7 +145,8 @@ def test_overrides_are_typed_and_presets_apply_first():
                  "out_dir": "x=y"}
     cfg = train.build_config(o)
     # The preset's shape and training defaults, except what was given explicitly.
-    assert cfg.dim == 64 and cfg.n_layers == 4 and cfg.vocab_size == train.PRESETS["tiny"]["vocab_size"] != train.TrainConfig().vocab_size
+    assert cfg.dim == 64 and cfg.n_layers == 4
+    assert cfg.vocab_size == train.PRESETS["tiny"]["vocab_size"] != train.TrainConfig().vocab_size
     assert cfg.batch_size == train.TRAIN_PRESETS["tiny"]["batch_size"]
     for name in train.PRESETS:  # every preset builds a valid config
         train.check_config(train.build_config({"preset": name}))
