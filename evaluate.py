@@ -630,16 +630,17 @@ def instruct_metrics(comps: list[Completion], reqs: list[Request], lang: str) ->
 WORD_PROB_STORIES = 150  # val stories whose asked words word_probabilities scores
 
 
-def word_token_span(tok, story: str, word: str) -> Optional[tuple[int, int]]:
-    """(first, last + 1) of the story's tokens (as tok encodes the story alone) that spell the
-    first occurrence of word, or None when the story lacks it."""
+def word_token_span(tok, story: str, word: str, ids: Optional[list[int]] = None) -> Optional[tuple[int, int]]:
+    """(first, last + 1) of the story's tokens (as tok encodes the story alone; ids when the
+    caller has them already) that spell the first occurrence of word, or None when the story
+    lacks it."""
     raw = b" " + story.encode("utf-8") if tok.sp.encode("a", out_type=str)[0].startswith("\u2581") \
         else story.encode("utf-8")  # the dummy prefix the encoder adds
     at = raw.find(word.encode("utf-8"))
     if at < 0:
         return None
     end, pos, span = at + len(word.encode("utf-8")), 0, []
-    for k, i in enumerate(tok.encode(story)):
+    for k, i in enumerate(tok.encode(story) if ids is None else ids):
         piece = tok.sp.id_to_piece(i)
         n = 1 if piece.startswith("<0x") and piece.endswith(">") else len(piece.replace("\u2581", " ").encode("utf-8"))
         if pos + n > at and pos < end:
@@ -669,7 +670,7 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
         words = rng.sample(ins.words, 3)
         asked_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(words=words), lang), bos=False)
         ids = tok.encode(story)
-        spans = {w: word_token_span(tok, story, w) for w in words}
+        spans = {w: word_token_span(tok, story, w, ids) for w in words}
         got = []
         for prompt in (asked_prompt, plain_prompt):
             seq = [tok.bos_id] + prompt + ids
