@@ -166,11 +166,13 @@ def training_instruction(full: Instruction, rng: random.Random) -> Instruction:
 _DIALOGUE = {"zh": re.compile(r"“[^”]+”"), "en": re.compile(r"\"[^\"]+\"|“[^”]+”")}
 _CUES = {
     "zh": {
-        "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理", "从那以后", "从此以后",
+        # Looked for in narration only (_NARRATED_ONLY): 我们要, 只要 and 希望 are common in speech.
+        # 从那以后 is left out: it opens a change of habit (从那以后，她每次都把球收好), not a lesson.
+        "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理",
                   "只要", "就一定", "要有耐心", "我们要", "要认真", "要互相", "不要着急", "就要",
                   "才行", "其实并不", "也会很快乐", "让大家都", "大家都开心", "比一个人", "是最好的礼物",
                   "也多了", "越来越好", "就会发现", "要放回", "要和朋友", "希望", "要小心",
-                  "自己做"),
+                  "自己做", "是一件快乐的事"),
         "twist": ("突然", "忽然", "没想到", "原来", "这时候", "就在这时"),
         "bad_ending": ("再也没有找到", "哭了起来", "很难过", "伤心地回家", "再也不能", "只好回家"),
         "conflict": ("吵", "抢", "不肯", "生气", "不愿意", "不同意", "这是我的"),
@@ -186,6 +188,11 @@ _CUES = {
 }
 
 
+# Features whose cues count only outside quotes: a Chinese story states its moral in narration.
+# (English TinyStories often give the lesson in a parent's words, so there speech counts too.)
+_NARRATED_ONLY = {"zh": {"moral"}, "en": set()}
+
+
 def detect_features(story: str, lang: str) -> set[str]:
     """The feature ids a story shows by its surface cues (docs/evaluation.md lists them)."""
     found = set()
@@ -193,8 +200,10 @@ def detect_features(story: str, lang: str) -> set[str]:
         found.add("dialogue")
     # 原来的 is "the original" (放回原来的地方), not the 原来 of a revelation.
     low = story.lower() if lang == "en" else story.replace("原来的", "")
+    narration = _DIALOGUE[lang].sub("|", low)
     for fid, cues in _CUES[lang].items():
-        if any(c in low for c in cues):
+        text = narration if fid in _NARRATED_ONLY[lang] else low
+        if any(c in text for c in cues):
             found.add(fid)
     return found
 
