@@ -183,25 +183,19 @@ def tok_files(tmp_path_factory):
     return {"model": model, "bin": Path(ours), "legacy": Path(legacy)}
 
 
-@pytest.fixture(scope="session")
-def story_model(tmp_path_factory, tok_files):
-    """A GQA model briefly trained on STORIES with the test tokenizer (so its greedy text has
-    structure), exported as version 3 fp32 with the tokenizer hash, and as version 2 int8."""
-    tok = Tokenizer(tok_files["model"])
-    torch.manual_seed(7)
-    args = ModelArgs(dim=48, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                     vocab_size=tok.vocab_size, max_seq_len=64)
-    model = Transformer(args)
+def train_briefly(model: Transformer, tok: Tokenizer, stories: list[str], steps: int, T: int = 48) -> float:
+    """AdamW (lr 1e-2) on random T-token windows of the stories, each between BOS and EOS, so a
+    tiny model's greedy text has structure; leaves the model in eval mode and returns the last
+    step's loss."""
     ids = []
-    for s in STORIES:
+    for s in stories:
         ids += tok.encode(s, bos=True, eos=True)
     data = torch.tensor(ids)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    T = 48
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add waiting, worst on a busy box
-    for _ in range(60):
+    for _ in range(steps):
         starts = torch.randint(0, len(data) - T - 1, (8,), generator=g)
         x = torch.stack([data[s:s + T] for s in starts])
         y = torch.stack([data[s + 1:s + T + 1] for s in starts])
@@ -211,12 +205,25 @@ def story_model(tmp_path_factory, tok_files):
         opt.step()
     torch.set_num_threads(threads)
     model.eval()
+    return loss.item()
+
+
+@pytest.fixture(scope="session")
+def story_model(tmp_path_factory, tok_files):
+    """A GQA model briefly trained on STORIES with the test tokenizer (so its greedy text has
+    structure), exported as version 3 fp32 with the tokenizer hash, and as version 2 int8."""
+    tok = Tokenizer(tok_files["model"])
+    torch.manual_seed(7)
+    args = ModelArgs(dim=48, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                     vocab_size=tok.vocab_size, max_seq_len=64)
+    model = Transformer(args)
+    loss = train_briefly(model, tok, STORIES, steps=60)
     folder = tmp_path_factory.mktemp("story")
     fp32 = folder / "story.bin"
     write_model_bin(model, fp32, version=3, tokenizer_hash=tok.hash())
     int8 = folder / "story_q8.bin"
     write_model_bin(model, int8, version=2)
-    return {"model": model, "fp32": fp32, "int8": int8, "tok": tok, "loss": loss.item()}
+    return {"model": model, "fp32": fp32, "int8": int8, "tok": tok, "loss": loss}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine import (INT8_EMULATION_MIN_CLOSE, INT8_EMULATION_RTOL, assert_one_line_error, cut_at_stop,  # noqa: E402
-                         c_logits, describe_diff, engine, spread_weights, tok_files, torch_logits)
+                         c_logits, describe_diff, engine, spread_weights, tok_files, torch_logits,
+                         train_briefly)
 
 from export import HEADER_SIZE, MAGIC, write_model_bin  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -172,27 +173,10 @@ def flat_story(tmp_path_factory, tok_files):
     torch.manual_seed(7)
     model = Transformer(ModelArgs(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2,
                                   vocab_size=tok.vocab_size, max_seq_len=64))
-    ids = []
-    for s in STORIES:
-        ids += tok.encode(s, bos=True, eos=True)
-    data = torch.tensor(ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for _ in range(80):
-        starts = torch.randint(0, len(data) - 49, (8,), generator=g)
-        x = torch.stack([data[s:s + 48] for s in starts])
-        y = torch.stack([data[s + 1:s + 49] for s in starts])
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    model.eval()
+    loss = train_briefly(model, tok, STORIES, steps=80)
     path = tmp_path_factory.mktemp("flat") / "story_v2.bin"
     path.write_bytes(llama2c_v2_bytes(model, 64))
-    return {"model": model, "path": path, "tok": tok, "loss": loss.item()}
+    return {"model": model, "path": path, "tok": tok, "loss": loss}
 
 
 @pytest.mark.parametrize("prompt", ["从前", "Once upon a time"])
