@@ -167,7 +167,8 @@ _DIALOGUE = {"zh": re.compile(r"“[^”]+”"), "en": re.compile(r"\"[^\"]+\"|�
 _CUES = {
     "zh": {
         # Looked for in narration only (_NARRATED_ONLY): 我们要, 只要 and 希望 are common in speech.
-        # 从那以后 is left out: it opens a change of habit (从那以后，她每次都把球收好), not a lesson.
+        # 从那以后 and 从此以后 are left out: they open a change of habit (从那以后，她每次都把球收好),
+        # not a lesson.
         "moral": ("懂得了", "明白了", "知道了", "学会了", "这个道理",
                   "只要", "就一定", "要有耐心", "我们要", "要认真", "要互相", "不要着急", "就要",
                   "才行", "其实并不", "也会很快乐", "让大家都", "大家都开心", "比一个人", "是最好的礼物",
