@@ -1044,7 +1044,8 @@ def choose_kept_characters(char_counts: np.ndarray, vocab_size: int,
     character in 1 story in 7 with 199 of the built-in corpus's 1,097 characters in bytes
     (vocab 2000), and in 3 in 100 with 69 (vocab 3000, 0.07% of the text). So when every
     character fits in half the slots, the other half left to merges, all are kept: at vocab 3000
-    compression drops 1% and no demo story has a broken character (BENCHMARKS.md).
+    compression drops 1% and broken characters all but vanish from the demo's stories
+    (BENCHMARKS.md).
     """
     # Besides the 3 special and 256 byte pieces, ▁ (the dummy prefix, and every space) is always a
     # piece of its own: the characters compete for what is left. A space is ▁, so it costs nothing.
