@@ -183,6 +183,25 @@ def test_templates_and_openings(made, corpus):
     assert any(s.startswith("小明和他的狗") for s in corpus)
 
 
+def test_a_moral_is_set_up_in_the_first_paragraph(made):
+    # A story ends with a moral exactly when its first paragraph ends by saying that its hero will
+    # learn something (storygen.LESSON_SETUPS): asking for a moral then picks the story's course
+    # near the instruction, as asking for a bad ending picks the warning plot.
+    with_moral = 0
+    for st in made:
+        text = st.text()
+        setups = [u.format(P=st.hero.name, p=st.hero.pron) for u in storygen.LESSON_SETUPS]
+        found = [u for u in setups if u in text]
+        has_moral = any(m in st.paras[-1] for m in storygen.MORALS)
+        assert has_moral == any(m in text for m in storygen.MORALS)
+        assert bool(found) == has_moral, text
+        if found:
+            with_moral += 1
+            assert len(found) == 1 and text.count(found[0]) == 1, text
+            assert st.paras[0].endswith(found[0]), text
+    assert 0.3 * len(made) < with_moral < 0.7 * len(made), with_moral
+
+
 def test_cli_prints_stories_and_rejects_bad_args():
     out = subprocess.run([sys.executable, "storygen.py", "--n_stories=2", "--seed=0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
