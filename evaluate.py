@@ -628,6 +628,9 @@ def instruct_metrics(comps: list[Completion], reqs: list[Request], lang: str) ->
 
 
 WORD_PROB_STORIES = 150  # val stories whose asked words word_probabilities scores
+# word_probabilities' split by where a word first comes in its story (story tokens after the
+# prompt): a small model copies into a story's first sentences long before it copies further on.
+WORD_PROB_STARTS = ((0, "0-29"), (30, "30-59"), (60, "60-99"), (100, "100+"))
 
 
 def word_token_span(tok, story: str, word: str, ids: Optional[list[int]] = None) -> Optional[tuple[int, int]]:
@@ -657,7 +660,8 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
     after a request that names no words, only dialogue (`unasked`). Sampling noise and the plot a
     sampled story takes do not enter: the lift from unasked to asked is what copying from the
     prompt gives. kinds (word -> kind, storygen.WORD_KINDS for the built-in corpus) adds the same
-    per kind of word."""
+    per kind of word; `by_start` splits the same by where in the story the word first comes
+    (WORD_PROB_STARTS)."""
     import random
 
     import instruct
@@ -665,7 +669,7 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
     L = model.params.max_seq_len
     rng = random.Random(0)
     plain_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(features=["dialogue"]), lang), bos=False)
-    pairs = []  # (kind, p asked, p unasked)
+    pairs = []  # (kind, start bucket, p asked, p unasked)
     for story, ins in [r for r in records if len(r[1].words) >= 3][:n]:
         words = rng.sample(ins.words, 3)
         asked_prompt = tok.encode(instruct.render_prompt(instruct.Instruction(words=words), lang), bos=False)
@@ -684,16 +688,19 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
                     continue  # not spelled in this story's tokens, or past the context
                 per_word[w] = math.exp(sum(float(logp[start + k - 1, ids[k]]) for k in range(*span)))
             got.append(per_word)
-        pairs += [((kinds or {}).get(w, "other"), got[0][w], got[1][w]) for w in got[0] if w in got[1]]
+        pairs += [((kinds or {}).get(w, "other"), [name for lo, name in WORD_PROB_STARTS if spans[w][0] >= lo][-1],
+                   got[0][w], got[1][w]) for w in got[0] if w in got[1]]
     if not pairs:
         return {}
-    out = {"n_words": len(pairs), "asked": _mean(a for _, a, _ in pairs), "unasked": _mean(b for _, _, b in pairs)}
+
+    def split(field: int, order) -> dict:
+        return {key: {"n": len(sel), "asked": _mean(p[2] for p in sel), "unasked": _mean(p[3] for p in sel)}
+                for key in order for sel in [[p for p in pairs if p[field] == key]] if sel}
+
+    out = {"n_words": len(pairs), "asked": _mean(p[2] for p in pairs), "unasked": _mean(p[3] for p in pairs),
+           "by_start": split(1, [name for _, name in WORD_PROB_STARTS])}
     if kinds:
-        by = {}
-        for kind in sorted({k for k, _, _ in pairs}):
-            sel = [(a, b) for k, a, b in pairs if k == kind]
-            by[kind] = {"n": len(sel), "asked": _mean(a for a, _ in sel), "unasked": _mean(b for _, b in sel)}
-        out["by_kind"] = by
+        out["by_kind"] = split(0, sorted({p[0] for p in pairs}))
     return out
 
 
@@ -920,6 +927,14 @@ def instruct_md(section: dict, lang: str) -> list[str]:
         for model_name, wp in probs:
             lines.append(f"| {model_name} | {cell(wp)} | "
                          + " | ".join(cell(wp.get("by_kind", {}).get(k)) for k in kinds) + " |")
+        starts = [name for _, name in WORD_PROB_STARTS]
+        lines += ["", "The same by where the word first comes in the story (its first token, counted from the "
+                  "story's start):", "", "| model | " + " | ".join(f"tokens {s}" for s in starts) + " |",
+                  "|---|" + "---|" * len(starts)]
+        for model_name, wp in probs:
+            by = wp.get("by_start", {})
+            lines.append(f"| {model_name} | " + " | ".join(
+                f"{cell(by.get(s))} ({by[s]['n']})" if by.get(s) else "–" for s in starts) + " |")
         lines.append("")
     if section["detectors"]:
         lines += [f"Feature detectors (instruct.detect_features) against the labels of {section['n_records']} val "

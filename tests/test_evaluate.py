@@ -298,10 +298,12 @@ def test_instruct_mode_measures_requests_against_the_plain_baseline(pipeline, tm
     assert wp["n_words"] > 0 and 0 < wp["asked"] <= 1 and 0 < wp["unasked"] <= 1
     assert set(wp["by_kind"]) <= {*storygen.WORD_KINDS.values(), "other"}
     assert sum(k["n"] for k in wp["by_kind"].values()) == wp["n_words"]
+    assert set(wp["by_start"]) <= {name for _, name in evaluate.WORD_PROB_STARTS}
+    assert sum(k["n"] for k in wp["by_start"].values()) == wp["n_words"]
     assert "word_prob" not in section["models"][1]
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Stories on request" in md and "ckpt (baseline)" in md and "| all 3 words |" in md
-    assert "Copying an asked word" in md and "| instruct | " in md
+    assert "Copying an asked word" in md and "| instruct | " in md and "| tokens 0-29 |" in md
     assert "on request, instruct:" in r.stdout and "an asked word's probability" in r.stdout
 
 
