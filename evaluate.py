@@ -633,6 +633,11 @@ WORD_PROB_STORIES = 150  # val stories whose asked words word_probabilities scor
 WORD_PROB_STARTS = ((0, "0-29"), (30, "30-59"), (60, "60-99"), (100, "100+"))
 
 
+def start_bucket(token: int) -> str:
+    """The WORD_PROB_STARTS name of a story token index."""
+    return [name for lo, name in WORD_PROB_STARTS if token >= lo][-1]
+
+
 def word_token_span(tok, story: str, word: str, ids: Optional[list[int]] = None) -> Optional[tuple[int, int]]:
     """(first, last + 1) of the story's tokens (as tok encodes the story alone; ids when the
     caller has them already) that spell the first occurrence of word, or None when the story
@@ -688,8 +693,8 @@ def word_probabilities(model, tok, records, lang: str, *, device: str, kinds: Op
                     continue  # not spelled in this story's tokens, or past the context
                 per_word[w] = math.exp(sum(float(logp[start + k - 1, ids[k]]) for k in range(*span)))
             got.append(per_word)
-        pairs += [((kinds or {}).get(w, "other"), [name for lo, name in WORD_PROB_STARTS if spans[w][0] >= lo][-1],
-                   got[0][w], got[1][w]) for w in got[0] if w in got[1]]
+        pairs += [((kinds or {}).get(w, "other"), start_bucket(spans[w][0]), got[0][w], got[1][w])
+                  for w in got[0] if w in got[1]]
     if not pairs:
         return {}
 

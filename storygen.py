@@ -715,10 +715,10 @@ def _moral(s: Story, table) -> str:
 
 
 # A story with a moral says so at the end of its first paragraph (make_story puts one of these
-# there), and ends with 明白了 echoing it. A moral drawn only at the end, whatever came before, is a choice that
-# only the instruction ~130 tokens back could tell: after 1,500 steps the demo's model wrote one
-# about as often asked as not (BENCHMARKS.md), while the features a plot chooses early (a bad
-# ending, foreshadowing, a conflict) it followed. Set up near the instruction, the moral is such a
+# there), and ends with 明白了 echoing it. A moral drawn only at the end, whatever came before, is
+# a choice that only the instruction ~130 tokens back could tell: after 1,500 steps the demo's
+# model wrote one about as often asked as not (BENCHMARKS.md), while the features a plot chooses
+# early (a bad ending, foreshadowing, a conflict) it followed. Set up near the instruction, the moral is such a
 # choice too, and the ending needs only the story itself. At the paragraph's end, not right after
 # the opening: there the set-up stood between the instruction and the plot's first sentence, and
 # features the plot decides (a bad ending, a conflict) were followed less often (BENCHMARKS.md).
@@ -1184,8 +1184,8 @@ def make_story(seed: int, index: int) -> Story:
     s.template = s.c(NEW_TEMPLATES if new else TEMPLATES)
     s.template(s)
     if any(m in s.paras[-1] for m in MORALS):
-        # Drawn after the plot, so a story's text is the one it had before set-ups were added,
-        # plus this sentence.
+        # Drawn after the plot, so the plot's own draws, and every story without a moral, are
+        # what they were before set-ups were added.
         s.paras[0] += s.c(LESSON_SETUPS).format(P=s.hero.name, p=s.hero.pron)
     return s
 
