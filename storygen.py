@@ -545,7 +545,7 @@ class Story:
         self.pet: Character | None = None
         self.said_one_day = False  # set by _opening; see _one_day
         # What the plot really holds, for the instruct fields (see story_fields): the content
-        # words it chose, the features it has beyond dialogue and moral (found in the text), and
+        # words it chose, the features it has beyond dialogue (found in the text), and
         # a one-sentence summary from its own facts. Recording them draws no random numbers.
         self.cands: list[str] = []
         self.feats: set[str] = set()
@@ -718,10 +718,11 @@ def _moral(s: Story, table) -> str:
 # there), and ends with 明白了 echoing it. A moral drawn only at the end, whatever came before, is
 # a choice that only the instruction ~130 tokens back could tell: after 1,500 steps the demo's
 # model wrote one about as often asked as not (BENCHMARKS.md), while the features a plot chooses
-# early (a bad ending, foreshadowing, a conflict) it followed. Set up near the instruction, the moral is such a
-# choice too, and the ending needs only the story itself. At the paragraph's end, not right after
-# the opening: there the set-up stood between the instruction and the plot's first sentence, and
-# features the plot decides (a bad ending, a conflict) were followed less often (BENCHMARKS.md).
+# early (a bad ending, foreshadowing, a conflict) it followed. Set up near the instruction, the
+# moral is such a choice too, and the ending needs only the story itself. At the paragraph's end,
+# not right after the opening: there the set-up stood between the instruction and the plot's
+# first sentence, and features the plot decides (a bad ending, a conflict) were followed less
+# often (BENCHMARKS.md).
 LESSON_SETUPS = ["{P}还不知道，{p}很快就会明白一个道理。", "{P}还不知道，接下来的事会让{p}明白一个道理。"]
 
 
@@ -1183,7 +1184,8 @@ def make_story(seed: int, index: int) -> Story:
     new = random.Random(f"new plots {seed} {index}").random() < NEW_SHARE
     s.template = s.c(NEW_TEMPLATES if new else TEMPLATES)
     s.template(s)
-    if any(m in s.paras[-1] for m in MORALS):
+    if any(m in s.paras[-1] for m in MORALS):  # _moral, or a plot's own closing moral
+        s.feats.add("moral")
         # Drawn after the plot, so the plot's own draws, and every story without a moral, are
         # what they were before set-ups were added.
         s.paras[0] += s.c(LESSON_SETUPS).format(P=s.hero.name, p=s.hero.pron)
@@ -1217,8 +1219,8 @@ for _w, _k in WORD_KINDS.items():
 
 def story_fields(s: Story) -> dict:
     """What story s really holds: `words` (3 to 6 of the table words it chose, each a substring of
-    the text and the first of its kind there, WORD_KINDS), `features` (instruct.FEATURES ids: dialogue when it quotes, moral when a moral
-    sentence is in the text, and those the plot has), `summary` (one sentence from the plot's
+    the text and the first of its kind there, WORD_KINDS), `features` (instruct.FEATURES ids: dialogue when it quotes, and those the plot
+    has, a moral among them when make_story found one closing it), `summary` (one sentence from the plot's
     facts) and `sentence` (one narration sentence of the text, picked by a hash of the text)."""
     text = s.text()
     narration = re.sub(r"“[^”]*”", "", text)
@@ -1252,8 +1254,6 @@ def story_fields(s: Story) -> dict:
     feats = set(s.feats)
     if "“" in text:
         feats.add("dialogue")
-    if any(m in text for m in MORALS):
-        feats.add("moral")
     sentences = [x for x in _SENTENCE.findall(text) if "“" not in x and "”" not in x and 8 <= len(x) <= 40]
     sentence = sentences[zlib.crc32(text.encode("utf-8")) % len(sentences)] if sentences else ""
     return {"words": words[:6], "features": [f for f in FEATURE_ORDER if f in feats],
