@@ -1219,9 +1219,10 @@ for _w, _k in WORD_KINDS.items():
 
 def story_fields(s: Story) -> dict:
     """What story s really holds: `words` (3 to 6 of the table words it chose, each a substring of
-    the text and the first of its kind there, WORD_KINDS), `features` (instruct.FEATURES ids: dialogue when it quotes, and those the plot
-    has, a moral among them when make_story found one closing it), `summary` (one sentence from the plot's
-    facts) and `sentence` (one narration sentence of the text, picked by a hash of the text)."""
+    the text and the first of its kind there, WORD_KINDS), `features` (instruct.FEATURES ids:
+    dialogue when it quotes, and those the plot has, a moral among them when make_story found one
+    closing it), `summary` (one sentence from the plot's facts) and `sentence` (one narration
+    sentence of the text, picked by a hash of the text)."""
     text = s.text()
     narration = re.sub(r"“[^”]*”", "", text)
     # Only the first word of each kind is listed. A story often has two or three feeling words
